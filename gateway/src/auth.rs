@@ -1,0 +1,110 @@
+//! The API key check in front of the MCP endpoints.
+//!
+//! Clients send the key as `Authorization: Bearer <key>` or `X-API-Key: <key>`
+//! (as the Heroku MCP templates accept). The presented key is hashed and the
+//! digests compared in constant time, so neither the content nor the length
+//! of the real key leaks through timing.
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use dynogate_shared::Secret;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::AppState;
+
+/// The configured API key, kept only as a digest.
+#[derive(Clone)]
+pub struct ApiKey {
+    digest: [u8; 32],
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(MASKED)")
+    }
+}
+
+impl ApiKey {
+    pub fn new(key: &Secret) -> Self {
+        Self {
+            digest: Sha256::digest(key.expose().as_bytes()).into(),
+        }
+    }
+
+    pub fn matches(&self, presented: &str) -> bool {
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        digest.ct_eq(&self.digest).into()
+    }
+}
+
+/// The bearer token of an `Authorization` header, if any.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Middleware: lets a request through only with the right key (when a key is
+/// configured).
+pub async fn require_api_key(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(key) = &state.api_key else {
+        return next.run(request).await;
+    };
+    let headers = request.headers();
+    let presented =
+        bearer(headers).or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
+    if presented.is_some_and(|p| key.matches(p)) {
+        next.run(request).await
+    } else {
+        unauthorized()
+    }
+}
+
+/// 401 with the body the Heroku templates use and a Bearer challenge.
+pub fn unauthorized() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+            (header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")),
+        ],
+        r#"{"error":"Unauthorized"}"#,
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_exact_key_matches() {
+        let key = ApiKey::new(&Secret::new("s3cret"));
+        assert!(key.matches("s3cret"));
+        for wrong in ["", "s3cre", "s3cret ", "S3CRET", "s3cretx"] {
+            assert!(!key.matches(wrong), "{wrong:?}");
+        }
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_case_insensitively() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("bearer abc"),
+        );
+        assert_eq!(bearer(&headers), Some("abc"));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer(&headers), None);
+    }
+}

@@ -1,0 +1,299 @@
+//! Configuration: flags that are also environment variables (Heroku config
+//! vars), parsed once in `main` and validated into typed values here.
+//!
+//! [`Args`] is what the command line and environment say; [`Config`] is what
+//! the gateway runs with. Everything a running gateway reads comes from
+//! [`Config`]; nothing else looks at the environment.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use dynogate_shared::Secret;
+use url::Url;
+
+/// The session-based MCP revisions served over streamable HTTP.
+pub const SERVED_REVISIONS: &[&str] = &["2025-03-26", "2025-06-18", "2025-11-25"];
+
+/// dynogate gateway: an MCP endpoint that gives every session its own runner.
+#[derive(Debug, Parser)]
+#[command(name = "gateway", version, about)]
+pub struct Args {
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, env = "PORT", default_value_t = 8000)]
+    pub port: u16,
+
+    /// Address to bind. Defaults to 0.0.0.0 when API_KEY is set, else 127.0.0.1.
+    #[arg(long, env = "BIND_ADDRESS")]
+    pub bind: Option<IpAddr>,
+
+    /// Key clients must send as `Authorization: Bearer <key>` or `X-API-Key: <key>`.
+    #[arg(long, env = "API_KEY", hide_env_values = true)]
+    pub api_key: Option<Secret>,
+
+    /// Serve a non-loopback address without API_KEY (anyone who can reach it can run code).
+    #[arg(long, env = "ALLOW_UNAUTHENTICATED", default_value_t = false)]
+    pub allow_unauthenticated: bool,
+
+    /// Public base URL runners dial back to (default: this gateway's own listen address).
+    #[arg(long, env = "GATEWAY_URL")]
+    pub gateway_url: Option<Url>,
+
+    /// Key that signs runner tokens (default: random at start-up). Set it when
+    /// several gateway instances must accept each other's runners.
+    #[arg(long, env = "RENDEZVOUS_SECRET", hide_env_values = true)]
+    pub rendezvous_secret: Option<Secret>,
+
+    /// Where runners come from: `local` (child processes on this machine).
+    #[arg(long, env = "SPAWNER", default_value = "local")]
+    pub spawner: SpawnerKind,
+
+    /// Path of the runner binary the local spawner starts (default: `runner` beside this binary).
+    #[arg(long, env = "RUNNER_BIN")]
+    pub runner_bin: Option<PathBuf>,
+
+    /// Stdio MCP server each runner bridges, as a shell command (default: the built-in code executor).
+    #[arg(long, env = "RUNNER_COMMAND")]
+    pub runner_command: Option<String>,
+
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Most sessions alive at once; the next `initialize` gets 503.
+    #[arg(long, env = "MAX_SESSIONS", default_value_t = 50)]
+    pub max_sessions: usize,
+
+    /// How long a new runner has to dial back (e.g. `30s`).
+    #[arg(long, env = "DIAL_BACK_TIMEOUT", default_value = "30s", value_parser = dynogate_shared::duration::parse)]
+    pub dial_back_timeout: Duration,
+
+    /// A session with no client request for this long ends (e.g. `15m`).
+    #[arg(long, env = "SESSION_IDLE_TIMEOUT", default_value = "15m", value_parser = dynogate_shared::duration::parse)]
+    pub idle_timeout: Duration,
+
+    /// Longest a single request may wait for its response (e.g. `10m`).
+    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "10m", value_parser = dynogate_shared::duration::parse)]
+    pub request_timeout: Duration,
+
+    /// A reply not ready within this long is streamed as SSE (priming event and
+    /// keepalives) instead of one JSON body, so proxies see bytes early.
+    #[arg(long, env = "REPLY_STREAM_AFTER", default_value = "1s", value_parser = dynogate_shared::duration::parse)]
+    pub reply_stream_after: Duration,
+
+    /// Interval of WebSocket pings to runners and of SSE keepalive comments (at most 25s).
+    #[arg(long, env = "HEARTBEAT_INTERVAL", default_value = "20s", value_parser = dynogate_shared::duration::parse)]
+    pub heartbeat: Duration,
+}
+
+/// Which spawner starts runners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SpawnerKind {
+    Local,
+}
+
+/// The validated configuration the gateway runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub api_key: Option<Secret>,
+    /// Set when the operator gave GATEWAY_URL; otherwise derived from the
+    /// bound address once the listener exists (see [`Config::runner_base_url`]).
+    pub gateway_url: Option<Url>,
+    pub rendezvous_secret: Secret,
+    pub spawner: SpawnerKind,
+    pub runner_bin: PathBuf,
+    pub runner_command: Option<String>,
+    pub limits: Limits,
+    pub timeouts: Timeouts,
+}
+
+/// Size and count limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_sessions: usize,
+}
+
+/// Every bounded wait in the gateway.
+#[derive(Debug, Clone)]
+pub struct Timeouts {
+    pub dial_back: Duration,
+    pub idle: Duration,
+    pub request: Duration,
+    pub reply_stream_after: Duration,
+    pub heartbeat: Duration,
+    /// How long a runner gets to stop by itself before its process group is killed.
+    pub runner_stop_grace: Duration,
+    /// How long the whole gateway gets to drain on SIGTERM (inside Heroku's 30 s).
+    pub drain: Duration,
+}
+
+impl Args {
+    /// Checks the arguments and turns them into a [`Config`].
+    pub fn validate(self) -> anyhow::Result<Config> {
+        let bind = self.bind.unwrap_or(if self.api_key.is_some() {
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+        } else {
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        });
+        if self.api_key.is_none() && !bind.is_loopback() && !self.allow_unauthenticated {
+            bail!(
+                "refusing to listen on {bind} without API_KEY: anyone who can reach this address could run code. \
+                 Set API_KEY (clients then send `Authorization: Bearer <key>`), bind 127.0.0.1, \
+                 or pass --allow-unauthenticated (ALLOW_UNAUTHENTICATED=true) if the network is trusted"
+            );
+        }
+        if let Some(key) = &self.api_key
+            && key.expose().trim().is_empty()
+        {
+            bail!("API_KEY is set but empty");
+        }
+        if self.heartbeat.is_zero() || self.heartbeat > Duration::from_secs(25) {
+            bail!(
+                "HEARTBEAT_INTERVAL must be between 1ms and 25s (Heroku's router drops connections silent for 55s)"
+            );
+        }
+        for (name, value) in [
+            ("DIAL_BACK_TIMEOUT", self.dial_back_timeout),
+            ("SESSION_IDLE_TIMEOUT", self.idle_timeout),
+            ("REQUEST_TIMEOUT", self.request_timeout),
+        ] {
+            if value.is_zero() {
+                bail!("{name} must be greater than zero");
+            }
+        }
+        if let Some(url) = &self.gateway_url
+            && !matches!(url.scheme(), "http" | "https" | "ws" | "wss")
+        {
+            bail!("GATEWAY_URL must be an http(s) or ws(s) URL, got {url}");
+        }
+        let rendezvous_secret = match self.rendezvous_secret {
+            Some(secret) if secret.expose().len() < 32 => {
+                bail!("RENDEZVOUS_SECRET must be at least 32 characters")
+            }
+            Some(secret) => secret,
+            None => random_secret()?,
+        };
+        let runner_bin = match self.runner_bin {
+            Some(path) => path,
+            None => default_runner_bin()?,
+        };
+        Ok(Config {
+            listen: SocketAddr::new(bind, self.port),
+            api_key: self.api_key,
+            gateway_url: self.gateway_url,
+            rendezvous_secret,
+            spawner: self.spawner,
+            runner_bin,
+            runner_command: self.runner_command.filter(|c| !c.trim().is_empty()),
+            limits: Limits {
+                max_body_bytes: self.max_body_bytes,
+                max_sessions: self.max_sessions,
+            },
+            timeouts: Timeouts {
+                dial_back: self.dial_back_timeout,
+                idle: self.idle_timeout,
+                request: self.request_timeout,
+                reply_stream_after: self.reply_stream_after,
+                heartbeat: self.heartbeat,
+                runner_stop_grace: Duration::from_secs(5),
+                drain: Duration::from_secs(25),
+            },
+        })
+    }
+}
+
+impl Config {
+    /// The base URL runners dial: GATEWAY_URL when set, else the address the
+    /// listener really bound (with a wildcard bind mapped to loopback).
+    pub fn runner_base_url(&self, bound: SocketAddr) -> Url {
+        if let Some(url) = &self.gateway_url {
+            return url.clone();
+        }
+        let ip = match bound.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        let host = SocketAddr::new(ip, bound.port());
+        Url::parse(&format!("http://{host}/")).expect("a socket address makes a valid URL")
+    }
+}
+
+fn random_secret() -> anyhow::Result<Secret> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no system randomness: {e}"))?;
+    Ok(Secret::new(hex::encode(bytes)))
+}
+
+fn default_runner_bin() -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe().context("cannot locate the gateway binary")?;
+    Ok(me.with_file_name("runner"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let mut argv = vec!["gateway", "--runner-bin", "/bin/true"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv).unwrap()
+    }
+
+    #[test]
+    fn without_a_key_the_gateway_binds_loopback() {
+        let config = args(&[]).validate().unwrap();
+        assert!(config.listen.ip().is_loopback());
+    }
+
+    #[test]
+    fn with_a_key_the_gateway_binds_everywhere() {
+        let config = args(&["--api-key", "k"]).validate().unwrap();
+        assert!(config.listen.ip().is_unspecified());
+    }
+
+    #[test]
+    fn a_public_bind_without_a_key_is_refused_unless_asked_for() {
+        let err = args(&["--bind", "0.0.0.0"])
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("without API_KEY"), "{err}");
+        assert!(
+            args(&["--bind", "0.0.0.0", "--allow-unauthenticated"])
+                .validate()
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn heartbeats_must_fit_inside_the_router_window() {
+        assert!(args(&["--heartbeat", "30s"]).validate().is_err());
+        assert!(args(&["--heartbeat", "25s"]).validate().is_ok());
+    }
+
+    #[test]
+    fn short_rendezvous_secrets_are_refused() {
+        assert!(args(&["--rendezvous-secret", "short"]).validate().is_err());
+    }
+
+    #[test]
+    fn runners_dial_loopback_for_a_wildcard_bind() {
+        let config = args(&[]).validate().unwrap();
+        let url = config.runner_base_url("0.0.0.0:4321".parse().unwrap());
+        assert_eq!(url.as_str(), "http://127.0.0.1:4321/");
+        let config = args(&["--gateway-url", "https://x.herokuapp.com"])
+            .validate()
+            .unwrap();
+        assert_eq!(
+            config
+                .runner_base_url("0.0.0.0:1".parse().unwrap())
+                .as_str(),
+            "https://x.herokuapp.com/"
+        );
+    }
+}

@@ -1,0 +1,125 @@
+//! Errors a client sees, each with its HTTP status and JSON-RPC code.
+//!
+//! Handlers return [`McpError`]; its `IntoResponse` writes a JSON-RPC error
+//! body. Internal causes are logged where they happen and never copied into
+//! these messages beyond what the client needs to act.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::config::SERVED_REVISIONS;
+use crate::jsonrpc::{RequestId, code, error_body};
+
+/// A request the MCP endpoint refuses before it reaches a runner.
+#[derive(Debug, thiserror::Error)]
+pub enum McpError {
+    #[error("Bad Request: Mcp-Session-Id header is required")]
+    MissingSession,
+    #[error(
+        "Session not found: it ended or never existed; send initialize without Mcp-Session-Id to start a new one"
+    )]
+    UnknownSession,
+    #[error("Not Acceptable: {0}")]
+    NotAcceptable(&'static str),
+    #[error("Parse error: {0}")]
+    Parse(String),
+    #[error("Invalid Request: {0}")]
+    InvalidRequest(String),
+    #[error("Unsupported Media Type: send JSON-RPC as application/json")]
+    UnsupportedMediaType,
+    #[error("Payload Too Large: request bodies are limited to {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("Unsupported MCP-Protocol-Version {0:?}; this gateway serves {served}", served = SERVED_REVISIONS.join(", "))]
+    UnsupportedVersion(String),
+    #[error("Batches are not allowed on protocol revision {0}; send one message per request")]
+    BatchNotAllowed(String),
+    #[error(
+        "{method} is part of the stateless MCP revision 2026-07-28, which this gateway does not serve yet; \
+         it serves the session-based revisions {served}: start with initialize",
+        served = SERVED_REVISIONS.join(", ")
+    )]
+    StatelessRevision {
+        id: Option<RequestId>,
+        method: String,
+    },
+    #[error("Service Unavailable: {message}")]
+    Overloaded {
+        message: String,
+        retry_after_secs: u64,
+    },
+}
+
+impl McpError {
+    fn status(&self) -> StatusCode {
+        match self {
+            McpError::UnknownSession => StatusCode::NOT_FOUND,
+            McpError::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
+            McpError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            McpError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            McpError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            McpError::MissingSession
+            | McpError::Parse(_)
+            | McpError::InvalidRequest(_)
+            | McpError::UnsupportedVersion(_)
+            | McpError::BatchNotAllowed(_)
+            | McpError::StatelessRevision { .. } => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    fn code(&self) -> i64 {
+        match self {
+            McpError::Parse(_) => code::PARSE_ERROR,
+            McpError::UnknownSession => code::SESSION_NOT_FOUND,
+            McpError::Overloaded { .. } => code::OVERLOADED,
+            // Not -32022: clients that probe with server/discover treat that code
+            // as "modern server" and some then refuse to fall back to initialize.
+            McpError::StatelessRevision { .. } => code::METHOD_NOT_FOUND,
+            McpError::MissingSession
+            | McpError::NotAcceptable(_)
+            | McpError::InvalidRequest(_)
+            | McpError::TooLarge { .. }
+            | McpError::UnsupportedMediaType
+            | McpError::UnsupportedVersion(_)
+            | McpError::BatchNotAllowed(_) => code::INVALID_REQUEST,
+        }
+    }
+
+    fn data(&self) -> Option<serde_json::Value> {
+        match self {
+            McpError::UnsupportedVersion(requested) => {
+                Some(json!({ "supported": SERVED_REVISIONS, "requested": requested }))
+            }
+            McpError::StatelessRevision { .. } => Some(json!({ "supported": SERVED_REVISIONS })),
+            _ => None,
+        }
+    }
+}
+
+impl IntoResponse for McpError {
+    fn into_response(self) -> Response {
+        let id = match &self {
+            McpError::StatelessRevision { id, .. } => id.as_ref(),
+            _ => None,
+        };
+        let body = error_body(id, self.code(), &self.to_string(), self.data());
+        let mut response = (
+            self.status(),
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response();
+        if let McpError::Overloaded {
+            retry_after_secs, ..
+        } = self
+        {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        }
+        response
+    }
+}

@@ -1,0 +1,60 @@
+//! The dynogate gateway: an MCP endpoint that gives every session its own
+//! runner.
+//!
+//! Modules, from the outside in:
+//! - [`config`]: flags and environment, validated into [`config::Config`].
+//! - [`auth`]: the API key check.
+//! - [`mcp`]: streamable HTTP (`/mcp`), built on [`jsonrpc`] (routing fields
+//!   only), [`reply`] (JSON or SSE answers) and [`error`] (what clients see).
+//! - [`sessions`] and [`session`]: the session table and each session's task.
+//! - [`rendezvous`] and [`link`]: where runners dial back, and the frames
+//!   the session exchanges with them.
+//! - [`spawn`]: how runners are started; [`token`]: their credentials.
+//! - [`server`]: binding, serving and shutting down.
+
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod jsonrpc;
+pub mod link;
+pub mod mcp;
+pub mod rendezvous;
+pub mod reply;
+pub mod server;
+pub mod session;
+pub mod sessions;
+pub mod spawn;
+pub mod token;
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use url::Url;
+
+pub use server::{app, main, serve};
+
+/// What every handler can reach. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<config::Config>,
+    pub api_key: Option<auth::ApiKey>,
+    pub sessions: sessions::Sessions,
+    pub spawner: Arc<dyn spawn::Spawner>,
+    pub tokens: token::RunnerTokens,
+    /// Base URL runners dial back to.
+    pub runner_url: Url,
+    /// Cancelled when the gateway shuts down.
+    pub shutdown: CancellationToken,
+    /// Every session task, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+}
+
+impl AppState {
+    pub fn reply_timing(&self) -> reply::ReplyTiming {
+        reply::ReplyTiming {
+            stream_after: self.config.timeouts.reply_stream_after,
+            keepalive: self.config.timeouts.heartbeat,
+        }
+    }
+}

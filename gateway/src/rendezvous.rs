@@ -1,0 +1,189 @@
+//! `GET /rendezvous`: where runners dial back.
+//!
+//! Before upgrading, the runner's token must verify (signature, audience,
+//! expiry), name the session in the query, be the token issued for that
+//! session, and the session must have no runner connected yet (a token shown
+//! twice is a replay). Any failure is a bare 401 that changes nothing. After
+//! the upgrade the runner's first frame must be a `hello` with our protocol
+//! version; the gateway answers `welcome` and hands the socket, as a [`Link`],
+//! to the session. WebSocket framing is confined to this file.
+
+use std::time::Duration;
+
+use axum::extract::ws::{
+    Message, Utf8Bytes, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection,
+};
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use dynogate_shared::{Control, PROTOCOL_VERSION, frame::version_mismatch};
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use tracing::{Instrument, info, warn};
+
+use crate::AppState;
+use crate::auth::{bearer, unauthorized};
+use crate::link::{Incoming, Link, LinkError, Outbox, Outgoing};
+use crate::session::{Command, RunnerSlot, SessionHandle};
+
+/// Largest WebSocket message either side accepts (a big tool result fits).
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// How long a connected runner has to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Deserialize)]
+pub struct RendezvousQuery {
+    session: Option<String>,
+}
+
+pub async fn accept(
+    State(state): State<AppState>,
+    Query(query): Query<RendezvousQuery>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let Some(session) = query.session else {
+        warn!("runner dialed without a session");
+        return unauthorized();
+    };
+    let span = tracing::info_span!("rendezvous", session = %session);
+    let _enter = span.enter();
+    let Some(token) = bearer(&headers) else {
+        warn!("runner dialed without a token");
+        return unauthorized();
+    };
+    let claims = match state.tokens.verify(token) {
+        Ok(claims) => claims,
+        Err(e) => {
+            warn!("{e}");
+            return unauthorized();
+        }
+    };
+    if claims.sid != session {
+        warn!("token names another session");
+        return unauthorized();
+    }
+    let Some(handle) = state.sessions.get(&session) else {
+        warn!("token for a session that is not live");
+        return unauthorized();
+    };
+    if claims.jti != handle.token_id() {
+        warn!("token is not the one issued for this session");
+        return unauthorized();
+    }
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let Some(slot) = handle.claim_runner_slot() else {
+        warn!("token replayed while the session's runner is connected");
+        return unauthorized();
+    };
+    drop(_enter);
+    let wait = state.config.timeouts.request;
+    upgrade
+        .max_message_size(MAX_MESSAGE_BYTES)
+        .max_frame_size(MAX_MESSAGE_BYTES)
+        // If the upgrade fails, the callback (and the slot in it) is dropped,
+        // which frees the slot for the next attempt.
+        .on_upgrade(move |socket| handshake(socket, handle, slot, wait).instrument(span))
+}
+
+/// Runs the hello/welcome exchange and gives the socket to the session.
+async fn handshake(mut socket: WebSocket, handle: SessionHandle, slot: RunnerSlot, wait: Duration) {
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, socket.recv()).await {
+        Ok(Some(Ok(Message::Binary(bytes)))) => Control::decode(&bytes).ok(),
+        _ => None,
+    };
+    let refusal = match hello {
+        Some(Control::Hello {
+            protocol,
+            runner_version,
+        }) if protocol == PROTOCOL_VERSION => {
+            info!(%runner_version, "runner connected");
+            None
+        }
+        Some(Control::Hello { protocol, .. }) => Some(version_mismatch(PROTOCOL_VERSION, protocol)),
+        _ => Some(format!(
+            "no hello frame within {}s",
+            HELLO_TIMEOUT.as_secs()
+        )),
+    };
+    if let Some(reason) = refusal {
+        warn!("runner refused: {reason}");
+        let reject = Control::Reject {
+            reason: reason.clone(),
+        };
+        let _ = socket.send(Message::Binary(reject.encode().into())).await;
+        let _ = socket.close().await;
+        let _ = handle.send(Command::RunnerRefused { reason }, wait).await;
+        return;
+    }
+    let welcome = Control::Welcome {
+        protocol: PROTOCOL_VERSION,
+    };
+    if socket
+        .send(Message::Binary(welcome.encode().into()))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let (sink, stream) = socket.split();
+    let incoming = stream
+        .filter_map(|message| std::future::ready(incoming(message)))
+        .boxed();
+    let (link, outbox) = Link::new(incoming);
+    tokio::spawn(write(sink, outbox).in_current_span());
+    // If the session ended meanwhile, the link is dropped here, its writer
+    // stops, and the socket closes.
+    let _ = handle.send(Command::Attach { link, slot }, wait).await;
+}
+
+/// Maps one WebSocket message to a frame; `None` skips it.
+fn incoming(message: Result<Message, axum::Error>) -> Option<Result<Incoming, LinkError>> {
+    match message {
+        Ok(Message::Text(text)) => Some(Ok(Incoming::Message(Bytes::from(text)))),
+        Ok(Message::Binary(bytes)) => Some(
+            Control::decode(&bytes)
+                .map(Incoming::Control)
+                .map_err(|e| LinkError::Malformed(e.to_string())),
+        ),
+        Ok(Message::Ping(_) | Message::Pong(_)) => Some(Ok(Incoming::Alive)),
+        Ok(Message::Close(_)) => None,
+        Err(e) => Some(Err(LinkError::Transport(e.to_string()))),
+    }
+}
+
+/// Writes queued frames, flushing only when the queue runs dry so a burst
+/// goes out in few writes.
+async fn write(mut sink: SplitSink<WebSocket, Message>, mut outbox: Outbox) {
+    while let Some(frame) = outbox.next().await {
+        let message = match frame {
+            Outgoing::Message(json) => match Utf8Bytes::try_from(json) {
+                Ok(text) => Message::Text(text),
+                Err(_) => {
+                    warn!("dropped a message that is not UTF-8");
+                    outbox.written();
+                    continue;
+                }
+            },
+            Outgoing::Control(control) => Message::Binary(control.encode().into()),
+            Outgoing::Ping => Message::Ping(Bytes::new()),
+            Outgoing::Close => {
+                let _ = sink.send(Message::Close(None)).await;
+                break;
+            }
+        };
+        if sink.feed(message).await.is_err() {
+            break;
+        }
+        outbox.written();
+        if outbox.is_empty() && sink.flush().await.is_err() {
+            break;
+        }
+    }
+    let _ = sink.close().await;
+}

@@ -1,0 +1,150 @@
+//! Binding, serving and shutting down.
+//!
+//! [`app`] builds the router from a state (tests call it without a socket);
+//! [`serve`] runs it on a listener until its shutdown token fires, then ends
+//! every session (runners told to stop, processes reaped) within the drain
+//! deadline; [`main`] is the binary: configuration, logging, signals.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use clap::Parser;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info, warn};
+
+use crate::config::{Args, Config, SpawnerKind};
+use crate::spawn::{LocalSpawner, Spawner};
+use crate::{AppState, auth, mcp, rendezvous};
+
+/// The gateway's routes.
+pub fn app(state: AppState) -> Router {
+    let mcp_routes = axum::routing::post(mcp::post)
+        .get(mcp::get)
+        .delete(mcp::delete);
+    Router::new()
+        .route("/mcp", mcp_routes.clone())
+        .route("/mcp/", mcp_routes)
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_api_key,
+        ))
+        .route(
+            dynogate_shared::names::RENDEZVOUS_PATH,
+            get(rendezvous::accept),
+        )
+        .route("/healthz", get(healthz))
+        .layer(middleware::from_fn(request_span))
+        .with_state(state)
+}
+
+async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
+    axum::Json(serde_json::json!({ "status": "ok", "sessions": state.sessions.len() }))
+}
+
+/// One span per HTTP request, named by method and path (never headers).
+async fn request_span(request: Request, next: Next) -> Response {
+    let span =
+        tracing::debug_span!("http", method = %request.method(), path = %request.uri().path());
+    next.run(request).instrument(span).await
+}
+
+/// Serves on `listener` until `shutdown` fires, then ends every session.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let bound = listener.local_addr().context("listener has no address")?;
+    let spawner: Arc<dyn Spawner> = match config.spawner {
+        SpawnerKind::Local => Arc::new(LocalSpawner::new(
+            config.runner_bin.clone(),
+            config.runner_command.clone(),
+        )),
+    };
+    // A token must outlive the wait for the runner, plus slack for clock steps.
+    let token_ttl = config.timeouts.dial_back + std::time::Duration::from_secs(60);
+    let state = AppState {
+        runner_url: config.runner_base_url(bound),
+        api_key: config.api_key.as_ref().map(auth::ApiKey::new),
+        sessions: crate::sessions::Sessions::new(config.limits.max_sessions),
+        spawner,
+        tokens: crate::token::RunnerTokens::new(&config.rendezvous_secret, token_ttl),
+        shutdown: shutdown.clone(),
+        tracker: TaskTracker::new(),
+        config: Arc::new(config),
+    };
+    let tracker = state.tracker.clone();
+    let drain = state.config.timeouts.drain;
+    let server = axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let server = tokio::spawn(async move { server.await });
+    shutdown.cancelled().await;
+    info!("shutting down: ending sessions");
+    tracker.close();
+    let drained = tokio::time::timeout(drain, async {
+        tracker.wait().await;
+        server.await
+    })
+    .await;
+    match drained {
+        Ok(Ok(result)) => result.context("server failed"),
+        Ok(Err(join)) => Err(anyhow::anyhow!("server task failed: {join}")),
+        Err(_) => {
+            warn!("drain deadline of {drain:?} passed; exiting with work in flight");
+            Ok(())
+        }
+    }
+}
+
+/// The `gateway` binary.
+pub fn main() -> anyhow::Result<()> {
+    let config = Args::parse().validate()?;
+    init_tracing();
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let bound: SocketAddr = listener.local_addr()?;
+        info!(
+            auth = if config.api_key.is_some() { "api key" } else { "none (loopback only)" },
+            spawner = ?config.spawner,
+            "gateway listening on http://{bound}"
+        );
+        // Machine-readable, for scripts and tests that start the gateway on port 0.
+        println!("dynogate gateway listening on http://{bound}");
+        let shutdown = CancellationToken::new();
+        tokio::spawn(signal_shutdown(shutdown.clone()));
+        serve(config, listener, shutdown).await
+    })
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+/// Cancels `shutdown` on SIGTERM (what Heroku sends) or ctrl-c.
+async fn signal_shutdown(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("can install a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => info!("interrupt received"),
+    }
+    shutdown.cancel();
+}

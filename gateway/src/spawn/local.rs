@@ -1,0 +1,144 @@
+//! The local spawner: each runner is a child process of the gateway.
+//!
+//! The runner starts in a process group of its own so that ending a session
+//! kills the runner and whatever it left in its group, and nothing else. The
+//! runner inherits the gateway's environment minus every secret in
+//! [`SECRET_ENV`]; its token comes in [`TOKEN_ENV`], never on the command line.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use dynogate_shared::names::{SECRET_ENV, TOKEN_ENV};
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+
+use super::{RunnerProcess, RunnerSpec, SpawnError, Spawner};
+
+/// Starts `runner --local` processes.
+#[derive(Debug, Clone)]
+pub struct LocalSpawner {
+    runner_bin: PathBuf,
+    runner_command: Option<String>,
+}
+
+impl LocalSpawner {
+    pub fn new(runner_bin: PathBuf, runner_command: Option<String>) -> Self {
+        Self {
+            runner_bin,
+            runner_command,
+        }
+    }
+}
+
+impl Spawner for LocalSpawner {
+    fn spawn(&self, spec: RunnerSpec) -> BoxFuture<'_, Result<Box<dyn RunnerProcess>, SpawnError>> {
+        async move {
+            let mut command = Command::new(&self.runner_bin);
+            command
+                .arg("--local")
+                .arg("--gateway-url")
+                .arg(spec.gateway_url.as_str())
+                .arg("--session")
+                .arg(&spec.session);
+            for name in SECRET_ENV {
+                command.env_remove(name);
+            }
+            command.env(TOKEN_ENV, spec.token.expose());
+            match &self.runner_command {
+                Some(shell) => command.env("RUNNER_COMMAND", shell),
+                None => command.env_remove("RUNNER_COMMAND"),
+            };
+            command
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .process_group(0)
+                .kill_on_drop(true);
+            let child = command
+                .spawn()
+                .map_err(|e| SpawnError::Start(format!("{}: {e}", self.runner_bin.display())))?;
+            let pid = child
+                .id()
+                .ok_or_else(|| SpawnError::Start("runner exited at once".into()))?;
+            let pid = Pid::from_raw(i32::try_from(pid).expect("pids fit in i32"));
+            tracing::debug!(%pid, "local runner started");
+            Ok(Box::new(LocalRunner {
+                child,
+                pgid: pid,
+                reaped: false,
+            }) as Box<dyn RunnerProcess>)
+        }
+        .boxed()
+    }
+}
+
+/// A `runner --local` child, leader of its own process group.
+struct LocalRunner {
+    child: Child,
+    pgid: Pid,
+    reaped: bool,
+}
+
+impl LocalRunner {
+    fn kill_group(&self) {
+        // The group id cannot be handed to a new process while any member of
+        // the group lives, so this reaches only what the runner left behind.
+        match killpg(self.pgid, Signal::SIGKILL) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+            Err(e) => tracing::warn!(pgid = %self.pgid, "cannot kill runner process group: {e}"),
+        }
+    }
+}
+
+impl RunnerProcess for LocalRunner {
+    fn describe(&self) -> String {
+        format!("pid {}", self.pgid)
+    }
+
+    fn exited(&mut self) -> BoxFuture<'_, String> {
+        async move {
+            match self.child.wait().await {
+                Ok(status) => {
+                    self.reaped = true;
+                    describe_status(status)
+                }
+                Err(e) => {
+                    // Waiting failed: report it, and never resolve again.
+                    tracing::warn!("cannot wait for local runner: {e}");
+                    std::future::pending::<()>().await;
+                    unreachable!()
+                }
+            }
+        }
+        .boxed()
+    }
+
+    fn stop(mut self: Box<Self>, grace: Duration) -> BoxFuture<'static, ()> {
+        async move {
+            if !self.reaped && tokio::time::timeout(grace, self.child.wait()).await.is_err() {
+                tracing::warn!(pgid = %self.pgid, "runner did not stop within {grace:?}; killing its process group");
+            }
+            self.kill_group();
+            let _ = self.child.wait().await;
+            self.reaped = true;
+        }
+        .boxed()
+    }
+}
+
+impl Drop for LocalRunner {
+    fn drop(&mut self) {
+        if !self.reaped {
+            self.kill_group();
+        }
+    }
+}
+
+fn describe_status(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    dynogate_shared::frame::describe_exit(status.code(), status.signal())
+}

@@ -1,0 +1,58 @@
+//! Spawners start the runner that serves one session.
+//!
+//! A spawner only starts a process somewhere and can later stop it; the
+//! runner then dials back to `/rendezvous` by itself. That split keeps the
+//! spawners small and lets the session code treat a child process on this
+//! machine and a Heroku dyno alike.
+//!
+//! - [`local`]: `runner --local` as a child process in its own process group.
+
+pub mod local;
+
+use std::time::Duration;
+
+use dynogate_shared::Secret;
+use futures_util::future::BoxFuture;
+use url::Url;
+
+pub use local::LocalSpawner;
+
+/// What a runner needs to find its way back.
+#[derive(Debug, Clone)]
+pub struct RunnerSpec {
+    /// The MCP session the runner serves.
+    pub session: String,
+    /// The runner's signed rendezvous token.
+    pub token: Secret,
+    /// Base URL of the gateway the runner dials.
+    pub gateway_url: Url,
+}
+
+/// Why a runner could not be started. The message reaches the client.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("could not start the runner: {0}")]
+    Start(String),
+}
+
+/// Starts runners.
+pub trait Spawner: Send + Sync + 'static {
+    /// Starts a runner for `spec`. Returns once the start has been requested;
+    /// the runner dials back later (or never, which the session bounds).
+    fn spawn(&self, spec: RunnerSpec) -> BoxFuture<'_, Result<Box<dyn RunnerProcess>, SpawnError>>;
+}
+
+/// A started runner, as its spawner sees it.
+pub trait RunnerProcess: Send {
+    /// Short description for logs, such as `pid 4242`.
+    fn describe(&self) -> String;
+
+    /// Resolves when the runner has exited, with how it ended. Spawners that
+    /// cannot observe an exit never resolve; the session then relies on the
+    /// socket closing.
+    fn exited(&mut self) -> BoxFuture<'_, String>;
+
+    /// Ends the runner: waits up to `grace` for it to leave on its own (it has
+    /// been told to shut down), then forces it, and resolves when it is gone.
+    fn stop(self: Box<Self>, grace: Duration) -> BoxFuture<'static, ()>;
+}

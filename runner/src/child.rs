@@ -1,0 +1,136 @@
+//! Starting and stopping the bridged stdio MCP server.
+//!
+//! The server runs in a process group of its own, so stopping it reaches
+//! everything it started. Its environment is the runner's minus every secret
+//! in [`SECRET_ENV`] (on Heroku every dyno gets every config var), plus
+//! [`SESSION_DIR_ENV`]. Its stderr is copied to the runner's log, line by
+//! line, and never onto the wire.
+
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use anyhow::Context;
+use dynogate_shared::names::{SECRET_ENV, SESSION_DIR_ENV};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tracing::{Instrument, info, warn};
+
+use crate::config::ServerCommand;
+
+/// A running MCP server.
+pub struct Server {
+    child: Child,
+    pgid: Pid,
+    stopped: bool,
+    pub stdin: Option<ChildStdin>,
+    pub stdout: Option<ChildStdout>,
+}
+
+/// Starts `command` with `workdir` as the session's directory.
+pub fn start(command: &ServerCommand, workdir: &Path) -> anyhow::Result<Server> {
+    let mut cmd = match command {
+        ServerCommand::BuiltIn => {
+            let me = std::env::current_exe().context("cannot locate the runner binary")?;
+            let mut cmd = Command::new(me);
+            cmd.arg("exec")
+                .arg("--workdir")
+                .arg(workdir)
+                .current_dir(workdir);
+            cmd
+        }
+        ServerCommand::Shell(line) => {
+            let mut cmd = Command::new("sh");
+            cmd.arg("-c").arg(line);
+            cmd
+        }
+        ServerCommand::Argv(argv) => {
+            let mut cmd = Command::new(&argv[0]);
+            cmd.args(&argv[1..]);
+            cmd
+        }
+    };
+    for name in SECRET_ENV {
+        cmd.env_remove(name);
+    }
+    cmd.env(SESSION_DIR_ENV, workdir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start the MCP server {command:?}"))?;
+    let pid = child.id().context("the MCP server exited at once")?;
+    let pgid = Pid::from_raw(i32::try_from(pid).expect("pids fit in i32"));
+    info!(pid, "MCP server started");
+    if let Some(stderr) = child.stderr.take() {
+        tokio::spawn(
+            async move {
+                let mut lines = BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    info!(target: "mcp_server", "{line}");
+                }
+            }
+            .in_current_span(),
+        );
+    }
+    Ok(Server {
+        stdin: child.stdin.take(),
+        stdout: child.stdout.take(),
+        child,
+        pgid,
+        stopped: false,
+    })
+}
+
+impl Server {
+    /// Resolves when the server exits. Cancel-safe.
+    pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        self.child.wait().await
+    }
+
+    /// Stops the server: its stdin must already be closed (the MCP way to ask
+    /// a stdio server to leave); after `grace` its process group is killed.
+    /// Kills the group even after a clean exit, for anything left behind.
+    pub async fn stop(mut self, grace: Duration) -> Option<ExitStatus> {
+        self.stdin = None;
+        let status = match tokio::time::timeout(grace, self.child.wait()).await {
+            Ok(status) => status.ok(),
+            Err(_) => {
+                warn!(
+                    "MCP server still running {grace:?} after its stdin closed; killing its process group"
+                );
+                None
+            }
+        };
+        self.kill_group();
+        let status = match status {
+            Some(status) => Some(status),
+            None => self.child.wait().await.ok(),
+        };
+        self.stopped = true;
+        status
+    }
+
+    /// Kills whatever is left in the server's process group. The group id is
+    /// not reused while any member lives, and ids are handed out cyclically,
+    /// so even just after the leader is reaped this reaches only our processes.
+    pub fn kill_group(&self) {
+        match killpg(self.pgid, Signal::SIGKILL) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+            Err(e) => warn!("cannot kill the MCP server's process group: {e}"),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if !self.stopped {
+            self.kill_group();
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! The dynogate runner: the process that serves one session.
+//!
+//! `runner` (on a dyno) and `runner --local` (started by the local spawner)
+//! dial back to the gateway's `/rendezvous` WebSocket, start a stdio MCP
+//! server, and carry JSON-RPC lines between the two until either side ends.
+//! `runner exec` is the built-in code executor: a stdio MCP server on its own.
+//!
+//! Modules:
+//! - [`config`]: command line and environment.
+//! - [`dial`]: connecting to the gateway and the hello/welcome handshake.
+//! - [`child`]: starting and stopping the bridged MCP server.
+//! - [`lines`]: newline-delimited framing on the child's stdout.
+//! - [`bridge`]: the relay loop between socket and child.
+//! - [`exec`]: the code executor.
+
+pub mod bridge;
+pub mod child;
+pub mod config;
+pub mod dial;
+pub mod exec;
+pub mod lines;
+
+use anyhow::Context;
+use clap::Parser;
+
+/// The `runner` binary.
+pub fn main() -> anyhow::Result<()> {
+    let args = config::Args::parse();
+    init_tracing(args.command.is_some());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    match args.command {
+        Some(config::Command::Exec(exec)) => runtime.block_on(exec::serve(exec.validate()?)),
+        None => {
+            let dial = args.dial.validate()?;
+            let code = runtime.block_on(bridge::run(dial))?;
+            // Leave without waiting for stray blocking tasks (a child's stderr
+            // reader, say); everything that matters has been cleaned up.
+            runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+            std::process::exit(code)
+        }
+    }
+}
+
+fn init_tracing(executor: bool) {
+    use std::io::IsTerminal;
+    // Under a runner the executor's stderr lands in the runner's log, so it
+    // stays quiet unless asked.
+    let default = if executor {
+        "warn,dynogate_runner=info"
+    } else {
+        "info"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // stdout is the MCP wire in `exec` mode, so logs always go to stderr.
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(!executor)
+        .init();
+}

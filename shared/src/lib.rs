@@ -1,0 +1,28 @@
+//! The contract between the gateway and its runners, with no I/O.
+//!
+//! A runner dials the gateway's `/rendezvous` WebSocket with a per-session
+//! token, then the two speak in frames:
+//!
+//! - [`frame`]: what travels on the socket — JSON-RPC messages verbatim in text
+//!   frames, [`frame::Control`] messages in binary frames.
+//! - [`token`]: the claims inside the runner's signed token.
+//! - [`secret`]: a string wrapper whose `Debug` and `Display` never show it.
+//! - [`duration`]: durations as written in config vars.
+//! - [`names`]: header, query and environment names both sides must agree on.
+//!
+//! Nothing here opens a socket or a file: both binaries (and tests) link it.
+
+pub mod duration;
+pub mod frame;
+pub mod names;
+pub mod secret;
+pub mod token;
+
+pub use frame::{Control, Frame};
+pub use secret::Secret;
+
+/// Version of the rendezvous protocol described in [`frame`].
+///
+/// Bumped whenever a frame changes shape; a mismatch is refused during the
+/// handshake with a message naming both versions.
+pub const PROTOCOL_VERSION: u32 = 1;

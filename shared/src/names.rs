@@ -1,0 +1,29 @@
+//! Names both sides of the rendezvous must spell the same way.
+
+/// Path of the gateway's WebSocket endpoint.
+pub const RENDEZVOUS_PATH: &str = "/rendezvous";
+
+/// Query parameter naming the session a runner dials for.
+pub const SESSION_QUERY: &str = "session";
+
+/// Environment variable that carries the runner's token. Tokens travel in the
+/// environment because command lines show up in `ps` and `heroku ps`.
+pub const TOKEN_ENV: &str = "RUNNER_TOKEN";
+
+/// Environment variable through which the runner tells a bridged MCP server
+/// where its session's private directory is.
+pub const SESSION_DIR_ENV: &str = "DYNOGATE_SESSION_DIR";
+
+/// Environment variables that hold secrets of the gateway or the runner.
+/// A runner removes them from the environment of the MCP server it starts
+/// (on Heroku every dyno receives every config var), and the local spawner
+/// keeps them from the runner in the first place.
+pub const SECRET_ENV: &[&str] = &[
+    TOKEN_ENV,
+    "API_KEY",
+    "HEROKU_API_KEY",
+    "RENDEZVOUS_SECRET",
+    "REDIS_URL",
+    "REDIS_TLS_URL",
+    "INFERENCE_KEY",
+];
