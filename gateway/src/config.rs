@@ -181,6 +181,13 @@ impl Args {
             Some(path) => path,
             None => default_runner_bin()?,
         };
+        if self.spawner == SpawnerKind::Local && !runner_bin.is_file() {
+            bail!(
+                "the runner binary is not at {}: build both binaries with `cargo build --release` \
+                 (they land side by side in target/release/), or point RUNNER_BIN at it",
+                runner_bin.display()
+            );
+        }
         Ok(Config {
             listen: SocketAddr::new(bind, self.port),
             api_key: self.api_key,
@@ -239,7 +246,7 @@ mod tests {
     use super::*;
 
     fn args(extra: &[&str]) -> Args {
-        let mut argv = vec!["gateway", "--runner-bin", "/bin/true"];
+        let mut argv = vec!["gateway", "--runner-bin", "/bin/sh"];
         argv.extend_from_slice(extra);
         Args::try_parse_from(argv).unwrap()
     }
@@ -274,6 +281,16 @@ mod tests {
     fn heartbeats_must_fit_inside_the_router_window() {
         assert!(args(&["--heartbeat", "30s"]).validate().is_err());
         assert!(args(&["--heartbeat", "25s"]).validate().is_ok());
+    }
+
+    #[test]
+    fn a_missing_runner_binary_is_reported_with_the_fix() {
+        let err = Args::try_parse_from(["gateway", "--runner-bin", "/nonexistent/runner"])
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cargo build --release"), "{err}");
     }
 
     #[test]

@@ -46,6 +46,12 @@ impl RequestId {
         }
     }
 
+    /// An id from JSON text, for tests.
+    #[cfg(test)]
+    pub fn for_tests(json: &str) -> Self {
+        Self(json.into())
+    }
+
     /// The id as JSON text, ready to splice into a message.
     pub fn as_json(&self) -> &str {
         &self.0

@@ -359,7 +359,7 @@ impl Session {
 
     /// Runs the session's task on `tracker`.
     pub fn start(self, tracker: &tokio_util::task::TaskTracker) {
-        let span = tracing::info_span!("session", session = %self.shared.id);
+        let span = tracing::info_span!(parent: None, "session", session = %self.shared.id);
         tracker.spawn(self.run().instrument(span));
     }
 
@@ -382,9 +382,15 @@ impl Session {
             Err(reason) => (reason, None),
         };
         info!(%reason, lifetime_ms = started.elapsed().as_millis() as u64, "session ending");
+        // A runner that never connected cannot be told to stop; don't wait for it.
+        let grace = if self.link.is_some() {
+            self.timeouts.runner_stop_grace
+        } else {
+            Duration::ZERO
+        };
         self.teardown(&reason);
         if let Some(runner) = runner {
-            runner.stop(self.timeouts.runner_stop_grace).await;
+            runner.stop(grace).await;
         }
         self.shared.finished.cancel();
         debug!("session ended");
@@ -405,7 +411,10 @@ impl Session {
         tokio::pin!(dial_back);
         let idle = tokio::time::sleep(self.timeouts.idle);
         tokio::pin!(idle);
-        let mut heartbeat = tokio::time::interval(self.timeouts.heartbeat);
+        let mut heartbeat = tokio::time::interval_at(
+            Instant::now() + self.timeouts.heartbeat,
+            self.timeouts.heartbeat,
+        );
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let silence_limit = self.timeouts.heartbeat * MISSED_HEARTBEATS;
 
@@ -415,12 +424,12 @@ impl Session {
                 .as_ref()
                 .is_none_or(|(link, _)| link.queued() < MAX_QUEUED_FRAMES);
             let attached = self.link.is_some();
+            // Unbiased: neither the client's messages nor the runner's may starve the other.
             tokio::select! {
-                biased;
                 () = self.shared.ending.cancelled() => return self.requested_end(),
                 status = &mut *exited => return EndReason::RunnerLost(format!("runner process ended: {status}")),
                 frame = recv(&mut self.link) => {
-                    if let Some(reason) = self.from_runner(frame) {
+                    if let Some(reason) = self.on_frame(frame) {
                         return reason;
                     }
                 }
@@ -452,7 +461,7 @@ impl Session {
 
     /// Handles one frame (or the end of the connection). Returns a reason when
     /// the session must end.
-    fn from_runner(
+    fn on_frame(
         &mut self,
         frame: Option<Result<Incoming, crate::link::LinkError>>,
     ) -> Option<EndReason> {
@@ -504,12 +513,12 @@ impl Session {
                     Some(pending) => {
                         let _ = pending.call.reply.try_send(Delivery { json, last: false });
                     }
-                    None => self.to_stream(json),
+                    None => self.send_to_stream(json),
                 }
                 None
             }
             Ok(_) => {
-                self.to_stream(json);
+                self.send_to_stream(json);
                 None
             }
             Err(e) => {
@@ -521,10 +530,10 @@ impl Session {
 
     /// Sends a server message that belongs to no request to the GET stream,
     /// or keeps it until one opens.
-    fn to_stream(&mut self, json: Bytes) {
+    fn send_to_stream(&mut self, json: Bytes) {
         if let Some(tx) = &self.stream {
             match tx.try_send(Delivery { json, last: false }) {
-                Ok(()) => return,
+                Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(delivery)) => self.keep(delivery.json),
                 Err(mpsc::error::TrySendError::Closed(delivery)) => {
                     self.stream = None;

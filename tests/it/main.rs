@@ -1,1 +1,21 @@
+//! End-to-end tests: a real gateway process, real runners dialing back over a
+//! real WebSocket, real executors running real Python, and real MCP clients.
+//! Every test starts its own gateway on a free loopback port.
 
+/// Shared machinery: gateway processes, HTTP helpers, process inspection.
+mod support;
+
+/// API keys.
+mod auth;
+/// Every refused request: status code and JSON-RPC error.
+mod errors;
+/// Sessions are separate machines: processes and files.
+mod isolation;
+/// How sessions end: runner killed, server exits, idle, caps, shutdown.
+mod lifecycle;
+/// The main path with the rmcp client: tools, code, packages, delete.
+mod local_path;
+/// Runner tokens and the rendezvous handshake.
+mod rendezvous;
+/// Where server messages go: request streams, the GET stream, batches.
+mod routing;

@@ -1,0 +1,476 @@
+//! Shared test machinery: a real gateway process on port 0, raw HTTP helpers,
+//! an rmcp client, and ways to find and watch the processes a session starts.
+//! Everything started here is killed when its handle drops.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use rmcp::model::{CallToolRequestParams, CallToolResult};
+use rmcp::service::RunningService;
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use rmcp::{RoleClient, ServiceExt};
+use serde_json::{Value, json};
+
+pub const GATEWAY: &str = env!("CARGO_BIN_EXE_gateway");
+pub const RUNNER: &str = env!("CARGO_BIN_EXE_runner");
+pub const ECHO: &str = env!("CARGO_BIN_EXE_mcp-echo");
+/// A signing key tests use when they need to mint their own runner tokens.
+pub const SECRET: &str = "test-secret-test-secret-test-secret-0123";
+
+/// How long any wait in a test may last before it fails.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// A gateway process listening on a free loopback port.
+pub struct Gateway {
+    child: Child,
+    pub url: String,
+    pub api_key: Option<String>,
+}
+
+/// How to start a gateway: environment variables on top of the defaults.
+#[derive(Default, Clone)]
+pub struct Options {
+    pub env: Vec<(String, String)>,
+    pub api_key: Option<String>,
+}
+
+impl Options {
+    pub fn env(mut self, name: &str, value: impl Into<String>) -> Self {
+        self.env.push((name.to_owned(), value.into()));
+        self
+    }
+
+    pub fn api_key(mut self, key: &str) -> Self {
+        self.api_key = Some(key.to_owned());
+        self
+    }
+
+    /// Bridge the `mcp-echo` fixture instead of the code executor.
+    pub fn echo(self) -> Self {
+        self.env("RUNNER_COMMAND", ECHO)
+    }
+}
+
+impl Gateway {
+    /// A gateway with the built-in executor.
+    pub fn start() -> Self {
+        Self::with(Options::default())
+    }
+
+    pub fn with(options: Options) -> Self {
+        let mut command = Command::new(GATEWAY);
+        command
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", std::env::var_os("HOME").unwrap_or_default())
+            .env("PORT", "0")
+            .env("RUNNER_BIN", RUNNER)
+            .env("RENDEZVOUS_SECRET", SECRET)
+            .env("RUST_LOG", "info,dynogate_gateway=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for name in [
+            "PIP_FIND_LINKS",
+            "PIP_CERT",
+            "PIP_DEFAULT_TIMEOUT",
+            "PIP_DISABLE_PIP_VERSION_CHECK",
+            "TMPDIR",
+        ] {
+            if let Some(value) = std::env::var_os(name) {
+                command.env(name, value);
+            }
+        }
+        if let Some(key) = &options.api_key {
+            command.env("API_KEY", key).env("BIND_ADDRESS", "127.0.0.1");
+        }
+        for (name, value) in &options.env {
+            command.env(name, value);
+        }
+        let mut child = command.spawn().expect("start the gateway");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            // Keep draining so the gateway never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let line = match rx.recv_timeout(PATIENCE) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("the gateway did not report its address (see its log above)");
+            }
+        };
+        let url = line
+            .rsplit(' ')
+            .next()
+            .expect("an address")
+            .trim()
+            .to_owned();
+        assert!(
+            url.starts_with("http://127.0.0.1:"),
+            "unexpected first line: {line}"
+        );
+        Gateway {
+            child,
+            url,
+            api_key: options.api_key,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).unwrap()
+    }
+
+    pub fn mcp_url(&self) -> String {
+        format!("{}/mcp", self.url)
+    }
+
+    /// An rmcp client connected to this gateway (authenticating when it has a key).
+    pub async fn client(&self) -> RunningService<RoleClient, ()> {
+        let mut config = StreamableHttpClientTransportConfig::with_uri(self.mcp_url());
+        if let Some(key) = &self.api_key {
+            config = config.auth_header(key.clone());
+        }
+        let transport = StreamableHttpClientTransport::from_config(config);
+        ().serve(transport)
+            .await
+            .expect("MCP client connects through the gateway")
+    }
+
+    /// A raw HTTP client that sends the API key (if any) on every request.
+    pub fn http(&self) -> Http {
+        Http::new(self.mcp_url(), self.api_key.clone())
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the gateway to exit.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid()),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if self.terminate().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Raw MCP-over-HTTP requests, for checking exact statuses and bodies.
+#[derive(Clone)]
+pub struct Http {
+    client: reqwest::Client,
+    pub url: String,
+    api_key: Option<String>,
+}
+
+/// A response with its body read: parsed JSON, or the JSON of the last SSE
+/// event when the reply was streamed.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub text: String,
+    pub json: Value,
+}
+
+impl Reply {
+    pub fn session(&self) -> Option<String> {
+        self.headers
+            .get("mcp-session-id")
+            .map(|v| v.to_str().unwrap().to_owned())
+    }
+
+    pub fn error_code(&self) -> i64 {
+        self.json["error"]["code"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("no JSON-RPC error in {}", self.text))
+    }
+
+    /// All `data:` payloads of an SSE body, parsed.
+    pub fn events(&self) -> Vec<Value> {
+        sse_events(&self.text)
+    }
+}
+
+pub fn sse_events(text: &str) -> Vec<Value> {
+    text.split("\n\n")
+        .filter_map(|event| {
+            let data: Vec<&str> = event
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(str::trim_start)
+                .collect();
+            (!data.is_empty())
+                .then(|| serde_json::from_str(&data.join("\n")).expect("SSE data is JSON"))
+        })
+        .collect()
+}
+
+pub const ACCEPT_BOTH: &str = "application/json, text/event-stream";
+
+impl Http {
+    pub fn new(url: String, api_key: Option<String>) -> Self {
+        Http {
+            client: reqwest::Client::new(),
+            url,
+            api_key,
+        }
+    }
+
+    pub fn request(&self, method: reqwest::Method) -> reqwest::RequestBuilder {
+        let mut request = self.client.request(method, &self.url).timeout(PATIENCE);
+        if let Some(key) = &self.api_key {
+            request = request.bearer_auth(key);
+        }
+        request
+    }
+
+    /// POSTs `body` (raw text) with the usual headers plus `extra`.
+    pub async fn post_raw(
+        &self,
+        session: Option<&str>,
+        body: impl Into<String>,
+        extra: &[(&str, &str)],
+    ) -> Reply {
+        let mut headers = HeaderMap::new();
+        headers.insert("accept", HeaderValue::from_static(ACCEPT_BOTH));
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        if let Some(session) = session {
+            headers.insert("mcp-session-id", HeaderValue::from_str(session).unwrap());
+        }
+        // Extra headers replace the defaults of the same name.
+        for (name, value) in extra {
+            headers.insert(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        let request = self
+            .request(reqwest::Method::POST)
+            .headers(headers)
+            .body(body.into());
+        read(request.send().await.expect("the gateway answers")).await
+    }
+
+    pub async fn post(&self, session: Option<&str>, body: &Value) -> Reply {
+        self.post_raw(session, body.to_string(), &[]).await
+    }
+
+    /// `initialize` on a new session; returns the session id and the reply.
+    pub async fn initialize(&self) -> (String, Reply) {
+        self.initialize_as("2025-06-18").await
+    }
+
+    pub async fn initialize_as(&self, version: &str) -> (String, Reply) {
+        let reply = self
+            .post(
+                None,
+                &json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+                    "protocolVersion": version, "capabilities": {},
+                    "clientInfo": {"name": "dynogate-tests", "version": "1"}}}),
+            )
+            .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "initialize failed: {}",
+            reply.text
+        );
+        let session = reply.session().expect("initialize returns Mcp-Session-Id");
+        let initialized = self
+            .post(
+                Some(&session),
+                &json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+            )
+            .await;
+        assert_eq!(initialized.status, StatusCode::ACCEPTED);
+        (session, reply)
+    }
+
+    /// `tools/call` and its parsed reply.
+    pub async fn call(&self, session: &str, id: i64, tool: &str, arguments: Value) -> Reply {
+        self.post(
+            Some(session),
+            &json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": tool, "arguments": arguments}}),
+        )
+        .await
+    }
+
+    pub async fn delete(&self, session: &str) -> StatusCode {
+        self.request(reqwest::Method::DELETE)
+            .header("mcp-session-id", session)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    }
+}
+
+/// Reads a whole response; an SSE body's last event becomes `json`.
+pub async fn read(response: reqwest::Response) -> Reply {
+    let status = response.status();
+    let headers = response.headers().clone();
+    let text = response.text().await.unwrap_or_default();
+    let is_sse = headers
+        .get("content-type")
+        .is_some_and(|v| v.to_str().unwrap().starts_with("text/event-stream"));
+    let json = if is_sse {
+        sse_events(&text).pop().unwrap_or(Value::Null)
+    } else {
+        serde_json::from_str(&text).unwrap_or(Value::Null)
+    };
+    Reply {
+        status,
+        headers,
+        text,
+        json,
+    }
+}
+
+/// The `{returncode, stdout, stderr}` a code tool returned, from its text content.
+pub fn exec_result(result: &Value) -> Value {
+    let text = result["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no text content in {result}"));
+    serde_json::from_str(text).expect("the text content is JSON")
+}
+
+/// The same, from an rmcp result.
+pub fn exec_result_of(result: &CallToolResult) -> Value {
+    let text = result.content[0]
+        .as_text()
+        .expect("text content")
+        .text
+        .clone();
+    serde_json::from_str(&text).expect("the text content is JSON")
+}
+
+pub fn tool_call(name: &str, arguments: Value) -> CallToolRequestParams {
+    CallToolRequestParams::new(name.to_owned())
+        .with_arguments(arguments.as_object().unwrap().clone())
+}
+
+/// Pids of the runners serving `session` (found by their command lines).
+pub fn runner_pids(session: &str) -> Vec<i32> {
+    processes()
+        .into_iter()
+        .filter(|(_, argv)| {
+            argv.iter().any(|a| a == "--local") && argv.iter().any(|a| a == session)
+        })
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// Pids of every runner started by a given gateway (by parent pid).
+pub fn children_of(parent: i32) -> Vec<i32> {
+    processes()
+        .into_iter()
+        .filter(|(pid, _)| parent_of(*pid) == Some(parent))
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// The one session a gateway is serving, read from its runner's command line.
+pub fn only_session(gateway: &Gateway) -> String {
+    let runners = children_of(gateway.pid());
+    assert_eq!(runners.len(), 1, "expected one runner, found {runners:?}");
+    let argv = argv_of(runners[0]).expect("runner still alive");
+    let at = argv
+        .iter()
+        .position(|a| a == "--session")
+        .expect("--session in the runner's command line");
+    argv[at + 1].clone()
+}
+
+fn processes() -> Vec<(i32, Vec<String>)> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| Some((pid, argv_of(pid)?)))
+        .collect()
+}
+
+pub fn argv_of(pid: i32) -> Option<Vec<String>> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        raw.split(|&b| b == 0)
+            .filter(|s| !s.is_empty())
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect(),
+    )
+}
+
+pub fn environ_of(pid: i32) -> HashMap<String, String> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    raw.split(|&b| b == 0)
+        .filter_map(|kv| {
+            let kv = String::from_utf8_lossy(kv);
+            let (k, v) = kv.split_once('=')?;
+            Some((k.to_owned(), v.to_owned()))
+        })
+        .collect()
+}
+
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Whether a process is gone (or a zombie: dead, not yet reaped).
+pub fn gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// Polls `condition` until it holds, failing the test after [`PATIENCE`].
+pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A temporary directory with a script in it, for stand-in runners and servers.
+pub fn script(name: &str, body: &str) -> (tempfile::TempDir, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (dir, path)
+}
