@@ -29,9 +29,7 @@ impl std::fmt::Debug for ApiKey {
 
 impl ApiKey {
     pub fn new(key: &Secret) -> Self {
-        Self {
-            digest: Sha256::digest(key.expose().as_bytes()).into(),
-        }
+        Self { digest: Sha256::digest(key.expose().as_bytes()).into() }
     }
 
     pub fn matches(&self, presented: &str) -> bool {
@@ -49,22 +47,13 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 
 /// Middleware: lets a request through only with the right key (when a key is
 /// configured).
-pub async fn require_api_key(
-    State(state): State<AppState>,
-    request: Request,
-    next: Next,
-) -> Response {
+pub async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let Some(key) = &state.api_key else {
         return next.run(request).await;
     };
     let headers = request.headers();
-    let presented =
-        bearer(headers).or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
-    if presented.is_some_and(|p| key.matches(p)) {
-        next.run(request).await
-    } else {
-        unauthorized()
-    }
+    let presented = bearer(headers).or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
+    if presented.is_some_and(|p| key.matches(p)) { next.run(request).await } else { unauthorized() }
 }
 
 /// 401 with the body the Heroku templates use and a Bearer challenge.
@@ -72,10 +61,7 @@ pub fn unauthorized() -> Response {
     (
         StatusCode::UNAUTHORIZED,
         [
-            (
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            ),
+            (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
             (header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")),
         ],
         r#"{"error":"Unauthorized"}"#,
@@ -99,10 +85,7 @@ mod tests {
     #[test]
     fn bearer_tokens_are_read_case_insensitively() {
         let mut headers = HeaderMap::new();
-        headers.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_static("bearer abc"),
-        );
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("bearer abc"));
         assert_eq!(bearer(&headers), Some("abc"));
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
         assert_eq!(bearer(&headers), None);

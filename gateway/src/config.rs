@@ -46,13 +46,47 @@ pub struct Args {
     #[arg(long, env = "RENDEZVOUS_SECRET", hide_env_values = true)]
     pub rendezvous_secret: Option<Secret>,
 
-    /// Where runners come from: `local` (child processes on this machine).
-    #[arg(long, env = "SPAWNER", default_value = "local")]
-    pub spawner: SpawnerKind,
+    /// Where runners run: `local` (child processes) or `heroku` (one-off dynos).
+    /// Default: `heroku` when HEROKU_API_KEY and HEROKU_APP_NAME are set, else `local`.
+    #[arg(long, env = "SPAWNER")]
+    pub spawner: Option<SpawnerKind>,
 
-    /// Path of the runner binary the local spawner starts (default: `runner` beside this binary).
+    /// Path of the runner binary (default: `runner` beside this binary; on
+    /// Heroku the same path inside the slug).
     #[arg(long, env = "RUNNER_BIN")]
     pub runner_bin: Option<PathBuf>,
+
+    /// Platform API key of an account that may run dynos of HEROKU_APP_NAME.
+    #[arg(long, env = "HEROKU_API_KEY", hide_env_values = true)]
+    pub heroku_api_key: Option<Secret>,
+
+    /// The Heroku app whose one-off dynos run the sessions (normally this app).
+    #[arg(long, env = "HEROKU_APP_NAME")]
+    pub heroku_app_name: Option<String>,
+
+    /// Base URL of the Platform API.
+    #[arg(long, env = "HEROKU_API_URL", default_value = "https://api.heroku.com")]
+    pub heroku_api_url: Url,
+
+    /// The app's default domain (set by Heroku's dyno metadata); gives GATEWAY_URL when that is unset.
+    #[arg(long, env = "HEROKU_APP_DEFAULT_DOMAIN_NAME")]
+    pub heroku_app_domain: Option<String>,
+
+    /// Size of runner dynos (e.g. `basic`, `standard-1x`, `standard-2x`).
+    #[arg(long, env = "DYNO_SIZE", default_value = "standard-1x")]
+    pub dyno_size: String,
+
+    /// Hard limit on a runner dyno's life (Heroku's `time_to_live`, at most 24h).
+    #[arg(long, env = "DYNO_TTL", default_value = "4h", value_parser = dynogate_shared::duration::parse)]
+    pub dyno_ttl: Duration,
+
+    /// Refuse new sessions when fewer Platform API calls than this remain in the account's budget.
+    #[arg(long, env = "HEROKU_RATE_LIMIT_RESERVE", default_value_t = 100)]
+    pub heroku_rate_limit_reserve: i64,
+
+    /// How often to look for runner dynos that outlived their session.
+    #[arg(long, env = "SWEEP_INTERVAL", default_value = "5m", value_parser = dynogate_shared::duration::parse)]
+    pub sweep_interval: Duration,
 
     /// Stdio MCP server each runner bridges, as a shell command (default: the built-in code executor).
     #[arg(long, env = "RUNNER_COMMAND")]
@@ -92,6 +126,19 @@ pub struct Args {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SpawnerKind {
     Local,
+    Heroku,
+}
+
+/// The Heroku spawner's settings.
+#[derive(Debug, Clone)]
+pub struct Heroku {
+    pub api_key: Secret,
+    pub app_name: String,
+    pub api_url: Url,
+    pub dyno_size: String,
+    pub dyno_ttl: Duration,
+    pub rate_limit_reserve: i64,
+    pub sweep_interval: Duration,
 }
 
 /// The validated configuration the gateway runs with.
@@ -105,6 +152,8 @@ pub struct Config {
     pub rendezvous_secret: Secret,
     pub spawner: SpawnerKind,
     pub runner_bin: PathBuf,
+    /// Set when `spawner` is Heroku.
+    pub heroku: Option<Heroku>,
     pub runner_command: Option<String>,
     pub limits: Limits,
     pub timeouts: Timeouts,
@@ -152,9 +201,7 @@ impl Args {
             bail!("API_KEY is set but empty");
         }
         if self.heartbeat.is_zero() || self.heartbeat > Duration::from_secs(25) {
-            bail!(
-                "HEARTBEAT_INTERVAL must be between 1ms and 25s (Heroku's router drops connections silent for 55s)"
-            );
+            bail!("HEARTBEAT_INTERVAL must be between 1ms and 25s (Heroku's router drops connections silent for 55s)");
         }
         for (name, value) in [
             ("DIAL_BACK_TIMEOUT", self.dial_back_timeout),
@@ -177,11 +224,44 @@ impl Args {
             Some(secret) => secret,
             None => random_secret()?,
         };
+        let spawner = self.spawner.unwrap_or(if self.heroku_api_key.is_some() && self.heroku_app_name.is_some() {
+            SpawnerKind::Heroku
+        } else {
+            SpawnerKind::Local
+        });
+        let heroku = match spawner {
+            SpawnerKind::Local => None,
+            SpawnerKind::Heroku => Some(Heroku {
+                api_key: self.heroku_api_key.context("SPAWNER=heroku needs HEROKU_API_KEY")?,
+                app_name: self.heroku_app_name.context("SPAWNER=heroku needs HEROKU_APP_NAME")?,
+                api_url: self.heroku_api_url,
+                dyno_size: self.dyno_size,
+                dyno_ttl: self.dyno_ttl,
+                rate_limit_reserve: self.heroku_rate_limit_reserve,
+                sweep_interval: self.sweep_interval,
+            }),
+        };
+        if let Some(heroku) = &heroku {
+            if heroku.dyno_ttl.is_zero() || heroku.dyno_ttl > Duration::from_secs(86_400) {
+                bail!("DYNO_TTL must be between 1s and 24h (Heroku's limit)");
+            }
+            if heroku.sweep_interval.is_zero() {
+                bail!("SWEEP_INTERVAL must be greater than zero");
+            }
+        }
+        let gateway_url = match (self.gateway_url, self.heroku_app_domain.filter(|d| !d.is_empty())) {
+            (Some(url), _) => Some(url),
+            (None, Some(domain)) => Some(
+                Url::parse(&format!("https://{domain}/"))
+                    .with_context(|| format!("HEROKU_APP_DEFAULT_DOMAIN_NAME {domain:?} is not a host name"))?,
+            ),
+            (None, None) => None,
+        };
         let runner_bin = match self.runner_bin {
             Some(path) => path,
             None => default_runner_bin()?,
         };
-        if self.spawner == SpawnerKind::Local && !runner_bin.is_file() {
+        if !runner_bin.is_file() {
             bail!(
                 "the runner binary is not at {}: build both binaries with `cargo build --release` \
                  (they land side by side in target/release/), or point RUNNER_BIN at it",
@@ -191,15 +271,13 @@ impl Args {
         Ok(Config {
             listen: SocketAddr::new(bind, self.port),
             api_key: self.api_key,
-            gateway_url: self.gateway_url,
+            gateway_url,
             rendezvous_secret,
-            spawner: self.spawner,
+            spawner,
             runner_bin,
+            heroku,
             runner_command: self.runner_command.filter(|c| !c.trim().is_empty()),
-            limits: Limits {
-                max_body_bytes: self.max_body_bytes,
-                max_sessions: self.max_sessions,
-            },
+            limits: Limits { max_body_bytes: self.max_body_bytes, max_sessions: self.max_sessions },
             timeouts: Timeouts {
                 dial_back: self.dial_back_timeout,
                 idle: self.idle_timeout,
@@ -214,21 +292,29 @@ impl Args {
 }
 
 impl Config {
-    /// The base URL runners dial: GATEWAY_URL when set, else the address the
-    /// listener really bound (with a wildcard bind mapped to loopback).
-    pub fn runner_base_url(&self, bound: SocketAddr) -> Url {
+    /// The base URL runners dial: GATEWAY_URL (or the app's domain) when set,
+    /// else the address the listener really bound, with a wildcard bind mapped
+    /// to loopback for local runners. `None` when runners on other machines
+    /// (dynos) would need a public URL nobody configured.
+    pub fn runner_base_url(&self, bound: SocketAddr) -> Option<Url> {
         if let Some(url) = &self.gateway_url {
-            return url.clone();
+            return Some(url.clone());
         }
         let ip = match bound.ip() {
-            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
-            ip => ip,
+            ip if !ip.is_unspecified() => ip,
+            _ if self.spawner == SpawnerKind::Heroku => return None,
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
         };
         let host = SocketAddr::new(ip, bound.port());
-        Url::parse(&format!("http://{host}/")).expect("a socket address makes a valid URL")
+        Some(Url::parse(&format!("http://{host}/")).expect("a socket address makes a valid URL"))
     }
 }
+
+/// What a client is told when runners have no URL to dial.
+pub const NO_PUBLIC_URL: &str = "this gateway does not know its public URL, so runner dynos cannot dial back: \
+    set GATEWAY_URL to the app's web URL (e.g. https://myapp.herokuapp.com), \
+    or run `heroku labs:enable runtime-dyno-metadata` and restart so HEROKU_APP_DEFAULT_DOMAIN_NAME is set";
 
 fn random_secret() -> anyhow::Result<Secret> {
     let mut bytes = [0u8; 32];
@@ -265,16 +351,9 @@ mod tests {
 
     #[test]
     fn a_public_bind_without_a_key_is_refused_unless_asked_for() {
-        let err = args(&["--bind", "0.0.0.0"])
-            .validate()
-            .unwrap_err()
-            .to_string();
+        let err = args(&["--bind", "0.0.0.0"]).validate().unwrap_err().to_string();
         assert!(err.contains("without API_KEY"), "{err}");
-        assert!(
-            args(&["--bind", "0.0.0.0", "--allow-unauthenticated"])
-                .validate()
-                .is_ok()
-        );
+        assert!(args(&["--bind", "0.0.0.0", "--allow-unauthenticated"]).validate().is_ok());
     }
 
     #[test]
@@ -294,6 +373,32 @@ mod tests {
     }
 
     #[test]
+    fn heroku_is_chosen_when_its_key_and_app_are_set() {
+        let config =
+            args(&["--heroku-api-key", "k", "--heroku-app-name", "app", "--gateway-url", "https://app.example"])
+                .validate()
+                .unwrap();
+        assert_eq!(config.spawner, SpawnerKind::Heroku);
+        assert_eq!(config.heroku.unwrap().app_name, "app");
+        assert!(args(&["--spawner", "heroku"]).validate().unwrap_err().to_string().contains("HEROKU_API_KEY"));
+    }
+
+    #[test]
+    fn heroku_mode_needs_a_public_url_for_runners() {
+        let base = ["--heroku-api-key", "k", "--heroku-app-name", "app", "--api-key", "c"];
+        let config = args(&base).validate().unwrap();
+        assert_eq!(config.runner_base_url("0.0.0.0:1".parse().unwrap()), None);
+        assert!(config.runner_base_url("127.0.0.1:1".parse().unwrap()).is_some());
+        let with_domain = [&base[..], &["--heroku-app-domain", "app-123.herokuapp.com"]].concat();
+        let config = args(&with_domain).validate().unwrap();
+        assert_eq!(
+            config.runner_base_url("0.0.0.0:1".parse().unwrap()).unwrap().as_str(),
+            "https://app-123.herokuapp.com/"
+        );
+        assert!(args(&[&base[..], &["--dyno-ttl", "25h", "--gateway-url", "https://x"]].concat()).validate().is_err());
+    }
+
+    #[test]
     fn short_rendezvous_secrets_are_refused() {
         assert!(args(&["--rendezvous-secret", "short"]).validate().is_err());
     }
@@ -301,16 +406,9 @@ mod tests {
     #[test]
     fn runners_dial_loopback_for_a_wildcard_bind() {
         let config = args(&[]).validate().unwrap();
-        let url = config.runner_base_url("0.0.0.0:4321".parse().unwrap());
+        let url = config.runner_base_url("0.0.0.0:4321".parse().unwrap()).unwrap();
         assert_eq!(url.as_str(), "http://127.0.0.1:4321/");
-        let config = args(&["--gateway-url", "https://x.herokuapp.com"])
-            .validate()
-            .unwrap();
-        assert_eq!(
-            config
-                .runner_base_url("0.0.0.0:1".parse().unwrap())
-                .as_str(),
-            "https://x.herokuapp.com/"
-        );
+        let config = args(&["--gateway-url", "https://x.herokuapp.com"]).validate().unwrap();
+        assert_eq!(config.runner_base_url("0.0.0.0:1".parse().unwrap()).unwrap().as_str(), "https://x.herokuapp.com/");
     }
 }

@@ -16,9 +16,7 @@ use crate::jsonrpc::{RequestId, code, error_body};
 pub enum McpError {
     #[error("Bad Request: Mcp-Session-Id header is required")]
     MissingSession,
-    #[error(
-        "Session not found: it ended or never existed; send initialize without Mcp-Session-Id to start a new one"
-    )]
+    #[error("Session not found: it ended or never existed; send initialize without Mcp-Session-Id to start a new one")]
     UnknownSession,
     #[error("Not Acceptable: {0}")]
     NotAcceptable(&'static str),
@@ -39,15 +37,9 @@ pub enum McpError {
          it serves the session-based revisions {served}: start with initialize",
         served = SERVED_REVISIONS.join(", ")
     )]
-    StatelessRevision {
-        id: Option<RequestId>,
-        method: String,
-    },
+    StatelessRevision { id: Option<RequestId>, method: String },
     #[error("Service Unavailable: {message}")]
-    Overloaded {
-        message: String,
-        retry_after_secs: u64,
-    },
+    Overloaded { message: String, retry_after_secs: u64 },
 }
 
 impl McpError {
@@ -103,22 +95,11 @@ impl IntoResponse for McpError {
             _ => None,
         };
         let body = error_body(id, self.code(), &self.to_string(), self.data());
-        let mut response = (
-            self.status(),
-            [(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            )],
-            body,
-        )
-            .into_response();
-        if let McpError::Overloaded {
-            retry_after_secs, ..
-        } = self
-        {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        let mut response =
+            (self.status(), [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body)
+                .into_response();
+        if let McpError::Overloaded { retry_after_secs, .. } = self {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
         }
         response
     }

@@ -67,19 +67,9 @@ impl std::fmt::Display for RequestId {
 /// What kind of message a payload is, with the fields routing needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
-    Request {
-        id: RequestId,
-        method: String,
-        progress_token: Option<RequestId>,
-    },
-    Notification {
-        method: String,
-        cancelled: Option<RequestId>,
-    },
-    Response {
-        id: RequestId,
-        is_error: bool,
-    },
+    Request { id: RequestId, method: String, progress_token: Option<RequestId> },
+    Notification { method: String, cancelled: Option<RequestId> },
+    Response { id: RequestId, is_error: bool },
 }
 
 impl Kind {
@@ -141,29 +131,22 @@ struct Meta<'a> {
 pub fn peek(payload: &[u8]) -> Result<Kind, PeekError> {
     // serde would happily read a struct from a JSON array, positionally.
     if first_byte(payload) != Some(b'{') && serde_json::from_slice::<IgnoredAny>(payload).is_ok() {
-        return Err(PeekError::Invalid(
-            "a JSON-RPC message must be a JSON object",
-        ));
+        return Err(PeekError::Invalid("a JSON-RPC message must be a JSON object"));
     }
     let envelope: Envelope<'_> = match serde_json::from_slice(payload) {
         Ok(envelope) => envelope,
         Err(e) if e.is_syntax() || e.is_eof() => return Err(PeekError::Parse(e.to_string())),
         Err(_) => {
-            return Err(PeekError::Invalid(
-                "a JSON-RPC message must be a JSON object",
-            ));
+            return Err(PeekError::Invalid("a JSON-RPC message must be a JSON object"));
         }
     };
     let id = match envelope.id {
-        Some(raw) if raw.get() != "null" => Some(
-            RequestId::from_raw(raw)
-                .ok_or(PeekError::Invalid("id must be a string or an integer"))?,
-        ),
+        Some(raw) if raw.get() != "null" => {
+            Some(RequestId::from_raw(raw).ok_or(PeekError::Invalid("id must be a string or an integer"))?)
+        }
         _ => None,
     };
-    let params = envelope
-        .params
-        .and_then(|raw| serde_json::from_str::<Params<'_>>(raw.get()).ok());
+    let params = envelope.params.and_then(|raw| serde_json::from_str::<Params<'_>>(raw.get()).ok());
     match (envelope.method, id) {
         (Some(method), Some(id)) => {
             let progress_token = params
@@ -171,41 +154,24 @@ pub fn peek(payload: &[u8]) -> Result<Kind, PeekError> {
                 .and_then(|p| p.meta.as_ref())
                 .and_then(|m| m.progress_token)
                 .and_then(RequestId::from_raw);
-            Ok(Kind::Request {
-                id,
-                method,
-                progress_token,
-            })
+            Ok(Kind::Request { id, method, progress_token })
         }
         (Some(method), None) => {
             let cancelled = (method == "notifications/cancelled")
-                .then(|| {
-                    params
-                        .as_ref()
-                        .and_then(|p| p.request_id)
-                        .and_then(RequestId::from_raw)
-                })
+                .then(|| params.as_ref().and_then(|p| p.request_id).and_then(RequestId::from_raw))
                 .flatten();
             Ok(Kind::Notification { method, cancelled })
         }
         (None, Some(id)) if envelope.result.is_some() || envelope.error.is_some() => {
-            Ok(Kind::Response {
-                id,
-                is_error: envelope.error.is_some(),
-            })
+            Ok(Kind::Response { id, is_error: envelope.error.is_some() })
         }
-        (None, _) => Err(PeekError::Invalid(
-            "a message needs a method, or an id with a result or error",
-        )),
+        (None, _) => Err(PeekError::Invalid("a message needs a method, or an id with a result or error")),
     }
 }
 
 /// The first byte that is not JSON whitespace.
 pub fn first_byte(payload: &[u8]) -> Option<u8> {
-    payload
-        .iter()
-        .copied()
-        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+    payload.iter().copied().find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
 }
 
 /// The progress token a `notifications/progress` carries, if that is what
@@ -236,9 +202,7 @@ pub fn negotiated_version(payload: &[u8]) -> Option<String> {
     struct M {
         result: R,
     }
-    serde_json::from_slice::<M>(payload)
-        .ok()
-        .map(|m| m.result.protocol_version)
+    serde_json::from_slice::<M>(payload).ok().map(|m| m.result.protocol_version)
 }
 
 /// A JSON-RPC error response as a compact string. `id` is `None` when the
@@ -251,10 +215,7 @@ pub fn error_body(id: Option<&RequestId>, code: i64, message: &str, data: Option
         error.insert("data".into(), data);
     }
     let error = Value::Object(error).to_string();
-    format!(
-        r#"{{"jsonrpc":"2.0","id":{},"error":{error}}}"#,
-        id.map_or("null", RequestId::as_json)
-    )
+    format!(r#"{{"jsonrpc":"2.0","id":{},"error":{error}}}"#, id.map_or("null", RequestId::as_json))
 }
 
 #[cfg(test)]
@@ -270,55 +231,28 @@ mod tests {
         let cases: &[(&str, Kind)] = &[
             (
                 r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#,
-                Kind::Request {
-                    id: id("1"),
-                    method: "tools/list".into(),
-                    progress_token: None,
-                },
+                Kind::Request { id: id("1"), method: "tools/list".into(), progress_token: None },
             ),
             (
                 r#"{"jsonrpc":"2.0","id":"a","method":"tools/call","params":{"_meta":{"progressToken":7}}}"#,
-                Kind::Request {
-                    id: id(r#""a""#),
-                    method: "tools/call".into(),
-                    progress_token: Some(id("7")),
-                },
+                Kind::Request { id: id(r#""a""#), method: "tools/call".into(), progress_token: Some(id("7")) },
             ),
             (
                 r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
-                Kind::Notification {
-                    method: "notifications/initialized".into(),
-                    cancelled: None,
-                },
+                Kind::Notification { method: "notifications/initialized".into(), cancelled: None },
             ),
             (
                 r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":"x"}}"#,
-                Kind::Notification {
-                    method: "notifications/cancelled".into(),
-                    cancelled: Some(id(r#""x""#)),
-                },
+                Kind::Notification { method: "notifications/cancelled".into(), cancelled: Some(id(r#""x""#)) },
             ),
-            (
-                r#"{"jsonrpc":"2.0","id":5,"result":{}}"#,
-                Kind::Response {
-                    id: id("5"),
-                    is_error: false,
-                },
-            ),
+            (r#"{"jsonrpc":"2.0","id":5,"result":{}}"#, Kind::Response { id: id("5"), is_error: false }),
             (
                 r#"{"jsonrpc":"2.0","id":5,"error":{"code":1,"message":"m"}}"#,
-                Kind::Response {
-                    id: id("5"),
-                    is_error: true,
-                },
+                Kind::Response { id: id("5"), is_error: true },
             ),
             (
                 "{\n  \"id\" : 1 ,\n \"method\":\"ping\"}",
-                Kind::Request {
-                    id: id("1"),
-                    method: "ping".into(),
-                    progress_token: None,
-                },
+                Kind::Request { id: id("1"), method: "ping".into(), progress_token: None },
             ),
         ];
         for (text, want) in cases {
@@ -352,22 +286,17 @@ mod tests {
 
     #[test]
     fn progress_tokens_are_read_from_notifications() {
-        let payload = br#"{"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":"t1","progress":1}}"#;
+        let payload =
+            br#"{"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":"t1","progress":1}}"#;
         assert_eq!(progress_token_of_notification(payload), Some(id(r#""t1""#)));
-        assert_eq!(
-            progress_token_of_notification(br#"{"method":"notifications/message"}"#),
-            None
-        );
+        assert_eq!(progress_token_of_notification(br#"{"method":"notifications/message"}"#), None);
     }
 
     #[test]
     fn the_negotiated_version_is_read_from_an_initialize_result() {
         let payload = br#"{"jsonrpc":"2.0","id":0,"result":{"protocolVersion":"2025-06-18","capabilities":{}}}"#;
         assert_eq!(negotiated_version(payload).as_deref(), Some("2025-06-18"));
-        assert_eq!(
-            negotiated_version(br#"{"jsonrpc":"2.0","id":0,"error":{}}"#),
-            None
-        );
+        assert_eq!(negotiated_version(br#"{"jsonrpc":"2.0","id":0,"error":{}}"#), None);
     }
 
     #[test]
@@ -376,13 +305,7 @@ mod tests {
         let v: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["id"], "abc");
         assert_eq!(v["error"]["code"], -32003);
-        let v: Value = serde_json::from_str(&error_body(
-            None,
-            -32700,
-            "bad",
-            Some(serde_json::json!([1])),
-        ))
-        .unwrap();
+        let v: Value = serde_json::from_str(&error_body(None, -32700, "bad", Some(serde_json::json!([1])))).unwrap();
         assert!(v["id"].is_null());
         assert_eq!(v["error"]["data"][0], 1);
     }

@@ -42,8 +42,9 @@ pub struct AppState {
     pub sessions: sessions::Sessions,
     pub spawner: Arc<dyn spawn::Spawner>,
     pub tokens: token::RunnerTokens,
-    /// Base URL runners dial back to.
-    pub runner_url: Url,
+    /// Base URL runners dial back to; `None` when a public URL is needed and
+    /// was not configured (sessions are then refused with the fix).
+    pub runner_url: Option<Url>,
     /// Cancelled when the gateway shuts down.
     pub shutdown: CancellationToken,
     /// Every session task, so shutdown can wait for them.

@@ -68,14 +68,7 @@ impl Link {
     pub fn new(incoming: BoxStream<'static, Result<Incoming, LinkError>>) -> (Self, Outbox) {
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
-        (
-            Self {
-                outgoing: tx,
-                incoming,
-                queued: queued.clone(),
-            },
-            Outbox { rx, queued },
-        )
+        (Self { outgoing: tx, incoming, queued: queued.clone() }, Outbox { rx, queued })
     }
 
     /// Queues a frame. Returns `false` when the writer is gone (the socket
@@ -120,16 +113,10 @@ impl Outbox {
 /// A link driven by channels, for tests: push what the "runner" says into the
 /// sender, read what the session sent from the [`Outbox`].
 #[cfg(test)]
-pub fn channel_link() -> (
-    Link,
-    Outbox,
-    mpsc::UnboundedSender<Result<Incoming, LinkError>>,
-) {
+pub fn channel_link() -> (Link, Outbox, mpsc::UnboundedSender<Result<Incoming, LinkError>>) {
     let (tx, rx) = mpsc::unbounded_channel();
-    let incoming = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    })
-    .boxed();
+    let incoming =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) }).boxed();
     let (link, outbox) = Link::new(incoming);
     (link, outbox, tx)
 }

@@ -30,32 +30,20 @@ pub const VERSION_HEADER: &str = "mcp-protocol-version";
 const STATELESS_REVISION: &str = "2026-07-28";
 
 pub async fn post(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    handle_post(state, headers, body)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    handle_post(state, headers, body).await.unwrap_or_else(IntoResponse::into_response)
 }
 
 pub async fn get(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    handle_get(state, headers)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    handle_get(state, headers).await.unwrap_or_else(IntoResponse::into_response)
 }
 
 pub async fn delete(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    handle_delete(state, headers)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    handle_delete(state, headers).await.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn handle_post(
-    state: AppState,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, McpError> {
+async fn handle_post(state: AppState, headers: HeaderMap, body: Body) -> Result<Response, McpError> {
     if !(accepts(&headers, "application/json") && accepts(&headers, "text/event-stream")) {
-        return Err(McpError::NotAcceptable(
-            "POST requests must accept both application/json and text/event-stream",
-        ));
+        return Err(McpError::NotAcceptable("POST requests must accept both application/json and text/event-stream"));
     }
     if let Some(content_type) = headers.get(header::CONTENT_TYPE)
         && !media_type_is(content_type, "application/json")
@@ -70,14 +58,10 @@ async fn handle_post(
     let kind = jsonrpc::peek(&body).map_err(peek_error)?;
     let Some(session) = session else {
         return match kind {
-            Kind::Request {
-                id,
-                method,
-                progress_token,
-            } if method == "initialize" => initialize(state, id, progress_token, body).await,
-            kind if kind.method() == Some("server/discover")
-                || version(&headers) == Some(STATELESS_REVISION) =>
-            {
+            Kind::Request { id, method, progress_token } if method == "initialize" => {
+                initialize(state, id, progress_token, body).await
+            }
+            kind if kind.method() == Some("server/discover") || version(&headers) == Some(STATELESS_REVISION) => {
                 let (id, method) = match kind {
                     Kind::Request { id, method, .. } => (Some(id), method),
                     other => (None, other.method().unwrap_or_default().to_owned()),
@@ -87,10 +71,7 @@ async fn handle_post(
             _ => Err(McpError::MissingSession),
         };
     };
-    let handle = state
-        .sessions
-        .get(session)
-        .ok_or(McpError::UnknownSession)?;
+    let handle = state.sessions.get(session).ok_or(McpError::UnknownSession)?;
     check_version(&headers)?;
     match kind {
         Kind::Request { method, .. } if method == "initialize" => Err(McpError::InvalidRequest(
@@ -99,7 +80,10 @@ async fn handle_post(
         Kind::Request { id, method: _, progress_token } => {
             let (tx, rx) = mpsc::channel(16);
             let call = call(&tx, id, progress_token, body, false);
-            handle.send(Command::Call(call), state.config.timeouts.request).await.map_err(|_| McpError::UnknownSession)?;
+            handle
+                .send(Command::Call(call), state.config.timeouts.request)
+                .await
+                .map_err(|_| McpError::UnknownSession)?;
             drop(tx);
             Ok(reply::respond(rx, 1, Shape::Single, state.reply_timing(), HeaderMap::new()).await)
         }
@@ -117,11 +101,13 @@ async fn initialize(
     body: Bytes,
 ) -> Result<Response, McpError> {
     if state.shutdown.is_cancelled() {
-        return Err(McpError::Overloaded {
-            message: "the gateway is shutting down".into(),
-            retry_after_secs: 5,
-        });
+        return Err(McpError::Overloaded { message: "the gateway is shutting down".into(), retry_after_secs: 5 });
     }
+    let runner_url = state
+        .runner_url
+        .clone()
+        .ok_or_else(|| McpError::Overloaded { message: crate::config::NO_PUBLIC_URL.into(), retry_after_secs: 60 })?;
+    state.spawner.admit().map_err(|message| McpError::Overloaded { message, retry_after_secs: 60 })?;
     let reservation = state.sessions.reserve().ok_or_else(|| McpError::Overloaded {
         message: format!(
             "the gateway already runs its maximum of {} sessions (MAX_SESSIONS); retry when one ends",
@@ -134,11 +120,7 @@ async fn initialize(
     let (session, handle) = Session::new(SessionParams {
         id: session_id.clone(),
         token_id: minted.jti,
-        spec: RunnerSpec {
-            session: session_id.clone(),
-            token: minted.token,
-            gateway_url: state.runner_url.clone(),
-        },
+        spec: RunnerSpec { session: session_id.clone(), token: minted.token, gateway_url: runner_url },
         spawner: state.spawner.clone(),
         sessions: state.sessions.clone(),
         timeouts: state.config.timeouts.clone(),
@@ -151,33 +133,19 @@ async fn initialize(
 
     let (tx, rx) = mpsc::channel(16);
     let call = call(&tx, id, progress_token, body, true);
-    handle
-        .send(Command::Call(call), state.config.timeouts.request)
-        .await
-        .map_err(|_| McpError::UnknownSession)?;
+    handle.send(Command::Call(call), state.config.timeouts.request).await.map_err(|_| McpError::UnknownSession)?;
     drop(tx);
     let mut headers = HeaderMap::new();
-    headers.insert(
-        SESSION_HEADER,
-        HeaderValue::from_str(&session_id).expect("hex ids are valid header values"),
-    );
+    headers.insert(SESSION_HEADER, HeaderValue::from_str(&session_id).expect("hex ids are valid header values"));
     Ok(reply::respond(rx, 1, Shape::Single, state.reply_timing(), headers).await)
 }
 
 /// A JSON-RPC batch: allowed only on a session that negotiated 2025-03-26.
-async fn batch(
-    state: AppState,
-    headers: &HeaderMap,
-    session: Option<&str>,
-    body: Bytes,
-) -> Result<Response, McpError> {
+async fn batch(state: AppState, headers: &HeaderMap, session: Option<&str>, body: Bytes) -> Result<Response, McpError> {
     let elements: Vec<&RawValue> =
         serde_json::from_slice(&body).map_err(|e| peek_error(PeekError::Parse(e.to_string())))?;
     let session = session.ok_or(McpError::MissingSession)?;
-    let handle = state
-        .sessions
-        .get(session)
-        .ok_or(McpError::UnknownSession)?;
+    let handle = state.sessions.get(session).ok_or(McpError::UnknownSession)?;
     check_version(headers)?;
     let negotiated = handle.protocol_version().unwrap_or("unknown");
     if negotiated != "2025-03-26" {
@@ -190,48 +158,28 @@ async fn batch(
         .iter()
         .map(|element| jsonrpc::peek(element.get().as_bytes()).map_err(peek_error))
         .collect::<Result<Vec<_>, _>>()?;
-    let requests = kinds
-        .iter()
-        .filter(|k| matches!(k, Kind::Request { .. }))
-        .count();
+    let requests = kinds.iter().filter(|k| matches!(k, Kind::Request { .. })).count();
     let (tx, rx) = mpsc::channel(requests + 16);
     let wait = state.config.timeouts.request;
     for (element, kind) in elements.into_iter().zip(kinds) {
         let payload = body.slice_ref(element.get().as_bytes());
         let command = match kind {
             Kind::Request { method, .. } if method == "initialize" => {
-                return Err(McpError::InvalidRequest(
-                    "initialize cannot be part of a batch".into(),
-                ));
+                return Err(McpError::InvalidRequest("initialize cannot be part of a batch".into()));
             }
-            Kind::Request {
-                id,
-                method: _,
-                progress_token,
-            } => Command::Call(call(&tx, id, progress_token, payload, false)),
+            Kind::Request { id, method: _, progress_token } => {
+                Command::Call(call(&tx, id, progress_token, payload, false))
+            }
             Kind::Notification { cancelled, .. } => Command::Notify { payload, cancelled },
-            Kind::Response { .. } => Command::Notify {
-                payload,
-                cancelled: None,
-            },
+            Kind::Response { .. } => Command::Notify { payload, cancelled: None },
         };
-        handle
-            .send(command, wait)
-            .await
-            .map_err(|_| McpError::UnknownSession)?;
+        handle.send(command, wait).await.map_err(|_| McpError::UnknownSession)?;
     }
     drop(tx);
     if requests == 0 {
         return Ok(StatusCode::ACCEPTED.into_response());
     }
-    Ok(reply::respond(
-        rx,
-        requests,
-        Shape::Batch,
-        state.reply_timing(),
-        HeaderMap::new(),
-    )
-    .await)
+    Ok(reply::respond(rx, requests, Shape::Batch, state.reply_timing(), HeaderMap::new()).await)
 }
 
 async fn notify(
@@ -241,10 +189,7 @@ async fn notify(
     cancelled: Option<RequestId>,
 ) -> Result<Response, McpError> {
     handle
-        .send(
-            Command::Notify { payload, cancelled },
-            state.config.timeouts.request,
-        )
+        .send(Command::Notify { payload, cancelled }, state.config.timeouts.request)
         .await
         .map_err(|_| McpError::UnknownSession)?;
     Ok(StatusCode::ACCEPTED.into_response())
@@ -252,37 +197,23 @@ async fn notify(
 
 async fn handle_get(state: AppState, headers: HeaderMap) -> Result<Response, McpError> {
     if !accepts(&headers, "text/event-stream") {
-        return Err(McpError::NotAcceptable(
-            "GET requests must accept text/event-stream",
-        ));
+        return Err(McpError::NotAcceptable("GET requests must accept text/event-stream"));
     }
     let session = session_id(&headers).ok_or(McpError::MissingSession)?;
-    let handle = state
-        .sessions
-        .get(session)
-        .ok_or(McpError::UnknownSession)?;
+    let handle = state.sessions.get(session).ok_or(McpError::UnknownSession)?;
     check_version(&headers)?;
-    let rx = handle
-        .open_stream(state.config.timeouts.request)
-        .await
-        .map_err(|_| McpError::UnknownSession)?;
+    let rx = handle.open_stream(state.config.timeouts.request).await.map_err(|_| McpError::UnknownSession)?;
     Ok(reply::open_stream(rx, state.config.timeouts.heartbeat))
 }
 
 async fn handle_delete(state: AppState, headers: HeaderMap) -> Result<Response, McpError> {
     let session = session_id(&headers).ok_or(McpError::MissingSession)?;
-    let handle = state
-        .sessions
-        .get(session)
-        .ok_or(McpError::UnknownSession)?;
+    let handle = state.sessions.get(session).ok_or(McpError::UnknownSession)?;
     handle.end(EndReason::Deleted);
     // Answer once the runner is gone, so a client that deletes and checks
     // sees a clean machine; bounded in case the teardown itself is stuck.
     let bound = state.config.timeouts.runner_stop_grace + Duration::from_secs(5);
-    if tokio::time::timeout(bound, handle.finished())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(bound, handle.finished()).await.is_err() {
         tracing::warn!(session = %handle.id(), "session teardown still running after {bound:?}");
     }
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -296,18 +227,8 @@ fn call(
     payload: Bytes,
     is_initialize: bool,
 ) -> Call {
-    let permit = tx
-        .clone()
-        .try_reserve_owned()
-        .expect("a reply channel has room for every call it carries");
-    Call {
-        id,
-        progress_token,
-        payload,
-        is_initialize,
-        reply: tx.clone(),
-        permit,
-    }
+    let permit = tx.clone().try_reserve_owned().expect("a reply channel has room for every call it carries");
+    Call { id, progress_token, payload, is_initialize, reply: tx.clone(), permit }
 }
 
 fn session_id(headers: &HeaderMap) -> Option<&str> {
@@ -326,9 +247,7 @@ fn check_version(headers: &HeaderMap) -> Result<(), McpError> {
         Some(value) => match value.to_str() {
             Ok(v) if SERVED_REVISIONS.contains(&v) => Ok(()),
             Ok(v) => Err(McpError::UnsupportedVersion(v.to_owned())),
-            Err(_) => Err(McpError::UnsupportedVersion(
-                String::from_utf8_lossy(value.as_bytes()).into_owned(),
-            )),
+            Err(_) => Err(McpError::UnsupportedVersion(String::from_utf8_lossy(value.as_bytes()).into_owned())),
         },
     }
 }
@@ -342,52 +261,33 @@ fn peek_error(error: PeekError) -> McpError {
 
 /// Reads the body, refusing more than `limit` bytes.
 async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, McpError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(McpError::TooLarge { limit });
     }
     // Without a declared length the limit is enforced while reading; a
     // failure here is either that or a client that vanished mid-body.
-    axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| McpError::TooLarge { limit })
+    axum::body::to_bytes(body, limit).await.map_err(|_| McpError::TooLarge { limit })
 }
 
 /// Whether the `Accept` header admits `wanted` (wildcards count, `q=0` does not).
 fn accepts(headers: &HeaderMap, wanted: &str) -> bool {
     let main_type = wanted.split('/').next().unwrap_or_default();
-    headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|item| {
-            let mut parts = item.split(';');
-            let range = parts.next().unwrap_or_default().trim();
-            let refused = parts.any(|p| {
-                p.trim()
-                    .strip_prefix("q=")
-                    .and_then(|q| q.trim().parse::<f32>().ok())
-                    == Some(0.0)
-            });
-            let matches = range.eq_ignore_ascii_case(wanted)
-                || range == "*/*"
-                || range
-                    .strip_suffix("/*")
-                    .is_some_and(|t| t.eq_ignore_ascii_case(main_type));
-            matches && !refused
-        })
+    headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|item| {
+        let mut parts = item.split(';');
+        let range = parts.next().unwrap_or_default().trim();
+        let refused =
+            parts.any(|p| p.trim().strip_prefix("q=").and_then(|q| q.trim().parse::<f32>().ok()) == Some(0.0));
+        let matches = range.eq_ignore_ascii_case(wanted)
+            || range == "*/*"
+            || range.strip_suffix("/*").is_some_and(|t| t.eq_ignore_ascii_case(main_type));
+        matches && !refused
+    })
 }
 
 fn media_type_is(value: &HeaderValue, wanted: &str) -> bool {
-    value
-        .to_str()
-        .ok()
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case(wanted))
+    value.to_str().ok().and_then(|v| v.split(';').next()).is_some_and(|v| v.trim().eq_ignore_ascii_case(wanted))
 }
 
 #[cfg(test)]
@@ -427,8 +327,6 @@ mod tests {
             assert!(check_version(&headers).is_ok());
         }
         headers.insert(VERSION_HEADER, HeaderValue::from_static("1999-01-01"));
-        assert!(
-            matches!(check_version(&headers), Err(McpError::UnsupportedVersion(v)) if v == "1999-01-01")
-        );
+        assert!(matches!(check_version(&headers), Err(McpError::UnsupportedVersion(v)) if v == "1999-01-01"));
     }
 }

@@ -10,9 +10,7 @@
 
 use std::time::Duration;
 
-use axum::extract::ws::{
-    Message, Utf8Bytes, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection,
-};
+use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
@@ -98,43 +96,27 @@ async fn handshake(mut socket: WebSocket, handle: SessionHandle, slot: RunnerSlo
         _ => None,
     };
     let refusal = match hello {
-        Some(Control::Hello {
-            protocol,
-            runner_version,
-        }) if protocol == PROTOCOL_VERSION => {
+        Some(Control::Hello { protocol, runner_version }) if protocol == PROTOCOL_VERSION => {
             info!(%runner_version, "runner connected");
             None
         }
         Some(Control::Hello { protocol, .. }) => Some(version_mismatch(PROTOCOL_VERSION, protocol)),
-        _ => Some(format!(
-            "no hello frame within {}s",
-            HELLO_TIMEOUT.as_secs()
-        )),
+        _ => Some(format!("no hello frame within {}s", HELLO_TIMEOUT.as_secs())),
     };
     if let Some(reason) = refusal {
         warn!("runner refused: {reason}");
-        let reject = Control::Reject {
-            reason: reason.clone(),
-        };
+        let reject = Control::Reject { reason: reason.clone() };
         let _ = socket.send(Message::Binary(reject.encode().into())).await;
         let _ = socket.close().await;
         let _ = handle.send(Command::RunnerRefused { reason }, wait).await;
         return;
     }
-    let welcome = Control::Welcome {
-        protocol: PROTOCOL_VERSION,
-    };
-    if socket
-        .send(Message::Binary(welcome.encode().into()))
-        .await
-        .is_err()
-    {
+    let welcome = Control::Welcome { protocol: PROTOCOL_VERSION };
+    if socket.send(Message::Binary(welcome.encode().into())).await.is_err() {
         return;
     }
     let (sink, stream) = socket.split();
-    let incoming = stream
-        .filter_map(|message| std::future::ready(incoming(message)))
-        .boxed();
+    let incoming = stream.filter_map(|message| std::future::ready(incoming(message))).boxed();
     let (link, outbox) = Link::new(incoming);
     tokio::spawn(write(sink, outbox).in_current_span());
     // If the session ended meanwhile, the link is dropped here, its writer
@@ -146,11 +128,9 @@ async fn handshake(mut socket: WebSocket, handle: SessionHandle, slot: RunnerSlo
 fn incoming(message: Result<Message, axum::Error>) -> Option<Result<Incoming, LinkError>> {
     match message {
         Ok(Message::Text(text)) => Some(Ok(Incoming::Message(Bytes::from(text)))),
-        Ok(Message::Binary(bytes)) => Some(
-            Control::decode(&bytes)
-                .map(Incoming::Control)
-                .map_err(|e| LinkError::Malformed(e.to_string())),
-        ),
+        Ok(Message::Binary(bytes)) => {
+            Some(Control::decode(&bytes).map(Incoming::Control).map_err(|e| LinkError::Malformed(e.to_string())))
+        }
         Ok(Message::Ping(_) | Message::Pong(_)) => Some(Ok(Incoming::Alive)),
         Ok(Message::Close(_)) => None,
         Err(e) => Some(Err(LinkError::Transport(e.to_string()))),

@@ -64,12 +64,7 @@ pub async fn respond(
                 // Every call holds a permit for its answer until the session
                 // fills it, so this means the session task itself vanished.
                 if early.is_empty() {
-                    let body = error_body(
-                        None,
-                        code::INTERNAL_ERROR,
-                        "the session ended without answering",
-                        None,
-                    );
+                    let body = error_body(None, code::INTERNAL_ERROR, "the session ended without answering", None);
                     return (StatusCode::INTERNAL_SERVER_ERROR, json_type(), body).into_response();
                 }
                 break;
@@ -86,19 +81,12 @@ pub fn open_stream(rx: mpsc::Receiver<Delivery>, keepalive: Duration) -> Respons
 }
 
 fn json_type() -> [(header::HeaderName, HeaderValue); 1] {
-    [(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    )]
+    [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))]
 }
 
 fn json(deliveries: VecDeque<Delivery>, shape: Shape, headers: HeaderMap) -> Response {
     let body = match shape {
-        Shape::Single => deliveries
-            .into_iter()
-            .next_back()
-            .map(|d| d.json)
-            .unwrap_or_default(),
+        Shape::Single => deliveries.into_iter().next_back().map(|d| d.json).unwrap_or_default(),
         Shape::Batch => {
             let size = deliveries.iter().map(|d| d.json.len() + 1).sum::<usize>() + 2;
             let mut out = BytesMut::with_capacity(size);
@@ -131,23 +119,14 @@ fn stream(
     keepalive: Duration,
     headers: HeaderMap,
 ) -> Response {
-    let state = StreamState {
-        early,
-        rx,
-        remaining,
-        keepalive,
-        opened: false,
-    };
+    let state = StreamState { early, rx, remaining, keepalive, opened: false };
     let events = futures_util::stream::unfold(state, |mut s| async move {
         let chunk = next_chunk(&mut s).await?;
         Some((Ok::<_, std::convert::Infallible>(chunk), s))
     });
     let mut response = (StatusCode::OK, headers, Body::from_stream(events)).into_response();
     let h = response.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     response
@@ -197,21 +176,14 @@ mod tests {
     use super::*;
 
     fn delivery(json: &'static str, last: bool) -> Delivery {
-        Delivery {
-            json: Bytes::from_static(json.as_bytes()),
-            last,
-        }
+        Delivery { json: Bytes::from_static(json.as_bytes()), last }
     }
 
-    const TIMING: ReplyTiming = ReplyTiming {
-        stream_after: Duration::from_secs(1),
-        keepalive: Duration::from_secs(20),
-    };
+    const TIMING: ReplyTiming =
+        ReplyTiming { stream_after: Duration::from_secs(1), keepalive: Duration::from_secs(20) };
 
     async fn body_text(response: Response) -> String {
-        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
-            .await
-            .unwrap();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
         String::from_utf8(bytes.to_vec()).unwrap()
     }
 
@@ -236,16 +208,11 @@ mod tests {
     #[tokio::test]
     async fn a_notification_first_turns_the_reply_into_a_stream() {
         let (tx, rx) = mpsc::channel(4);
-        tx.send(delivery(r#"{"method":"notifications/progress"}"#, false))
-            .await
-            .unwrap();
+        tx.send(delivery(r#"{"method":"notifications/progress"}"#, false)).await.unwrap();
         tx.send(delivery(r#"{"id":1}"#, true)).await.unwrap();
         drop(tx);
         let response = respond(rx, 1, Shape::Single, TIMING, HeaderMap::new()).await;
-        assert_eq!(
-            response.headers()[header::CONTENT_TYPE],
-            "text/event-stream"
-        );
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "text/event-stream");
         assert_eq!(
             body_text(response).await,
             "event: message\ndata: {\"method\":\"notifications/progress\"}\n\nevent: message\ndata: {\"id\":1}\n\n"
@@ -255,10 +222,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_slow_answer_streams_with_keepalives() {
         let (tx, rx) = mpsc::channel(4);
-        let timing = ReplyTiming {
-            stream_after: Duration::from_millis(100),
-            keepalive: Duration::from_secs(20),
-        };
+        let timing = ReplyTiming { stream_after: Duration::from_millis(100), keepalive: Duration::from_secs(20) };
         let answer = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(45)).await;
             tx.send(delivery(r#"{"id":1}"#, true)).await.unwrap();
@@ -266,10 +230,7 @@ mod tests {
         let response = respond(rx, 1, Shape::Single, timing, HeaderMap::new()).await;
         let text = body_text(response).await;
         answer.await.unwrap();
-        assert_eq!(
-            text,
-            ": stream open\n\n: keepalive\n\n: keepalive\n\nevent: message\ndata: {\"id\":1}\n\n"
-        );
+        assert_eq!(text, ": stream open\n\n: keepalive\n\n: keepalive\n\nevent: message\ndata: {\"id\":1}\n\n");
     }
 
     #[test]

@@ -21,25 +21,19 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, warn};
 
 use crate::config::{Args, Config, SpawnerKind};
-use crate::spawn::{LocalSpawner, Spawner};
+use crate::spawn::heroku::HerokuSettings;
+use crate::spawn::heroku::api::{Api, RetryPolicy};
+use crate::spawn::{HerokuSpawner, LocalSpawner, Spawner};
 use crate::{AppState, auth, mcp, rendezvous};
 
 /// The gateway's routes.
 pub fn app(state: AppState) -> Router {
-    let mcp_routes = axum::routing::post(mcp::post)
-        .get(mcp::get)
-        .delete(mcp::delete);
+    let mcp_routes = axum::routing::post(mcp::post).get(mcp::get).delete(mcp::delete);
     Router::new()
         .route("/mcp", mcp_routes.clone())
         .route("/mcp/", mcp_routes)
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            auth::require_api_key,
-        ))
-        .route(
-            dynogate_shared::names::RENDEZVOUS_PATH,
-            get(rendezvous::accept),
-        )
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_api_key))
+        .route(dynogate_shared::names::RENDEZVOUS_PATH, get(rendezvous::accept))
         .route("/healthz", get(healthz))
         .layer(middleware::from_fn(request_span))
         .with_state(state)
@@ -51,24 +45,14 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
 
 /// One span per HTTP request, named by method and path (never headers).
 async fn request_span(request: Request, next: Next) -> Response {
-    let span =
-        tracing::debug_span!("http", method = %request.method(), path = %request.uri().path());
+    let span = tracing::debug_span!("http", method = %request.method(), path = %request.uri().path());
     next.run(request).instrument(span).await
 }
 
 /// Serves on `listener` until `shutdown` fires, then ends every session.
-pub async fn serve(
-    config: Config,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+pub async fn serve(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let bound = listener.local_addr().context("listener has no address")?;
-    let spawner: Arc<dyn Spawner> = match config.spawner {
-        SpawnerKind::Local => Arc::new(LocalSpawner::new(
-            config.runner_bin.clone(),
-            config.runner_command.clone(),
-        )),
-    };
+    let spawner = build_spawner(&config)?;
     // A token must outlive the wait for the runner, plus slack for clock steps.
     let token_ttl = config.timeouts.dial_back + std::time::Duration::from_secs(60);
     let state = AppState {
@@ -81,10 +65,15 @@ pub async fn serve(
         tracker: TaskTracker::new(),
         config: Arc::new(config),
     };
+    if state.runner_url.is_none() {
+        warn!("{}", crate::config::NO_PUBLIC_URL);
+    }
     let tracker = state.tracker.clone();
+    if let Some(heroku) = &state.config.heroku {
+        tracker.spawn(sweep(state.clone(), heroku.sweep_interval));
+    }
     let drain = state.config.timeouts.drain;
-    let server = axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let server = axum::serve(listener, app(state)).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let server = tokio::spawn(async move { server.await });
     shutdown.cancelled().await;
     info!("shutting down: ending sessions");
@@ -104,15 +93,54 @@ pub async fn serve(
     }
 }
 
+fn build_spawner(config: &Config) -> anyhow::Result<Arc<dyn Spawner>> {
+    Ok(match (config.spawner, &config.heroku) {
+        (SpawnerKind::Heroku, Some(heroku)) => {
+            let api = Api::new(
+                heroku.api_url.clone(),
+                heroku.api_key.clone(),
+                heroku.app_name.clone(),
+                RetryPolicy::default(),
+            )?;
+            let settings = HerokuSettings {
+                runner_bin: config.runner_bin.display().to_string(),
+                runner_command: config.runner_command.clone(),
+                size: Some(heroku.dyno_size.clone()),
+                ttl: heroku.dyno_ttl,
+                rate_limit_reserve: heroku.rate_limit_reserve,
+                watch_for: config.timeouts.dial_back,
+            };
+            Arc::new(HerokuSpawner::new(api, settings))
+        }
+        _ => Arc::new(LocalSpawner::new(config.runner_bin.clone(), config.runner_command.clone())),
+    })
+}
+
+/// Stops runners that outlived their sessions: once at start-up (a previous
+/// gateway may have died with dynos running), then every `interval`.
+async fn sweep(state: AppState, interval: std::time::Duration) {
+    let sessions = state.sessions.clone();
+    let live = move |id: &str| sessions.get(id).is_some();
+    loop {
+        state.spawner.sweep(&live).await;
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = state.shutdown.cancelled() => return,
+        }
+    }
+}
+
 /// The `gateway` binary.
 pub fn main() -> anyhow::Result<()> {
     let config = Args::parse().validate()?;
     init_tracing();
+    // The one TLS backend compiled in (ring); installing it up front makes
+    // every client (Platform API, and anything later) agree on it.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let listener =
+            TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
         let bound: SocketAddr = listener.local_addr()?;
         info!(
             auth = if config.api_key.is_some() { "api key" } else { "none (loopback only)" },

@@ -73,10 +73,7 @@ impl Call {
     /// Answers this call with an error without troubling the runner.
     fn fail(self, code: i64, message: &str) {
         let json = error_body(Some(&self.id), code, message, None);
-        self.permit.send(Delivery {
-            json: json.into(),
-            last: true,
-        });
+        self.permit.send(Delivery { json: json.into(), last: true });
     }
 }
 
@@ -122,17 +119,10 @@ impl EndReason {
     pub fn client_error(&self) -> (i64, String) {
         match self {
             EndReason::Deleted => (code::RUNNER_LOST, "the session was deleted".into()),
-            EndReason::Idle(after) => (
-                code::RUNNER_LOST,
-                format!(
-                    "the session ended after {}s without requests",
-                    after.as_secs()
-                ),
-            ),
-            EndReason::SpawnFailed(cause) => (
-                code::RUNNER_UNAVAILABLE,
-                format!("{cause}; the session has ended"),
-            ),
+            EndReason::Idle(after) => {
+                (code::RUNNER_LOST, format!("the session ended after {}s without requests", after.as_secs()))
+            }
+            EndReason::SpawnFailed(cause) => (code::RUNNER_UNAVAILABLE, format!("{cause}; the session has ended")),
             EndReason::DialBackTimeout(after) => (
                 code::RUNNER_UNAVAILABLE,
                 format!(
@@ -140,26 +130,19 @@ impl EndReason {
                     after.as_secs_f64()
                 ),
             ),
-            EndReason::RunnerRefused(why) => (
-                code::RUNNER_UNAVAILABLE,
-                format!("the session's runner was refused: {why}; the session has ended"),
-            ),
-            EndReason::RunnerLost(why) => (
-                code::RUNNER_LOST,
-                format!("the session's runner went away ({why}); the session has ended"),
-            ),
-            EndReason::ServerExited(how) => (
-                code::RUNNER_LOST,
-                format!("the session's MCP server exited ({how}); the session has ended"),
-            ),
-            EndReason::InitializeFailed => (
-                code::RUNNER_LOST,
-                "the MCP server refused initialize; the session has ended".into(),
-            ),
-            EndReason::Shutdown => (
-                code::RUNNER_LOST,
-                "the gateway is shutting down; the session has ended".into(),
-            ),
+            EndReason::RunnerRefused(why) => {
+                (code::RUNNER_UNAVAILABLE, format!("the session's runner was refused: {why}; the session has ended"))
+            }
+            EndReason::RunnerLost(why) => {
+                (code::RUNNER_LOST, format!("the session's runner went away ({why}); the session has ended"))
+            }
+            EndReason::ServerExited(how) => {
+                (code::RUNNER_LOST, format!("the session's MCP server exited ({how}); the session has ended"))
+            }
+            EndReason::InitializeFailed => {
+                (code::RUNNER_LOST, "the MCP server refused initialize; the session has ended".into())
+            }
+            EndReason::Shutdown => (code::RUNNER_LOST, "the gateway is shutting down; the session has ended".into()),
         }
     }
 }
@@ -230,10 +213,7 @@ impl SessionHandle {
                 // The session is alive but saturated; answer the request with
                 // an error rather than dropping it on the floor.
                 if let Command::Call(call) = command {
-                    call.fail(
-                        code::REQUEST_TIMEOUT,
-                        "the session is too busy to take this request; retry later",
-                    );
+                    call.fail(code::REQUEST_TIMEOUT, "the session is too busy to take this request; retry later");
                 }
                 Ok(())
             }
@@ -241,16 +221,9 @@ impl SessionHandle {
     }
 
     /// Opens a GET stream, replacing any earlier one.
-    pub async fn open_stream(
-        &self,
-        wait: Duration,
-    ) -> Result<mpsc::Receiver<Delivery>, SessionGone> {
+    pub async fn open_stream(&self, wait: Duration) -> Result<mpsc::Receiver<Delivery>, SessionGone> {
         let (tx, rx) = mpsc::channel(STREAM_CHANNEL);
-        self.shared
-            .commands
-            .send_timeout(Command::OpenStream { tx }, wait)
-            .await
-            .map_err(|_| SessionGone)?;
+        self.shared.commands.send_timeout(Command::OpenStream { tx }, wait).await.map_err(|_| SessionGone)?;
         Ok(rx)
     }
 
@@ -261,18 +234,12 @@ impl SessionHandle {
             .runner_attached
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
             .ok()
-            .map(|_| RunnerSlot {
-                shared: self.shared.clone(),
-            })
+            .map(|_| RunnerSlot { shared: self.shared.clone() })
     }
 
     /// Asks the session to end. The first reason given wins.
     pub fn end(&self, reason: EndReason) {
-        self.shared
-            .end_reason
-            .lock()
-            .expect("end reason lock")
-            .get_or_insert(reason);
+        self.shared.end_reason.lock().expect("end reason lock").get_or_insert(reason);
         self.shared.ending.cancel();
     }
 
@@ -383,11 +350,7 @@ impl Session {
         };
         info!(%reason, lifetime_ms = started.elapsed().as_millis() as u64, "session ending");
         // A runner that never connected cannot be told to stop; don't wait for it.
-        let grace = if self.link.is_some() {
-            self.timeouts.runner_stop_grace
-        } else {
-            Duration::ZERO
-        };
+        let grace = if self.link.is_some() { self.timeouts.runner_stop_grace } else { Duration::ZERO };
         self.teardown(&reason);
         if let Some(runner) = runner {
             runner.stop(grace).await;
@@ -397,12 +360,7 @@ impl Session {
     }
 
     fn requested_end(&self) -> EndReason {
-        self.shared
-            .end_reason
-            .lock()
-            .expect("end reason lock")
-            .clone()
-            .unwrap_or(EndReason::Shutdown)
+        self.shared.end_reason.lock().expect("end reason lock").clone().unwrap_or(EndReason::Shutdown)
     }
 
     /// The live relay loop. Returns why the session ends.
@@ -411,18 +369,12 @@ impl Session {
         tokio::pin!(dial_back);
         let idle = tokio::time::sleep(self.timeouts.idle);
         tokio::pin!(idle);
-        let mut heartbeat = tokio::time::interval_at(
-            Instant::now() + self.timeouts.heartbeat,
-            self.timeouts.heartbeat,
-        );
+        let mut heartbeat = tokio::time::interval_at(Instant::now() + self.timeouts.heartbeat, self.timeouts.heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let silence_limit = self.timeouts.heartbeat * MISSED_HEARTBEATS;
 
         loop {
-            let accepting = self
-                .link
-                .as_ref()
-                .is_none_or(|(link, _)| link.queued() < MAX_QUEUED_FRAMES);
+            let accepting = self.link.as_ref().is_none_or(|(link, _)| link.queued() < MAX_QUEUED_FRAMES);
             let attached = self.link.is_some();
             // Unbiased: neither the client's messages nor the runner's may starve the other.
             tokio::select! {
@@ -461,17 +413,14 @@ impl Session {
 
     /// Handles one frame (or the end of the connection). Returns a reason when
     /// the session must end.
-    fn on_frame(
-        &mut self,
-        frame: Option<Result<Incoming, crate::link::LinkError>>,
-    ) -> Option<EndReason> {
+    fn on_frame(&mut self, frame: Option<Result<Incoming, crate::link::LinkError>>) -> Option<EndReason> {
         self.last_heard = Instant::now();
         match frame {
             Some(Ok(Incoming::Message(json))) => self.route(json),
             Some(Ok(Incoming::Alive)) => None,
-            Some(Ok(Incoming::Control(Control::ChildExited { code, signal }))) => Some(
-                EndReason::ServerExited(dynogate_shared::frame::describe_exit(code, signal)),
-            ),
+            Some(Ok(Incoming::Control(Control::ChildExited { code, signal }))) => {
+                Some(EndReason::ServerExited(dynogate_shared::frame::describe_exit(code, signal)))
+            }
             Some(Ok(Incoming::Control(other))) => {
                 warn!(control = %other, "unexpected control frame from runner");
                 None
@@ -570,10 +519,7 @@ impl Session {
             Command::Call(call) => {
                 self.last_request = Instant::now();
                 if self.pending.contains_key(&call.id) {
-                    call.fail(
-                        code::INVALID_REQUEST,
-                        "a request with this id is already in flight in this session",
-                    );
+                    call.fail(code::INVALID_REQUEST, "a request with this id is already in flight in this session");
                     return None;
                 }
                 let id = call.id.clone();
@@ -594,10 +540,7 @@ impl Session {
                     if let Some(token) = &pending.call.progress_token {
                         self.progress.remove(token);
                     }
-                    pending.call.fail(
-                        code::REQUEST_CANCELLED,
-                        "the request was cancelled by the client",
-                    );
+                    pending.call.fail(code::REQUEST_CANCELLED, "the request was cancelled by the client");
                 }
                 self.send(Outgoing::Message(payload));
             }
@@ -606,10 +549,7 @@ impl Session {
                 self.flush_backlog();
             }
             Command::Attach { link, slot } => {
-                info!(
-                    waited_ms = self.last_heard.elapsed().as_millis() as u64,
-                    "runner attached"
-                );
+                info!(waited_ms = self.last_heard.elapsed().as_millis() as u64, "runner attached");
                 for frame in self.unsent.drain(..) {
                     link.send(frame);
                 }
@@ -630,10 +570,7 @@ impl Session {
         }
         let after = self.timeouts.request.as_secs();
         warn!(%id, "request timed out after {after}s");
-        pending.call.fail(
-            code::REQUEST_TIMEOUT,
-            &format!("no response from the MCP server within {after}s"),
-        );
+        pending.call.fail(code::REQUEST_TIMEOUT, &format!("no response from the MCP server within {after}s"));
         let cancel = format!(
             r#"{{"jsonrpc":"2.0","method":"notifications/cancelled","params":{{"requestId":{},"reason":"timed out at the gateway after {after}s"}}}}"#,
             id.as_json()
@@ -676,9 +613,7 @@ impl Session {
 }
 
 /// The next frame of the runner link, or never when there is no link yet.
-async fn recv(
-    link: &mut Option<(Link, RunnerSlot)>,
-) -> Option<Result<Incoming, crate::link::LinkError>> {
+async fn recv(link: &mut Option<(Link, RunnerSlot)>) -> Option<Result<Incoming, crate::link::LinkError>> {
     match link {
         Some((link, _)) => link.recv().await,
         None => std::future::pending().await,

@@ -37,24 +37,15 @@ impl Drop for Reservation {
 
 impl Sessions {
     pub fn new(max: usize) -> Self {
-        Self {
-            map: Arc::default(),
-            count: Arc::default(),
-            max,
-        }
+        Self { map: Arc::default(), count: Arc::default(), max }
     }
 
     /// Reserves room for one more session, or `None` at the cap.
     pub fn reserve(&self) -> Option<Reservation> {
         self.count
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max).then_some(n + 1)
-            })
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max).then_some(n + 1))
             .ok()
-            .map(|_| Reservation {
-                count: self.count.clone(),
-                used: false,
-            })
+            .map(|_| Reservation { count: self.count.clone(), used: false })
     }
 
     /// Adds a session in a reserved place.

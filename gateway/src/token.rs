@@ -28,9 +28,7 @@ pub struct RunnerTokens {
 
 impl std::fmt::Debug for RunnerTokens {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RunnerTokens")
-            .field("ttl", &self.ttl)
-            .finish_non_exhaustive()
+        f.debug_struct("RunnerTokens").field("ttl", &self.ttl).finish_non_exhaustive()
     }
 }
 
@@ -70,10 +68,7 @@ impl RunnerTokens {
         };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .expect("HS256 signing of plain claims cannot fail");
-        Minted {
-            token: Secret::new(token),
-            jti,
-        }
+        Minted { token: Secret::new(token), jti }
     }
 
     /// Checks signature, audience and expiry, and returns the claims.
@@ -83,9 +78,7 @@ impl RunnerTokens {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]
@@ -119,13 +112,8 @@ mod tests {
     #[test]
     fn expired_tokens_are_refused() {
         let tokens = tokens();
-        let claims = RunnerClaims {
-            aud: AUDIENCE.into(),
-            sid: "s1".into(),
-            iat: 0,
-            exp: unix_now() - 60,
-            jti: "j".into(),
-        };
+        let claims =
+            RunnerClaims { aud: AUDIENCE.into(), sid: "s1".into(), iat: 0, exp: unix_now() - 60, jti: "j".into() };
         let key = EncodingKey::from_secret("x".repeat(32).as_bytes());
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap();
         assert!(tokens.verify(&token).is_err());
@@ -141,13 +129,7 @@ mod tests {
             exp: u64,
             jti: &'static str,
         }
-        let claims = Other {
-            aud: "something-else",
-            sid: "s1",
-            iat: 0,
-            exp: unix_now() + 60,
-            jti: "j",
-        };
+        let claims = Other { aud: "something-else", sid: "s1", iat: 0, exp: unix_now() + 60, jti: "j" };
         let key = EncodingKey::from_secret("x".repeat(32).as_bytes());
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap();
         assert!(tokens().verify(&token).is_err());

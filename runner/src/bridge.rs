@@ -83,12 +83,7 @@ pub async fn run(dial: Dial) -> anyhow::Result<i32> {
             Ok(server) => server,
             Err(e) => {
                 warn!("{e:#}");
-                let _ = out_tx
-                    .send(Out::Control(Control::ChildExited {
-                        code: Some(127),
-                        signal: None,
-                    }))
-                    .await;
+                let _ = out_tx.send(Out::Control(Control::ChildExited { code: Some(127), signal: None })).await;
                 drop(out_tx);
                 let _ = writer.await;
                 return Ok(1);
@@ -111,10 +106,7 @@ pub async fn run(dial: Dial) -> anyhow::Result<i32> {
                     debug!("stdout still open after the server exited (a grandchild holds it)");
                 }
                 use std::os::unix::process::ExitStatusExt;
-                let exited = Control::ChildExited {
-                    code: status.code(),
-                    signal: status.signal(),
-                };
+                let exited = Control::ChildExited { code: status.code(), signal: status.signal() };
                 let _ = out_tx.send(Out::Control(exited)).await;
                 server.stop(dial.stop_grace).await;
                 0
@@ -210,9 +202,7 @@ async fn pump_stdout(stdout: ChildStdout, out_tx: mpsc::Sender<Out>) {
                 }
             }
             Ok(Some(Line::TooLong(bytes))) => {
-                warn!(
-                    "MCP server wrote a {bytes}-byte line, over the {MAX_MESSAGE_BYTES}-byte limit; dropped"
-                )
+                warn!("MCP server wrote a {bytes}-byte line, over the {MAX_MESSAGE_BYTES}-byte limit; dropped")
             }
             Ok(Some(Line::NotUtf8)) => warn!("MCP server wrote a line that is not UTF-8; dropped"),
             Ok(None) => return,
@@ -241,10 +231,7 @@ async fn feed_stdin(stdin: ChildStdin, mut lines: mpsc::Receiver<Bytes>) {
 /// whitespace, so they are turned into spaces to keep one message per line.
 async fn write_line(stdin: &mut BufWriter<ChildStdin>, line: &[u8]) -> std::io::Result<()> {
     if line.iter().any(|&b| b == b'\n' || b == b'\r') {
-        let flat: Vec<u8> = line
-            .iter()
-            .map(|&b| if b == b'\n' || b == b'\r' { b' ' } else { b })
-            .collect();
+        let flat: Vec<u8> = line.iter().map(|&b| if b == b'\n' || b == b'\r' { b' ' } else { b }).collect();
         stdin.write_all(&flat).await?;
     } else {
         stdin.write_all(line).await?;

@@ -35,13 +35,17 @@ pub fn start(command: &ServerCommand, workdir: &Path) -> anyhow::Result<Server> 
         ServerCommand::BuiltIn => {
             let me = std::env::current_exe().context("cannot locate the runner binary")?;
             let mut cmd = Command::new(me);
-            cmd.arg("exec")
-                .arg("--workdir")
-                .arg(workdir)
-                .current_dir(workdir);
+            cmd.arg("exec").arg("--workdir").arg(workdir).current_dir(workdir);
             cmd
         }
         ServerCommand::Shell(line) => {
+            let line = match crate::procfile::resolve(line, Path::new("Procfile")) {
+                Some(resolved) => {
+                    info!(process_type = %line, command = %resolved, "RUNNER_COMMAND names a Procfile process type");
+                    resolved
+                }
+                None => line.clone(),
+            };
             let mut cmd = Command::new("sh");
             cmd.arg("-c").arg(line);
             cmd
@@ -61,9 +65,7 @@ pub fn start(command: &ServerCommand, workdir: &Path) -> anyhow::Result<Server> 
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("cannot start the MCP server {command:?}"))?;
+    let mut child = cmd.spawn().with_context(|| format!("cannot start the MCP server {command:?}"))?;
     let pid = child.id().context("the MCP server exited at once")?;
     let pgid = Pid::from_raw(i32::try_from(pid).expect("pids fit in i32"));
     info!(pid, "MCP server started");
@@ -78,13 +80,7 @@ pub fn start(command: &ServerCommand, workdir: &Path) -> anyhow::Result<Server> 
             .in_current_span(),
         );
     }
-    Ok(Server {
-        stdin: child.stdin.take(),
-        stdout: child.stdout.take(),
-        child,
-        pgid,
-        stopped: false,
-    })
+    Ok(Server { stdin: child.stdin.take(), stdout: child.stdout.take(), child, pgid, stopped: false })
 }
 
 impl Server {
@@ -101,9 +97,7 @@ impl Server {
         let status = match tokio::time::timeout(grace, self.child.wait()).await {
             Ok(status) => status.ok(),
             Err(_) => {
-                warn!(
-                    "MCP server still running {grace:?} after its stdin closed; killing its process group"
-                );
+                warn!("MCP server still running {grace:?} after its stdin closed; killing its process group");
                 None
             }
         };

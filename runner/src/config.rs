@@ -11,12 +11,7 @@ use url::Url;
 
 /// dynogate runner: serves one MCP session, or runs the code executor.
 #[derive(Debug, Parser)]
-#[command(
-    name = "runner",
-    version,
-    about,
-    args_conflicts_with_subcommands = true
-)]
+#[command(name = "runner", version, about, args_conflicts_with_subcommands = true)]
 pub struct Args {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -36,6 +31,11 @@ pub struct DialArgs {
     /// Started by the gateway's local spawner on the same machine.
     #[arg(long)]
     pub local: bool,
+
+    /// Who started this runner; the Heroku spawner's sweeper looks for it
+    /// (`--spawned-by dynogate`) to recognise its dynos.
+    #[arg(long)]
+    pub spawned_by: Option<String>,
 
     /// Base URL of the gateway (http(s) or ws(s)).
     #[arg(long, env = "GATEWAY_URL")]
@@ -88,12 +88,8 @@ pub enum ServerCommand {
 
 impl DialArgs {
     pub fn validate(self) -> anyhow::Result<Dial> {
-        let gateway = self
-            .gateway_url
-            .context("--gateway-url (GATEWAY_URL) is required")?;
-        let session = self
-            .session
-            .context("--session (RUNNER_SESSION) is required")?;
+        let gateway = self.gateway_url.context("--gateway-url (GATEWAY_URL) is required")?;
+        let session = self.session.context("--session (RUNNER_SESSION) is required")?;
         let token = std::env::var(TOKEN_ENV)
             .ok()
             .filter(|t| !t.is_empty())
@@ -130,17 +126,10 @@ pub fn rendezvous_url(gateway: &Url, session: &str) -> anyhow::Result<Url> {
         "https" | "wss" => "wss",
         other => bail!("GATEWAY_URL must be http(s) or ws(s), not {other}"),
     };
-    url.set_scheme(scheme)
-        .map_err(|()| anyhow::anyhow!("cannot use {gateway} as a WebSocket URL"))?;
-    let path = format!(
-        "{}{}",
-        url.path().trim_end_matches('/'),
-        dynogate_shared::names::RENDEZVOUS_PATH
-    );
+    url.set_scheme(scheme).map_err(|()| anyhow::anyhow!("cannot use {gateway} as a WebSocket URL"))?;
+    let path = format!("{}{}", url.path().trim_end_matches('/'), dynogate_shared::names::RENDEZVOUS_PATH);
     url.set_path(&path);
-    url.query_pairs_mut()
-        .clear()
-        .append_pair(dynogate_shared::names::SESSION_QUERY, session);
+    url.query_pairs_mut().clear().append_pair(dynogate_shared::names::SESSION_QUERY, session);
     Ok(url)
 }
 
@@ -195,18 +184,9 @@ mod tests {
     #[test]
     fn rendezvous_urls_follow_the_gateway_scheme_and_path() {
         let cases = [
-            (
-                "http://127.0.0.1:8000",
-                "ws://127.0.0.1:8000/rendezvous?session=abc",
-            ),
-            (
-                "https://app.herokuapp.com/",
-                "wss://app.herokuapp.com/rendezvous?session=abc",
-            ),
-            (
-                "https://example.com/gw/",
-                "wss://example.com/gw/rendezvous?session=abc",
-            ),
+            ("http://127.0.0.1:8000", "ws://127.0.0.1:8000/rendezvous?session=abc"),
+            ("https://app.herokuapp.com/", "wss://app.herokuapp.com/rendezvous?session=abc"),
+            ("https://example.com/gw/", "wss://example.com/gw/rendezvous?session=abc"),
             ("ws://h:1/?x=1", "ws://h:1/rendezvous?session=abc"),
         ];
         for (base, want) in cases {
@@ -220,15 +200,7 @@ mod tests {
     fn the_server_command_comes_from_argv_then_runner_command_then_the_default() {
         let parse = |argv: &[&str]| Args::try_parse_from(argv).unwrap().dial;
         assert!(parse(&["runner", "--", "python3", "-m", "x"]).argv == ["python3", "-m", "x"]);
-        assert!(
-            parse(&["runner", "--command", "python3 -m x"])
-                .shell_command
-                .as_deref()
-                == Some("python3 -m x")
-        );
-        assert!(matches!(
-            Args::try_parse_from(["runner", "exec"]).unwrap().command,
-            Some(Command::Exec(_))
-        ));
+        assert!(parse(&["runner", "--command", "python3 -m x"]).shell_command.as_deref() == Some("python3 -m x"));
+        assert!(matches!(Args::try_parse_from(["runner", "exec"]).unwrap().command, Some(Command::Exec(_))));
     }
 }

@@ -33,14 +33,8 @@ const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connects, authenticates and completes the handshake.
 pub async fn connect(dial: &Dial) -> anyhow::Result<Socket> {
     let mut socket = open(dial).await?;
-    let hello = Control::Hello {
-        protocol: PROTOCOL_VERSION,
-        runner_version: env!("CARGO_PKG_VERSION").into(),
-    };
-    socket
-        .send(Message::Binary(hello.encode().into()))
-        .await
-        .context("cannot send hello")?;
+    let hello = Control::Hello { protocol: PROTOCOL_VERSION, runner_version: env!("CARGO_PKG_VERSION").into() };
+    socket.send(Message::Binary(hello.encode().into())).await.context("cannot send hello")?;
     let answer = tokio::time::timeout(WELCOME_TIMEOUT, async {
         while let Some(message) = socket.next().await {
             match message.context("connection failed during the handshake")? {
@@ -68,11 +62,7 @@ async fn open(dial: &Dial) -> anyhow::Result<Socket> {
     let deadline = tokio::time::Instant::now() + CONNECT_DEADLINE;
     let mut backoff = Duration::from_millis(100);
     loop {
-        let mut request = dial
-            .rendezvous
-            .as_str()
-            .into_client_request()
-            .context("bad rendezvous URL")?;
+        let mut request = dial.rendezvous.as_str().into_client_request().context("bad rendezvous URL")?;
         let bearer = HeaderValue::from_str(&format!("Bearer {}", dial.token.expose()))
             .context("the runner token is not a valid header value")?;
         request.headers_mut().insert(header::AUTHORIZATION, bearer);
@@ -89,10 +79,9 @@ async fn open(dial: &Dial) -> anyhow::Result<Socket> {
                 "the gateway refused this runner's token (401): it is invalid, expired, for another session, \
                  or its session already has a runner"
             ),
-            Err(WsError::Http(response)) => bail!(
-                "the gateway answered the rendezvous with HTTP {}",
-                response.status()
-            ),
+            Err(WsError::Http(response)) => {
+                bail!("the gateway answered the rendezvous with HTTP {}", response.status())
+            }
             Err(e) if tokio::time::Instant::now() + backoff < deadline => {
                 debug!("cannot reach the gateway yet ({e}); retrying in {backoff:?}");
                 tokio::time::sleep(backoff).await;
@@ -100,10 +89,7 @@ async fn open(dial: &Dial) -> anyhow::Result<Socket> {
             }
             Err(e) => {
                 warn!("giving up on the gateway after {CONNECT_DEADLINE:?}");
-                return Err(e).context(format!(
-                    "cannot reach the gateway at {}",
-                    redact(&dial.rendezvous)
-                ));
+                return Err(e).context(format!("cannot reach the gateway at {}", redact(&dial.rendezvous)));
             }
         }
     }

@@ -10,6 +10,7 @@
 //! - [`dial`]: connecting to the gateway and the hello/welcome handshake.
 //! - [`child`]: starting and stopping the bridged MCP server.
 //! - [`lines`]: newline-delimited framing on the child's stdout.
+//! - [`procfile`]: `RUNNER_COMMAND` naming a Procfile process type.
 //! - [`bridge`]: the relay loop between socket and child.
 //! - [`exec`]: the code executor.
 
@@ -19,6 +20,7 @@ pub mod config;
 pub mod dial;
 pub mod exec;
 pub mod lines;
+pub mod procfile;
 
 use anyhow::Context;
 use clap::Parser;
@@ -27,10 +29,10 @@ use clap::Parser;
 pub fn main() -> anyhow::Result<()> {
     let args = config::Args::parse();
     init_tracing(args.command.is_some());
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    // ring is the one TLS backend compiled in; `wss://` dials use it.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     match args.command {
         Some(config::Command::Exec(exec)) => runtime.block_on(exec::serve(exec.validate()?)),
         None => {
@@ -48,11 +50,7 @@ fn init_tracing(executor: bool) {
     use std::io::IsTerminal;
     // Under a runner the executor's stderr lands in the runner's log, so it
     // stays quiet unless asked.
-    let default = if executor {
-        "warn,dynogate_runner=info"
-    } else {
-        "info"
-    };
+    let default = if executor { "warn,dynogate_runner=info" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     // stdout is the MCP wire in `exec` mode, so logs always go to stderr.

@@ -27,10 +27,7 @@ pub struct LineReader<R> {
 
 impl<R: AsyncRead + Unpin> LineReader<R> {
     pub fn new(inner: R, max: usize) -> Self {
-        Self {
-            reader: BufReader::with_capacity(64 * 1024, inner),
-            max,
-        }
+        Self { reader: BufReader::with_capacity(64 * 1024, inner), max }
     }
 
     /// The next line, or `None` at the end of the stream.
@@ -98,11 +95,7 @@ mod tests {
         let lines = read_all(b"{\"a\":1}\n\n  \r\n{\"b\":2}\r\n{\"c\":3}", 100).await;
         assert_eq!(
             lines,
-            [
-                Line::Message("{\"a\":1}".into()),
-                Line::Message("{\"b\":2}".into()),
-                Line::Message("{\"c\":3}".into())
-            ]
+            [Line::Message("{\"a\":1}".into()), Line::Message("{\"b\":2}".into()), Line::Message("{\"c\":3}".into())]
         );
     }
 
@@ -116,9 +109,6 @@ mod tests {
 
     #[tokio::test]
     async fn invalid_utf8_is_reported() {
-        assert_eq!(
-            read_all(b"\xff\xfe\nok\n", 100).await,
-            [Line::NotUtf8, Line::Message("ok".into())]
-        );
+        assert_eq!(read_all(b"\xff\xfe\nok\n", 100).await, [Line::NotUtf8, Line::Message("ok".into())]);
     }
 }

@@ -6,22 +6,16 @@ use std::time::Duration;
 /// Parses a duration; the error says what was wrong, for clap to show.
 pub fn parse(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
+    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("not a duration: {text:?}"))?;
+    let number: f64 = number.parse().map_err(|_| format!("not a duration: {text:?}"))?;
     let seconds = match unit.trim() {
         "ms" => number / 1000.0,
         "" | "s" => number,
         "m" => number * 60.0,
         "h" => number * 3600.0,
         other => {
-            return Err(format!(
-                "unknown duration unit {other:?} in {text:?} (use ms, s, m or h)"
-            ));
+            return Err(format!("unknown duration unit {other:?} in {text:?} (use ms, s, m or h)"));
         }
     };
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("bad duration {text:?}: {e}"))

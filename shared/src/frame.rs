@@ -68,10 +68,7 @@ impl Control {
 impl std::fmt::Display for Control {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Control::Hello {
-                protocol,
-                runner_version,
-            } => {
+            Control::Hello { protocol, runner_version } => {
                 write!(f, "hello (protocol {protocol}, runner {runner_version})")
             }
             Control::Welcome { protocol } => write!(f, "welcome (protocol {protocol})"),
@@ -109,21 +106,11 @@ mod tests {
     #[test]
     fn control_round_trips_through_its_encoding() {
         let all = [
-            Control::Hello {
-                protocol: 1,
-                runner_version: "0.1.0".into(),
-            },
+            Control::Hello { protocol: 1, runner_version: "0.1.0".into() },
             Control::Welcome { protocol: 1 },
-            Control::Reject {
-                reason: "no".into(),
-            },
-            Control::ChildExited {
-                code: Some(3),
-                signal: None,
-            },
-            Control::Shutdown {
-                reason: "deleted".into(),
-            },
+            Control::Reject { reason: "no".into() },
+            Control::ChildExited { code: Some(3), signal: None },
+            Control::Shutdown { reason: "deleted".into() },
         ];
         for control in all {
             assert_eq!(Control::decode(&control.encode()).unwrap(), control);
@@ -132,11 +119,7 @@ mod tests {
 
     #[test]
     fn control_encoding_is_tagged_snake_case() {
-        let bytes = Control::ChildExited {
-            code: None,
-            signal: Some(9),
-        }
-        .encode();
+        let bytes = Control::ChildExited { code: None, signal: Some(9) }.encode();
         let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(value["type"], "child_exited");
         assert_eq!(value["signal"], 9);
@@ -151,10 +134,7 @@ mod tests {
     #[test]
     fn mismatch_names_both_versions() {
         let text = version_mismatch(2, 1);
-        assert!(
-            text.contains("version 2") && text.contains("version 1"),
-            "{text}"
-        );
+        assert!(text.contains("version 2") && text.contains("version 1"), "{text}");
     }
 
     #[test]

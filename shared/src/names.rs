@@ -18,12 +18,5 @@ pub const SESSION_DIR_ENV: &str = "DYNOGATE_SESSION_DIR";
 /// A runner removes them from the environment of the MCP server it starts
 /// (on Heroku every dyno receives every config var), and the local spawner
 /// keeps them from the runner in the first place.
-pub const SECRET_ENV: &[&str] = &[
-    TOKEN_ENV,
-    "API_KEY",
-    "HEROKU_API_KEY",
-    "RENDEZVOUS_SECRET",
-    "REDIS_URL",
-    "REDIS_TLS_URL",
-    "INFERENCE_KEY",
-];
+pub const SECRET_ENV: &[&str] =
+    &[TOKEN_ENV, "API_KEY", "HEROKU_API_KEY", "RENDEZVOUS_SECRET", "REDIS_URL", "REDIS_TLS_URL", "INFERENCE_KEY"];

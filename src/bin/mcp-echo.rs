@@ -64,12 +64,11 @@ fn handle(message: &Value, out: &Out) {
     match method {
         "initialize" => {
             let requested = params["protocolVersion"].as_str().unwrap_or_default();
-            let version =
-                if ["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"].contains(&requested) {
-                    requested
-                } else {
-                    "2025-11-25"
-                };
+            let version = if ["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"].contains(&requested) {
+                requested
+            } else {
+                "2025-11-25"
+            };
             reply(
                 out,
                 id,
@@ -106,11 +105,7 @@ fn tools() -> Value {
 fn call(id: &Value, params: &Value, out: &Out) {
     let args = &params["arguments"];
     match params["name"].as_str().unwrap_or_default() {
-        "echo" => reply(
-            out,
-            id,
-            text_result(args["text"].as_str().unwrap_or_default()),
-        ),
+        "echo" => reply(out, id, text_result(args["text"].as_str().unwrap_or_default())),
         "progress" => {
             let token = params["_meta"]["progressToken"].clone();
             let steps = args["steps"].as_u64().unwrap_or(3);
@@ -140,13 +135,9 @@ fn call(id: &Value, params: &Value, out: &Out) {
                 reply(&out, &id, text_result(&format!("slept {ms}ms")));
             });
         }
-        "exit" => {
-            std::process::exit(i32::try_from(args["code"].as_i64().unwrap_or(0)).unwrap_or(1))
-        }
+        "exit" => std::process::exit(i32::try_from(args["code"].as_i64().unwrap_or(0)).unwrap_or(1)),
         "env" => {
-            let mut names: Vec<String> = std::env::vars_os()
-                .filter_map(|(k, _)| k.into_string().ok())
-                .collect();
+            let mut names: Vec<String> = std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()).collect();
             names.sort();
             reply(out, id, text_result(&names.join("\n")));
         }

@@ -14,44 +14,16 @@ async fn each_refused_request_gets_its_status_and_a_json_rpc_error() {
 
     // (what, reply, status, JSON-RPC code)
     let cases = [
-        (
-            "missing session header",
-            http.post_raw(None, LIST, &[]).await,
-            StatusCode::BAD_REQUEST,
-            -32600,
-        ),
-        (
-            "unknown session",
-            http.post_raw(Some("0123456789abcdef"), LIST, &[]).await,
-            StatusCode::NOT_FOUND,
-            -32001,
-        ),
-        (
-            "malformed JSON",
-            http.post_raw(s, "{\"jsonrpc\":", &[]).await,
-            StatusCode::BAD_REQUEST,
-            -32700,
-        ),
-        (
-            "not a JSON-RPC message",
-            http.post_raw(s, "42", &[]).await,
-            StatusCode::BAD_REQUEST,
-            -32600,
-        ),
-        (
-            "batch on 2025-06-18",
-            http.post_raw(s, format!("[{LIST}]"), &[]).await,
-            StatusCode::BAD_REQUEST,
-            -32600,
-        ),
+        ("missing session header", http.post_raw(None, LIST, &[]).await, StatusCode::BAD_REQUEST, -32600),
+        ("unknown session", http.post_raw(Some("0123456789abcdef"), LIST, &[]).await, StatusCode::NOT_FOUND, -32001),
+        ("malformed JSON", http.post_raw(s, "{\"jsonrpc\":", &[]).await, StatusCode::BAD_REQUEST, -32700),
+        ("not a JSON-RPC message", http.post_raw(s, "42", &[]).await, StatusCode::BAD_REQUEST, -32600),
+        ("batch on 2025-06-18", http.post_raw(s, format!("[{LIST}]"), &[]).await, StatusCode::BAD_REQUEST, -32600),
         (
             "body over the limit",
             http.post_raw(
                 s,
-                format!(
-                    r#"{{"jsonrpc":"2.0","id":1,"method":"x","params":{{"p":"{}"}}}}"#,
-                    "x".repeat(4096)
-                ),
+                format!(r#"{{"jsonrpc":"2.0","id":1,"method":"x","params":{{"p":"{}"}}}}"#, "x".repeat(4096)),
                 &[],
             )
             .await,
@@ -60,15 +32,13 @@ async fn each_refused_request_gets_its_status_and_a_json_rpc_error() {
         ),
         (
             "unsupported MCP-Protocol-Version",
-            http.post_raw(s, LIST, &[("mcp-protocol-version", "1999-01-01")])
-                .await,
+            http.post_raw(s, LIST, &[("mcp-protocol-version", "1999-01-01")]).await,
             StatusCode::BAD_REQUEST,
             -32600,
         ),
         (
             "Accept without SSE",
-            http.post_raw(s, LIST, &[("accept", "application/json")])
-                .await,
+            http.post_raw(s, LIST, &[("accept", "application/json")]).await,
             StatusCode::NOT_ACCEPTABLE,
             -32600,
         ),
@@ -80,19 +50,13 @@ async fn each_refused_request_gets_its_status_and_a_json_rpc_error() {
         ),
         (
             "not JSON content",
-            http.post_raw(s, LIST, &[("content-type", "text/plain")])
-                .await,
+            http.post_raw(s, LIST, &[("content-type", "text/plain")]).await,
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             -32600,
         ),
         (
             "initialize on a live session",
-            http.post_raw(
-                s,
-                r#"{"jsonrpc":"2.0","id":7,"method":"initialize","params":{}}"#,
-                &[],
-            )
-            .await,
+            http.post_raw(s, r#"{"jsonrpc":"2.0","id":7,"method":"initialize","params":{}}"#, &[]).await,
             StatusCode::BAD_REQUEST,
             -32600,
         ),
@@ -101,18 +65,11 @@ async fn each_refused_request_gets_its_status_and_a_json_rpc_error() {
         assert_eq!(reply.status, status, "{what}: {}", reply.text);
         assert_eq!(reply.error_code(), code, "{what}: {}", reply.text);
         assert_eq!(reply.json["jsonrpc"], "2.0", "{what}");
-        assert!(
-            reply.json["error"]["message"]
-                .as_str()
-                .is_some_and(|m| !m.is_empty()),
-            "{what}"
-        );
+        assert!(reply.json["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{what}");
     }
 
     // Nothing above disturbed the session.
-    let ok = http
-        .call(&session, 2, "echo", json!({"text": "still here"}))
-        .await;
+    let ok = http.call(&session, 2, "echo", json!({"text": "still here"})).await;
     assert_eq!(ok.json["result"]["content"][0]["text"], "still here");
 }
 
@@ -122,10 +79,7 @@ async fn an_ended_session_answers_404_on_every_method() {
     let http = gateway.http();
     let (session, _) = http.initialize().await;
     assert_eq!(http.delete(&session).await, StatusCode::NO_CONTENT);
-    assert_eq!(
-        http.post_raw(Some(&session), LIST, &[]).await.status,
-        StatusCode::NOT_FOUND
-    );
+    assert_eq!(http.post_raw(Some(&session), LIST, &[]).await.status, StatusCode::NOT_FOUND);
     assert_eq!(http.delete(&session).await, StatusCode::NOT_FOUND);
     let get = http
         .request(reqwest::Method::GET)
@@ -163,28 +117,16 @@ async fn get_and_delete_check_their_headers_too() {
 async fn stateless_probes_are_pointed_at_initialize() {
     let gateway = Gateway::with(Options::default().echo());
     let http = gateway.http();
-    let discover = http
-        .post(
-            None,
-            &json!({"jsonrpc": "2.0", "id": "d1", "method": "server/discover", "params": {}}),
-        )
-        .await;
+    let discover =
+        http.post(None, &json!({"jsonrpc": "2.0", "id": "d1", "method": "server/discover", "params": {}})).await;
     assert_eq!(discover.status, StatusCode::BAD_REQUEST);
     assert_eq!(discover.json["id"], "d1");
     assert_eq!(discover.error_code(), -32601);
-    assert_eq!(
-        discover.json["error"]["data"]["supported"],
-        json!(["2025-03-26", "2025-06-18", "2025-11-25"])
-    );
+    assert_eq!(discover.json["error"]["data"]["supported"], json!(["2025-03-26", "2025-06-18", "2025-11-25"]));
     let message = discover.json["error"]["message"].as_str().unwrap();
-    assert!(
-        message.contains("initialize") && message.contains("2025-11-25"),
-        "{message}"
-    );
+    assert!(message.contains("initialize") && message.contains("2025-11-25"), "{message}");
 
-    let modern = http
-        .post_raw(None, LIST, &[("mcp-protocol-version", "2026-07-28")])
-        .await;
+    let modern = http.post_raw(None, LIST, &[("mcp-protocol-version", "2026-07-28")]).await;
     assert_eq!(modern.status, StatusCode::BAD_REQUEST);
     assert_eq!(modern.error_code(), -32601);
 }
@@ -197,14 +139,9 @@ async fn an_rmcp_client_that_probes_first_falls_back_to_initialize() {
 
     let gateway = Gateway::with(Options::default().echo());
     let transport = StreamableHttpClientTransport::from_uri(gateway.mcp_url());
-    let lifecycle = ClientLifecycleMode::Auto {
-        preferred_versions: vec![ProtocolVersion::LATEST],
-        legacy_version: None,
-    };
-    let client =
-        ().serve_with_lifecycle(transport, lifecycle)
-            .await
-            .expect("falls back to initialize");
+    let lifecycle =
+        ClientLifecycleMode::Auto { preferred_versions: vec![ProtocolVersion::LATEST], legacy_version: None };
+    let client = ().serve_with_lifecycle(transport, lifecycle).await.expect("falls back to initialize");
     let tools = client.list_all_tools().await.unwrap();
     assert!(tools.iter().any(|t| t.name == "echo"));
 }

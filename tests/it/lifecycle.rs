@@ -18,9 +18,7 @@ async fn killing_the_runner_mid_call_fails_the_call_fast_and_ends_the_session() 
         let (http, session) = (http.clone(), session.clone());
         async move {
             let code = format!("import time\n{marker} = 1\ntime.sleep(60)");
-            let reply = http
-                .call(&session, 1, "code_exec_python", json!({"code": code}))
-                .await;
+            let reply = http.call(&session, 1, "code_exec_python", json!({"code": code})).await;
             (reply, Instant::now())
         }
     });
@@ -30,9 +28,7 @@ async fn killing_the_runner_mid_call_fails_the_call_fast_and_ends_the_session() 
             found = std::fs::read_dir("/proc")
                 .unwrap()
                 .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-                .find(|pid| {
-                    argv_of(*pid).is_some_and(|argv| argv.iter().any(|a| a.contains(marker)))
-                });
+                .find(|pid| argv_of(*pid).is_some_and(|argv| argv.iter().any(|a| a.contains(marker))));
             found.is_some()
         })
         .await;
@@ -41,29 +37,12 @@ async fn killing_the_runner_mid_call_fails_the_call_fast_and_ends_the_session() 
     let killed_at = Instant::now();
     kill(Pid::from_raw(runner), Signal::SIGKILL).unwrap();
     let (reply, answered_at) = call.await.unwrap();
-    assert!(
-        answered_at - killed_at < Duration::from_secs(2),
-        "took {:?}",
-        answered_at - killed_at
-    );
+    assert!(answered_at - killed_at < Duration::from_secs(2), "took {:?}", answered_at - killed_at);
     assert_eq!(reply.json["id"], 1);
     assert_eq!(reply.error_code(), -32003, "{}", reply.text);
-    assert!(
-        reply.json["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("runner"),
-        "{}",
-        reply.text
-    );
+    assert!(reply.json["error"]["message"].as_str().unwrap().contains("runner"), "{}", reply.text);
 
-    let after = http
-        .post_raw(
-            Some(&session),
-            r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#,
-            &[],
-        )
-        .await;
+    let after = http.post_raw(Some(&session), r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#, &[]).await;
     assert_eq!(after.status, StatusCode::NOT_FOUND);
     eventually("the orphaned code is killed", || gone(python)).await;
 }
@@ -76,22 +55,9 @@ async fn a_server_that_exits_fails_its_calls_with_the_exit_status() {
     let runner = runner_pids(&session)[0];
     let reply = http.call(&session, 1, "exit", json!({"code": 3})).await;
     assert_eq!(reply.error_code(), -32003, "{}", reply.text);
-    assert!(
-        reply.json["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("exit status 3"),
-        "{}",
-        reply.text
-    );
+    assert!(reply.json["error"]["message"].as_str().unwrap().contains("exit status 3"), "{}", reply.text);
     eventually("the runner exits", || gone(runner)).await;
-    let after = http
-        .post_raw(
-            Some(&session),
-            r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#,
-            &[],
-        )
-        .await;
+    let after = http.post_raw(Some(&session), r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#, &[]).await;
     assert_eq!(after.status, StatusCode::NOT_FOUND);
 }
 
@@ -102,13 +68,7 @@ async fn an_idle_session_ends_like_a_delete() {
     let (session, _) = http.initialize().await;
     let runner = runner_pids(&session)[0];
     eventually("the idle runner is stopped", || gone(runner)).await;
-    let after = http
-        .post_raw(
-            Some(&session),
-            r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#,
-            &[],
-        )
-        .await;
+    let after = http.post_raw(Some(&session), r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#, &[]).await;
     assert_eq!(after.status, StatusCode::NOT_FOUND);
 }
 
@@ -119,11 +79,7 @@ async fn requests_keep_a_session_from_going_idle() {
     let (session, _) = http.initialize().await;
     // A call that lasts longer than the idle timeout is activity, not idleness.
     let reply = http.call(&session, 1, "sleep", json!({"ms": 3000})).await;
-    assert_eq!(
-        reply.json["result"]["content"][0]["text"], "slept 3000ms",
-        "{}",
-        reply.text
-    );
+    assert_eq!(reply.json["result"]["content"][0]["text"], "slept 3000ms", "{}", reply.text);
 }
 
 #[tokio::test]
@@ -137,12 +93,7 @@ async fn the_session_cap_answers_503_with_retry_after() {
     assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(refused.headers.contains_key("retry-after"));
     assert_eq!(refused.error_code(), -32005);
-    assert!(
-        refused.json["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("MAX_SESSIONS")
-    );
+    assert!(refused.json["error"]["message"].as_str().unwrap().contains("MAX_SESSIONS"));
     assert_eq!(http.delete(&first).await, StatusCode::NO_CONTENT);
     http.initialize().await;
 }

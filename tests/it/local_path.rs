@@ -8,38 +8,19 @@ async fn an_rmcp_client_runs_python_in_its_own_session_and_deleting_it_cleans_up
     let client = gateway.client().await;
 
     let tools = client.list_all_tools().await.unwrap();
-    let python = tools
-        .iter()
-        .find(|t| t.name == "code_exec_python")
-        .expect("code_exec_python is listed");
+    let python = tools.iter().find(|t| t.name == "code_exec_python").expect("code_exec_python is listed");
     assert_eq!(python.input_schema["required"], json!(["code"]));
 
-    let result = client
-        .call_tool(tool_call("code_exec_python", json!({"code": "print(2+2)"})))
-        .await
-        .unwrap();
+    let result = client.call_tool(tool_call("code_exec_python", json!({"code": "print(2+2)"}))).await.unwrap();
     assert_eq!(result.is_error, Some(false));
-    assert_eq!(
-        exec_result_of(&result),
-        json!({"returncode": 0, "stdout": "4", "stderr": ""})
-    );
-    assert_eq!(
-        result.structured_content.as_ref().unwrap()["result"]["stdout"],
-        "4"
-    );
+    assert_eq!(exec_result_of(&result), json!({"returncode": 0, "stdout": "4", "stderr": ""}));
+    assert_eq!(result.structured_content.as_ref().unwrap()["result"]["stdout"], "4");
 
     let failing = client
-        .call_tool(tool_call(
-            "code_exec_python",
-            json!({"code": "import sys; print(1); sys.exit(3)"}),
-        ))
+        .call_tool(tool_call("code_exec_python", json!({"code": "import sys; print(1); sys.exit(3)"})))
         .await
         .unwrap();
-    assert_eq!(
-        failing.is_error,
-        Some(false),
-        "a non-zero exit is a result, not a tool error"
-    );
+    assert_eq!(failing.is_error, Some(false), "a non-zero exit is a result, not a tool error");
     assert_eq!(exec_result_of(&failing)["returncode"], 3);
 
     let with_package = client
@@ -58,12 +39,7 @@ async fn an_rmcp_client_runs_python_in_its_own_session_and_deleting_it_cleans_up
     let http = gateway.http();
     assert_eq!(http.delete(&session).await, reqwest::StatusCode::NO_CONTENT);
     assert!(gone(runner), "DELETE answers once the runner is gone");
-    let after = http
-        .post(
-            Some(&session),
-            &json!({"jsonrpc": "2.0", "id": 9, "method": "tools/list"}),
-        )
-        .await;
+    let after = http.post(Some(&session), &json!({"jsonrpc": "2.0", "id": 9, "method": "tools/list"})).await;
     assert_eq!(after.status, reqwest::StatusCode::NOT_FOUND);
     drop(client);
 }
@@ -75,20 +51,10 @@ async fn unknown_tools_and_bad_arguments_are_tool_errors_the_model_can_read() {
     let (session, _) = http.initialize().await;
     let unknown = http.call(&session, 1, "nope", json!({})).await;
     assert_eq!(unknown.json["result"]["isError"], true);
-    assert_eq!(
-        unknown.json["result"]["content"][0]["text"],
-        "Unknown tool: nope"
-    );
-    let missing_code = http
-        .call(&session, 2, "code_exec_python", json!({"packages": []}))
-        .await;
+    assert_eq!(unknown.json["result"]["content"][0]["text"], "Unknown tool: nope");
+    let missing_code = http.call(&session, 2, "code_exec_python", json!({"packages": []})).await;
     assert_eq!(missing_code.json["result"]["isError"], true);
-    assert!(
-        missing_code.json["result"]["content"][0]["text"]
-            .as_str()
-            .unwrap()
-            .contains("code")
-    );
+    assert!(missing_code.json["result"]["content"][0]["text"].as_str().unwrap().contains("code"));
 }
 
 #[tokio::test]
@@ -105,21 +71,12 @@ async fn injected_package_options_are_refused() {
         )
         .await;
     assert_eq!(reply.json["result"]["isError"], true);
-    assert!(
-        reply.json["result"]["content"][0]["text"]
-            .as_str()
-            .unwrap()
-            .contains("options are not allowed")
-    );
+    assert!(reply.json["result"]["content"][0]["text"].as_str().unwrap().contains("options are not allowed"));
 }
 
 #[tokio::test]
 async fn executed_code_sees_no_secret() {
-    let gateway = Gateway::with(
-        Options::default()
-            .api_key("the-client-key")
-            .env("HEROKU_API_KEY", "heroku-secret"),
-    );
+    let gateway = Gateway::with(Options::default().api_key("the-client-key").env("HEROKU_API_KEY", "heroku-secret"));
     let http = gateway.http();
     let (session, _) = http.initialize().await;
     let reply = http
@@ -133,18 +90,8 @@ async fn executed_code_sees_no_secret() {
     let output = exec_result(&reply.json);
     let printed = output["stdout"].as_str().unwrap();
     assert!(printed.contains("PATH"), "{printed}");
-    for secret in [
-        "the-client-key",
-        "heroku-secret",
-        SECRET,
-        "RUNNER_TOKEN",
-        "API_KEY",
-        "RENDEZVOUS_SECRET",
-    ] {
-        assert!(
-            !printed.contains(secret),
-            "{secret} visible to executed code:\n{printed}"
-        );
+    for secret in ["the-client-key", "heroku-secret", SECRET, "RUNNER_TOKEN", "API_KEY", "RENDEZVOUS_SECRET"] {
+        assert!(!printed.contains(secret), "{secret} visible to executed code:\n{printed}");
     }
 }
 
@@ -154,14 +101,7 @@ async fn a_timeout_returns_the_templates_result() {
     let http = gateway.http();
     let (session, _) = http.initialize().await;
     let started = std::time::Instant::now();
-    let reply = http
-        .call(
-            &session,
-            1,
-            "code_exec_python",
-            json!({"code": "import time; time.sleep(20)"}),
-        )
-        .await;
+    let reply = http.call(&session, 1, "code_exec_python", json!({"code": "import time; time.sleep(20)"})).await;
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
     assert_eq!(
         exec_result(&reply.json),

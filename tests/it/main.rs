@@ -9,6 +9,10 @@ mod support;
 mod auth;
 /// Every refused request: status code and JSON-RPC error.
 mod errors;
+/// A fake Platform API that runs dynos as local processes.
+mod fake_heroku;
+/// The Heroku spawner end to end, against the fake.
+mod heroku;
 /// Sessions are separate machines: processes and files.
 mod isolation;
 /// How sessions end: runner killed, server exits, idle, caps, shutdown.

@@ -10,19 +10,13 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::support::*;
 
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn dial(gateway: &Gateway, session: &str, token: Option<&str>) -> Result<Socket, StatusCode> {
-    let url = format!(
-        "{}/rendezvous?session={session}",
-        gateway.url.replace("http://", "ws://")
-    );
+    let url = format!("{}/rendezvous?session={session}", gateway.url.replace("http://", "ws://"));
     let mut request = url.into_client_request().unwrap();
     if let Some(token) = token {
-        request
-            .headers_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        request.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
     }
     match tokio_tungstenite::connect_async(request).await {
         Ok((socket, _)) => Ok(socket),
@@ -32,10 +26,7 @@ async fn dial(gateway: &Gateway, session: &str, token: Option<&str>) -> Result<S
 }
 
 fn mint(secret: &str, session: &str, expires_in: i64) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
     let claims = RunnerClaims {
         aud: AUDIENCE.into(),
         sid: session.into(),
@@ -49,9 +40,7 @@ fn mint(secret: &str, session: &str, expires_in: i64) -> String {
 
 fn runner_token(session: &str) -> String {
     let runner = runner_pids(session)[0];
-    environ_of(runner)
-        .remove("RUNNER_TOKEN")
-        .expect("the runner got its token in the environment")
+    environ_of(runner).remove("RUNNER_TOKEN").expect("the runner got its token in the environment")
 }
 
 #[tokio::test]
@@ -60,13 +49,7 @@ async fn bad_tokens_are_refused_and_touch_no_session() {
     let http = gateway.http();
     let ((a, _), (b, _)) = tokio::join!(http.initialize(), http.initialize());
     let token_a = runner_token(&a);
-    assert!(
-        !argv_of(runner_pids(&a)[0])
-            .unwrap()
-            .iter()
-            .any(|arg| arg.contains(&token_a)),
-        "token on a command line"
-    );
+    assert!(!argv_of(runner_pids(&a)[0]).unwrap().iter().any(|arg| arg.contains(&token_a)), "token on a command line");
 
     let wrong_key = mint("another-secret-another-secret-another-secret", &a, 60);
     let expired = mint(SECRET, &a, -120);
@@ -81,19 +64,12 @@ async fn bad_tokens_are_refused_and_touch_no_session() {
         ("replayed while the runner is connected", &a, Some(&token_a)),
     ];
     for (what, session, token) in cases {
-        assert_eq!(
-            dial(&gateway, session, token).await.err(),
-            Some(StatusCode::UNAUTHORIZED),
-            "{what}"
-        );
+        assert_eq!(dial(&gateway, session, token).await.err(), Some(StatusCode::UNAUTHORIZED), "{what}");
     }
 
     for (session, text) in [(&a, "a"), (&b, "b")] {
         let reply = http.call(session, 5, "echo", json!({"text": text})).await;
-        assert_eq!(
-            reply.json["result"]["content"][0]["text"], text,
-            "session {text} was disturbed"
-        );
+        assert_eq!(reply.json["result"]["content"][0]["text"], text, "session {text} was disturbed");
     }
 }
 
@@ -122,73 +98,36 @@ async fn a_runner_speaking_another_protocol_version_is_refused_by_name() {
         let http = http.clone();
         async move { http.post(None, &init).await }
     });
-    eventually("the stand-in runner starts", || {
-        read_when_written(dir.path(), "pid").is_some()
-    })
-    .await;
+    eventually("the stand-in runner starts", || read_when_written(dir.path(), "pid").is_some()).await;
     let args = read_when_written(dir.path(), "args").unwrap();
-    let session = args
-        .split_whitespace()
-        .skip_while(|a| *a != "--session")
-        .nth(1)
-        .unwrap()
-        .to_owned();
+    let session = args.split_whitespace().skip_while(|a| *a != "--session").nth(1).unwrap().to_owned();
     let token = read_when_written(dir.path(), "token").unwrap();
-    let pid: i32 = read_when_written(dir.path(), "pid")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let pid: i32 = read_when_written(dir.path(), "pid").unwrap().parse().unwrap();
 
-    let mut socket = dial(&gateway, &session, Some(&token))
-        .await
-        .expect("a valid token upgrades");
-    let hello = Control::Hello {
-        protocol: PROTOCOL_VERSION + 41,
-        runner_version: "0.0.0-old".into(),
-    };
-    socket
-        .send(Message::Binary(hello.encode().into()))
-        .await
-        .unwrap();
+    let mut socket = dial(&gateway, &session, Some(&token)).await.expect("a valid token upgrades");
+    let hello = Control::Hello { protocol: PROTOCOL_VERSION + 41, runner_version: "0.0.0-old".into() };
+    socket.send(Message::Binary(hello.encode().into())).await.unwrap();
     let answer = loop {
         match socket.next().await.expect("an answer").unwrap() {
             Message::Binary(bytes) => break Control::decode(&bytes).unwrap(),
             _ => continue,
         }
     };
-    let Control::Reject { reason } = answer else {
-        panic!("expected reject, got {answer:?}")
-    };
-    let (ours, theirs) = (
-        format!("version {PROTOCOL_VERSION}"),
-        format!("version {}", PROTOCOL_VERSION + 41),
-    );
-    assert!(
-        reason.contains(&ours) && reason.contains(&theirs),
-        "{reason}"
-    );
+    let Control::Reject { reason } = answer else { panic!("expected reject, got {answer:?}") };
+    let (ours, theirs) = (format!("version {PROTOCOL_VERSION}"), format!("version {}", PROTOCOL_VERSION + 41));
+    assert!(reason.contains(&ours) && reason.contains(&theirs), "{reason}");
 
     let reply = pending.await.unwrap();
     assert_eq!(reply.error_code(), -32002, "{}", reply.text);
-    assert!(
-        reply.json["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("protocol mismatch"),
-        "{}",
-        reply.text
-    );
+    assert!(reply.json["error"]["message"].as_str().unwrap().contains("protocol mismatch"), "{}", reply.text);
     eventually("the refused runner is stopped", || gone(pid)).await;
 }
 
 #[tokio::test]
 async fn a_runner_that_never_dials_back_ends_in_a_clear_error_and_is_killed() {
     let (dir, runner) = stand_in_runner();
-    let gateway = Gateway::with(
-        Options::default()
-            .env("RUNNER_BIN", runner.to_str().unwrap())
-            .env("DIAL_BACK_TIMEOUT", "1s"),
-    );
+    let gateway =
+        Gateway::with(Options::default().env("RUNNER_BIN", runner.to_str().unwrap()).env("DIAL_BACK_TIMEOUT", "1s"));
     let started = std::time::Instant::now();
     let reply = gateway
         .http()
@@ -199,19 +138,9 @@ async fn a_runner_that_never_dials_back_ends_in_a_clear_error_and_is_killed() {
     assert_eq!(reply.error_code(), -32002, "{}", reply.text);
     let message = reply.json["error"]["message"].as_str().unwrap();
     assert!(message.contains("did not dial back within 1s"), "{message}");
-    let pid: i32 = read_when_written(dir.path(), "pid")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let pid: i32 = read_when_written(dir.path(), "pid").unwrap().parse().unwrap();
     eventually("the silent runner is killed", || gone(pid)).await;
     let session = reply.session().unwrap();
-    let later = gateway
-        .http()
-        .post_raw(
-            Some(&session),
-            r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#,
-            &[],
-        )
-        .await;
+    let later = gateway.http().post_raw(Some(&session), r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#, &[]).await;
     assert_eq!(later.status, StatusCode::NOT_FOUND);
 }

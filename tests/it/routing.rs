@@ -37,11 +37,7 @@ async fn next_events(response: &mut reqwest::Response, want: usize) -> Vec<Value
             if sse_events(&text).len() >= want {
                 return;
             }
-            let chunk = response
-                .chunk()
-                .await
-                .unwrap()
-                .expect("the stream stays open");
+            let chunk = response.chunk().await.unwrap().expect("the stream stays open");
             text.push_str(&String::from_utf8_lossy(&chunk));
         }
     })
@@ -71,37 +67,21 @@ async fn messages_that_belong_to_no_request_go_to_the_get_stream() {
     let (session, _) = http.initialize().await;
 
     // Sent before any GET stream is open: kept until one opens.
-    let early = http
-        .call(&session, 1, "notify", json!({"text": "early"}))
-        .await;
+    let early = http.call(&session, 1, "notify", json!({"text": "early"})).await;
     assert_eq!(early.json["result"]["content"][0]["text"], "notified");
-    assert_eq!(
-        early.events().len(),
-        0,
-        "the POST reply carries only its answer: {}",
-        early.text
-    );
+    assert_eq!(early.events().len(), 0, "the POST reply carries only its answer: {}", early.text);
 
     let mut stream = open_get(&http, &session).await;
-    let late = http
-        .call(&session, 2, "notify", json!({"text": "late"}))
-        .await;
+    let late = http.call(&session, 2, "notify", json!({"text": "late"})).await;
     assert_eq!(late.json["id"], 2);
     let events = next_events(&mut stream, 2).await;
     let texts: Vec<&Value> = events.iter().map(|e| &e["params"]["data"]).collect();
     assert_eq!(texts, [&json!("early"), &json!("late")]);
-    assert!(
-        events
-            .iter()
-            .all(|e| e["method"] == "notifications/message")
-    );
+    assert!(events.iter().all(|e| e["method"] == "notifications/message"));
 
     // Deleting the session ends the stream.
     assert_eq!(http.delete(&session).await, StatusCode::NO_CONTENT);
-    let rest = tokio::time::timeout(PATIENCE, async {
-        while stream.chunk().await.ok().flatten().is_some() {}
-    })
-    .await;
+    let rest = tokio::time::timeout(PATIENCE, async { while stream.chunk().await.ok().flatten().is_some() {} }).await;
     assert!(rest.is_ok(), "the GET stream ended with its session");
 }
 
@@ -140,9 +120,7 @@ async fn a_request_that_gets_no_answer_times_out_with_an_error() {
     let reply = http.call(&session, 1, "sleep", json!({"ms": 30000})).await;
     assert_eq!(reply.error_code(), -32004, "{}", reply.text);
     // The session is still usable.
-    let ok = http
-        .call(&session, 2, "echo", json!({"text": "after"}))
-        .await;
+    let ok = http.call(&session, 2, "echo", json!({"text": "after"})).await;
     assert_eq!(ok.json["result"]["content"][0]["text"], "after");
 }
 
@@ -159,14 +137,8 @@ async fn a_cancelled_request_is_answered_at_once() {
     let started = std::time::Instant::now();
     while !slow.is_finished() {
         let cancel = json!({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 6, "reason": "test"}});
-        assert_eq!(
-            http.post(Some(&session), &cancel).await.status,
-            StatusCode::ACCEPTED
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the cancelled call is still waiting"
-        );
+        assert_eq!(http.post(Some(&session), &cancel).await.status, StatusCode::ACCEPTED);
+        assert!(started.elapsed() < Duration::from_secs(20), "the cancelled call is still waiting");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let reply = slow.await.unwrap();
@@ -187,21 +159,14 @@ async fn batches_work_on_2025_03_26_sessions() {
     ]);
     let reply = http.post(Some(&session), &batch).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
-    let mut answers = reply
-        .json
-        .as_array()
-        .expect("a JSON array of responses")
-        .clone();
+    let mut answers = reply.json.as_array().expect("a JSON array of responses").clone();
     answers.sort_by_key(|a| a["id"].as_str().unwrap().to_owned());
     assert_eq!(answers.len(), 2);
     assert_eq!(answers[0]["result"]["content"][0]["text"], "one");
     assert_eq!(answers[1]["result"]["content"][0]["text"], "two");
 
     let only_notifications = json!([{"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": "x", "progress": 2}}]);
-    assert_eq!(
-        http.post(Some(&session), &only_notifications).await.status,
-        StatusCode::ACCEPTED
-    );
+    assert_eq!(http.post(Some(&session), &only_notifications).await.status, StatusCode::ACCEPTED);
 }
 
 #[tokio::test]
@@ -223,15 +188,8 @@ async fn slow_answers_are_streamed_with_a_prompt_first_byte() {
     let first = response.chunk().await.unwrap().unwrap();
     assert!(first.starts_with(b": "), "the stream opens with a comment");
     let reply = read(response).await;
-    let events = sse_events(&format!(
-        "{}{}",
-        String::from_utf8_lossy(&first),
-        reply.text
-    ));
-    assert_eq!(
-        events.last().unwrap()["result"]["content"][0]["text"],
-        "slept 1500ms"
-    );
+    let events = sse_events(&format!("{}{}", String::from_utf8_lossy(&first), reply.text));
+    assert_eq!(events.last().unwrap()["result"]["content"][0]["text"], "slept 1500ms");
 }
 
 #[tokio::test]

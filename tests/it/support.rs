@@ -64,6 +64,8 @@ impl Gateway {
     }
 
     pub fn with(options: Options) -> Self {
+        // reqwest (here and inside rmcp) is built without a default TLS backend.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let mut command = Command::new(GATEWAY);
         command
             .env_clear()
@@ -76,13 +78,7 @@ impl Gateway {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        for name in [
-            "PIP_FIND_LINKS",
-            "PIP_CERT",
-            "PIP_DEFAULT_TIMEOUT",
-            "PIP_DISABLE_PIP_VERSION_CHECK",
-            "TMPDIR",
-        ] {
+        for name in ["PIP_FIND_LINKS", "PIP_CERT", "PIP_DEFAULT_TIMEOUT", "PIP_DISABLE_PIP_VERSION_CHECK", "TMPDIR"] {
             if let Some(value) = std::env::var_os(name) {
                 command.env(name, value);
             }
@@ -111,21 +107,9 @@ impl Gateway {
                 panic!("the gateway did not report its address (see its log above)");
             }
         };
-        let url = line
-            .rsplit(' ')
-            .next()
-            .expect("an address")
-            .trim()
-            .to_owned();
-        assert!(
-            url.starts_with("http://127.0.0.1:"),
-            "unexpected first line: {line}"
-        );
-        Gateway {
-            child,
-            url,
-            api_key: options.api_key,
-        }
+        let url = line.rsplit(' ').next().expect("an address").trim().to_owned();
+        assert!(url.starts_with("http://127.0.0.1:"), "unexpected first line: {line}");
+        Gateway { child, url, api_key: options.api_key }
     }
 
     pub fn pid(&self) -> i32 {
@@ -143,9 +127,7 @@ impl Gateway {
             config = config.auth_header(key.clone());
         }
         let transport = StreamableHttpClientTransport::from_config(config);
-        ().serve(transport)
-            .await
-            .expect("MCP client connects through the gateway")
+        ().serve(transport).await.expect("MCP client connects through the gateway")
     }
 
     /// A raw HTTP client that sends the API key (if any) on every request.
@@ -155,10 +137,7 @@ impl Gateway {
 
     /// Sends SIGTERM and waits (bounded) for the gateway to exit.
     pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid()),
-            nix::sys::signal::Signal::SIGTERM,
-        );
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -199,15 +178,11 @@ pub struct Reply {
 
 impl Reply {
     pub fn session(&self) -> Option<String> {
-        self.headers
-            .get("mcp-session-id")
-            .map(|v| v.to_str().unwrap().to_owned())
+        self.headers.get("mcp-session-id").map(|v| v.to_str().unwrap().to_owned())
     }
 
     pub fn error_code(&self) -> i64 {
-        self.json["error"]["code"]
-            .as_i64()
-            .unwrap_or_else(|| panic!("no JSON-RPC error in {}", self.text))
+        self.json["error"]["code"].as_i64().unwrap_or_else(|| panic!("no JSON-RPC error in {}", self.text))
     }
 
     /// All `data:` payloads of an SSE body, parsed.
@@ -219,13 +194,8 @@ impl Reply {
 pub fn sse_events(text: &str) -> Vec<Value> {
     text.split("\n\n")
         .filter_map(|event| {
-            let data: Vec<&str> = event
-                .lines()
-                .filter_map(|l| l.strip_prefix("data:"))
-                .map(str::trim_start)
-                .collect();
-            (!data.is_empty())
-                .then(|| serde_json::from_str(&data.join("\n")).expect("SSE data is JSON"))
+            let data: Vec<&str> = event.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim_start).collect();
+            (!data.is_empty()).then(|| serde_json::from_str(&data.join("\n")).expect("SSE data is JSON"))
         })
         .collect()
 }
@@ -234,11 +204,7 @@ pub const ACCEPT_BOTH: &str = "application/json, text/event-stream";
 
 impl Http {
     pub fn new(url: String, api_key: Option<String>) -> Self {
-        Http {
-            client: reqwest::Client::new(),
-            url,
-            api_key,
-        }
+        Http { client: reqwest::Client::new(), url, api_key }
     }
 
     pub fn request(&self, method: reqwest::Method) -> reqwest::RequestBuilder {
@@ -250,12 +216,7 @@ impl Http {
     }
 
     /// POSTs `body` (raw text) with the usual headers plus `extra`.
-    pub async fn post_raw(
-        &self,
-        session: Option<&str>,
-        body: impl Into<String>,
-        extra: &[(&str, &str)],
-    ) -> Reply {
+    pub async fn post_raw(&self, session: Option<&str>, body: impl Into<String>, extra: &[(&str, &str)]) -> Reply {
         let mut headers = HeaderMap::new();
         headers.insert("accept", HeaderValue::from_static(ACCEPT_BOTH));
         headers.insert("content-type", HeaderValue::from_static("application/json"));
@@ -264,15 +225,9 @@ impl Http {
         }
         // Extra headers replace the defaults of the same name.
         for (name, value) in extra {
-            headers.insert(
-                HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                HeaderValue::from_str(value).unwrap(),
-            );
+            headers.insert(HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_str(value).unwrap());
         }
-        let request = self
-            .request(reqwest::Method::POST)
-            .headers(headers)
-            .body(body.into());
+        let request = self.request(reqwest::Method::POST).headers(headers).body(body.into());
         read(request.send().await.expect("the gateway answers")).await
     }
 
@@ -294,19 +249,10 @@ impl Http {
                     "clientInfo": {"name": "dynogate-tests", "version": "1"}}}),
             )
             .await;
-        assert_eq!(
-            reply.status,
-            StatusCode::OK,
-            "initialize failed: {}",
-            reply.text
-        );
+        assert_eq!(reply.status, StatusCode::OK, "initialize failed: {}", reply.text);
         let session = reply.session().expect("initialize returns Mcp-Session-Id");
-        let initialized = self
-            .post(
-                Some(&session),
-                &json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
-            )
-            .await;
+        let initialized =
+            self.post(Some(&session), &json!({"jsonrpc": "2.0", "method": "notifications/initialized"})).await;
         assert_eq!(initialized.status, StatusCode::ACCEPTED);
         (session, reply)
     }
@@ -321,12 +267,7 @@ impl Http {
     }
 
     pub async fn delete(&self, session: &str) -> StatusCode {
-        self.request(reqwest::Method::DELETE)
-            .header("mcp-session-id", session)
-            .send()
-            .await
-            .unwrap()
-            .status()
+        self.request(reqwest::Method::DELETE).header("mcp-session-id", session).send().await.unwrap().status()
     }
 }
 
@@ -335,63 +276,43 @@ pub async fn read(response: reqwest::Response) -> Reply {
     let status = response.status();
     let headers = response.headers().clone();
     let text = response.text().await.unwrap_or_default();
-    let is_sse = headers
-        .get("content-type")
-        .is_some_and(|v| v.to_str().unwrap().starts_with("text/event-stream"));
+    let is_sse = headers.get("content-type").is_some_and(|v| v.to_str().unwrap().starts_with("text/event-stream"));
     let json = if is_sse {
         sse_events(&text).pop().unwrap_or(Value::Null)
     } else {
         serde_json::from_str(&text).unwrap_or(Value::Null)
     };
-    Reply {
-        status,
-        headers,
-        text,
-        json,
-    }
+    Reply { status, headers, text, json }
 }
 
 /// The `{returncode, stdout, stderr}` a code tool returned, from its text content.
 pub fn exec_result(result: &Value) -> Value {
-    let text = result["result"]["content"][0]["text"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no text content in {result}"));
+    let text = result["result"]["content"][0]["text"].as_str().unwrap_or_else(|| panic!("no text content in {result}"));
     serde_json::from_str(text).expect("the text content is JSON")
 }
 
 /// The same, from an rmcp result.
 pub fn exec_result_of(result: &CallToolResult) -> Value {
-    let text = result.content[0]
-        .as_text()
-        .expect("text content")
-        .text
-        .clone();
+    let text = result.content[0].as_text().expect("text content").text.clone();
     serde_json::from_str(&text).expect("the text content is JSON")
 }
 
 pub fn tool_call(name: &str, arguments: Value) -> CallToolRequestParams {
-    CallToolRequestParams::new(name.to_owned())
-        .with_arguments(arguments.as_object().unwrap().clone())
+    CallToolRequestParams::new(name.to_owned()).with_arguments(arguments.as_object().unwrap().clone())
 }
 
 /// Pids of the runners serving `session` (found by their command lines).
 pub fn runner_pids(session: &str) -> Vec<i32> {
     processes()
         .into_iter()
-        .filter(|(_, argv)| {
-            argv.iter().any(|a| a == "--local") && argv.iter().any(|a| a == session)
-        })
+        .filter(|(_, argv)| argv.iter().any(|a| a == "--local") && argv.iter().any(|a| a == session))
         .map(|(pid, _)| pid)
         .collect()
 }
 
 /// Pids of every runner started by a given gateway (by parent pid).
 pub fn children_of(parent: i32) -> Vec<i32> {
-    processes()
-        .into_iter()
-        .filter(|(pid, _)| parent_of(*pid) == Some(parent))
-        .map(|(pid, _)| pid)
-        .collect()
+    processes().into_iter().filter(|(pid, _)| parent_of(*pid) == Some(parent)).map(|(pid, _)| pid).collect()
 }
 
 /// The one session a gateway is serving, read from its runner's command line.
@@ -399,10 +320,7 @@ pub fn only_session(gateway: &Gateway) -> String {
     let runners = children_of(gateway.pid());
     assert_eq!(runners.len(), 1, "expected one runner, found {runners:?}");
     let argv = argv_of(runners[0]).expect("runner still alive");
-    let at = argv
-        .iter()
-        .position(|a| a == "--session")
-        .expect("--session in the runner's command line");
+    let at = argv.iter().position(|a| a == "--session").expect("--session in the runner's command line");
     argv[at + 1].clone()
 }
 
@@ -416,12 +334,7 @@ fn processes() -> Vec<(i32, Vec<String>)> {
 
 pub fn argv_of(pid: i32) -> Option<Vec<String>> {
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    Some(
-        raw.split(|&b| b == 0)
-            .filter(|s| !s.is_empty())
-            .map(|s| String::from_utf8_lossy(s).into_owned())
-            .collect(),
-    )
+    Some(raw.split(|&b| b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect())
 }
 
 pub fn environ_of(pid: i32) -> HashMap<String, String> {
@@ -437,22 +350,14 @@ pub fn environ_of(pid: i32) -> HashMap<String, String> {
 
 fn parent_of(pid: i32) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit(')')
-        .next()?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    stat.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Whether a process is gone (or a zombie: dead, not yet reaped).
 pub fn gone(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
-        Ok(stat) => stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Ok(stat) => stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
     }
 }
 

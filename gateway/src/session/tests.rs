@@ -22,13 +22,8 @@ struct FakeRunner {
 }
 
 impl Spawner for FakeSpawner {
-    fn spawn(
-        &self,
-        _spec: RunnerSpec,
-    ) -> BoxFuture<'_, Result<Box<dyn RunnerProcess>, SpawnError>> {
-        let runner: Box<dyn RunnerProcess> = Box::new(FakeRunner {
-            stops: self.stops.clone(),
-        });
+    fn spawn(&self, _spec: RunnerSpec) -> BoxFuture<'_, Result<Box<dyn RunnerProcess>, SpawnError>> {
+        let runner: Box<dyn RunnerProcess> = Box::new(FakeRunner { stops: self.stops.clone() });
         std::future::ready(Ok(runner)).boxed()
     }
 }
@@ -83,11 +78,7 @@ fn start(timeouts: Timeouts) -> Harness {
     });
     sessions.insert(sessions.reserve().unwrap(), handle.clone());
     session.start(&tokio_util::task::TaskTracker::new());
-    Harness {
-        handle,
-        sessions,
-        stops,
-    }
+    Harness { handle, sessions, stops }
 }
 
 impl Harness {
@@ -106,10 +97,7 @@ impl Harness {
     async fn attach(&self) -> (Outbox, mpsc::UnboundedSender<Result<Incoming, LinkError>>) {
         let (link, outbox, tx) = channel_link();
         let slot = self.handle.claim_runner_slot().expect("slot is free");
-        self.handle
-            .send(Command::Attach { link, slot }, Duration::from_secs(1))
-            .await
-            .unwrap();
+        self.handle.send(Command::Attach { link, slot }, Duration::from_secs(1)).await.unwrap();
         (outbox, tx)
     }
 
@@ -125,10 +113,7 @@ impl Harness {
             reply: tx,
             permit,
         };
-        self.handle
-            .send(Command::Call(call), Duration::from_secs(1))
-            .await
-            .unwrap();
+        self.handle.send(Command::Call(call), Duration::from_secs(1)).await.unwrap();
         rx
     }
 }
@@ -149,12 +134,8 @@ async fn responses_find_their_request_by_id_whatever_the_order() {
     let mut second = h.call(r#""two""#, None).await;
     assert_eq!(Harness::forwarded(&mut outbox).await["id"], 1);
     assert_eq!(Harness::forwarded(&mut outbox).await["id"], "two");
-    runner
-        .send(message(r#"{"jsonrpc":"2.0","id":"two","result":{"n":2}}"#))
-        .unwrap();
-    runner
-        .send(message(r#"{"jsonrpc":"2.0","id":1,"result":{"n":1}}"#))
-        .unwrap();
+    runner.send(message(r#"{"jsonrpc":"2.0","id":"two","result":{"n":2}}"#)).unwrap();
+    runner.send(message(r#"{"jsonrpc":"2.0","id":1,"result":{"n":1}}"#)).unwrap();
     let (a, b) = (first.recv().await.unwrap(), second.recv().await.unwrap());
     assert!(a.last && b.last);
     assert_eq!(parse(&a)["result"]["n"], 1);
@@ -167,25 +148,20 @@ async fn progress_follows_its_token_and_strays_wait_for_a_get_stream() {
     let (mut outbox, runner) = h.attach().await;
     let mut call = h.call("1", Some(r#""p""#)).await;
     Harness::forwarded(&mut outbox).await;
-    runner.send(message(r#"{"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":"p","progress":1}}"#)).unwrap();
     runner
         .send(message(
-            r#"{"jsonrpc":"2.0","method":"notifications/message","params":{"data":"stray"}}"#,
+            r#"{"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":"p","progress":1}}"#,
         ))
         .unwrap();
-    runner
-        .send(message(r#"{"jsonrpc":"2.0","id":1,"result":{}}"#))
-        .unwrap();
+    runner.send(message(r#"{"jsonrpc":"2.0","method":"notifications/message","params":{"data":"stray"}}"#)).unwrap();
+    runner.send(message(r#"{"jsonrpc":"2.0","id":1,"result":{}}"#)).unwrap();
     let progress = call.recv().await.unwrap();
     assert!(!progress.last);
     assert_eq!(parse(&progress)["params"]["progress"], 1);
     assert!(call.recv().await.unwrap().last);
 
     let mut stream = h.handle.open_stream(Duration::from_secs(1)).await.unwrap();
-    assert_eq!(
-        parse(&stream.recv().await.unwrap())["params"]["data"],
-        "stray"
-    );
+    assert_eq!(parse(&stream.recv().await.unwrap())["params"]["data"], "stray");
 }
 
 #[tokio::test]
@@ -194,14 +170,9 @@ async fn a_duplicate_request_id_is_refused_and_the_first_still_answered() {
     let (mut outbox, runner) = h.attach().await;
     let mut first = h.call("7", None).await;
     let mut duplicate = h.call("7", None).await;
-    assert_eq!(
-        parse(&duplicate.recv().await.unwrap())["error"]["code"],
-        code::INVALID_REQUEST
-    );
+    assert_eq!(parse(&duplicate.recv().await.unwrap())["error"]["code"], code::INVALID_REQUEST);
     Harness::forwarded(&mut outbox).await;
-    runner
-        .send(message(r#"{"jsonrpc":"2.0","id":7,"result":{}}"#))
-        .unwrap();
+    runner.send(message(r#"{"jsonrpc":"2.0","id":7,"result":{}}"#)).unwrap();
     assert!(parse(&first.recv().await.unwrap())["result"].is_object());
 }
 
@@ -212,12 +183,7 @@ async fn without_a_dial_back_waiting_calls_fail_and_the_runner_is_stopped() {
     let answer = call.recv().await.unwrap();
     let error = &parse(&answer)["error"];
     assert_eq!(error["code"], code::RUNNER_UNAVAILABLE);
-    assert!(
-        error["message"]
-            .as_str()
-            .unwrap()
-            .contains("did not dial back within 30s")
-    );
+    assert!(error["message"].as_str().unwrap().contains("did not dial back within 30s"));
     h.handle.finished().await;
     assert_eq!(h.stops.load(Ordering::SeqCst), 1);
     assert!(h.sessions.get("s1").is_none());
@@ -232,22 +198,13 @@ async fn a_lost_link_fails_everything_in_flight_and_leaves_the_table() {
     Harness::forwarded(&mut outbox).await;
     drop(runner);
     for call in &mut calls {
-        assert_eq!(
-            parse(&call.recv().await.unwrap())["error"]["code"],
-            code::RUNNER_LOST
-        );
+        assert_eq!(parse(&call.recv().await.unwrap())["error"]["code"], code::RUNNER_LOST);
     }
     h.handle.finished().await;
     assert!(h.sessions.get("s1").is_none());
     assert!(
         h.handle
-            .send(
-                Command::Notify {
-                    payload: Bytes::new(),
-                    cancelled: None
-                },
-                Duration::from_secs(1)
-            )
+            .send(Command::Notify { payload: Bytes::new(), cancelled: None }, Duration::from_secs(1))
             .await
             .is_err()
     );
@@ -255,17 +212,11 @@ async fn a_lost_link_fails_everything_in_flight_and_leaves_the_table() {
 
 #[tokio::test(start_paused = true)]
 async fn a_request_with_no_answer_times_out_and_the_server_is_told_to_cancel() {
-    let h = start(Timeouts {
-        request: Duration::from_secs(5),
-        ..timeouts()
-    });
+    let h = start(Timeouts { request: Duration::from_secs(5), ..timeouts() });
     let (mut outbox, _runner) = h.attach().await;
     let mut call = h.call("1", None).await;
     Harness::forwarded(&mut outbox).await;
-    assert_eq!(
-        parse(&call.recv().await.unwrap())["error"]["code"],
-        code::REQUEST_TIMEOUT
-    );
+    assert_eq!(parse(&call.recv().await.unwrap())["error"]["code"], code::REQUEST_TIMEOUT);
     let cancel = Harness::forwarded(&mut outbox).await;
     assert_eq!(cancel["method"], "notifications/cancelled");
     assert_eq!(cancel["params"]["requestId"], 1);
@@ -273,22 +224,13 @@ async fn a_request_with_no_answer_times_out_and_the_server_is_told_to_cancel() {
 
 #[tokio::test(start_paused = true)]
 async fn an_idle_session_ends_and_a_busy_one_does_not() {
-    let h = start(Timeouts {
-        idle: Duration::from_secs(60),
-        heartbeat: Duration::from_secs(3600),
-        ..timeouts()
-    });
+    let h = start(Timeouts { idle: Duration::from_secs(60), heartbeat: Duration::from_secs(3600), ..timeouts() });
     let (mut outbox, runner) = h.attach().await;
     let mut call = h.call("1", None).await;
     Harness::forwarded(&mut outbox).await;
     tokio::time::sleep(Duration::from_secs(120)).await;
-    assert!(
-        h.sessions.get("s1").is_some(),
-        "a session with a request in flight is not idle"
-    );
-    runner
-        .send(message(r#"{"jsonrpc":"2.0","id":1,"result":{}}"#))
-        .unwrap();
+    assert!(h.sessions.get("s1").is_some(), "a session with a request in flight is not idle");
+    runner.send(message(r#"{"jsonrpc":"2.0","id":1,"result":{}}"#)).unwrap();
     assert!(call.recv().await.unwrap().last);
     h.handle.finished().await;
     assert!(h.sessions.get("s1").is_none());

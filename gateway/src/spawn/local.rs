@@ -27,10 +27,7 @@ pub struct LocalSpawner {
 
 impl LocalSpawner {
     pub fn new(runner_bin: PathBuf, runner_command: Option<String>) -> Self {
-        Self {
-            runner_bin,
-            runner_command,
-        }
+        Self { runner_bin, runner_command }
     }
 }
 
@@ -58,19 +55,12 @@ impl Spawner for LocalSpawner {
                 .stderr(Stdio::inherit())
                 .process_group(0)
                 .kill_on_drop(true);
-            let child = command
-                .spawn()
-                .map_err(|e| SpawnError::Start(format!("{}: {e}", self.runner_bin.display())))?;
-            let pid = child
-                .id()
-                .ok_or_else(|| SpawnError::Start("runner exited at once".into()))?;
+            let child =
+                command.spawn().map_err(|e| SpawnError::Start(format!("{}: {e}", self.runner_bin.display())))?;
+            let pid = child.id().ok_or_else(|| SpawnError::Start("runner exited at once".into()))?;
             let pid = Pid::from_raw(i32::try_from(pid).expect("pids fit in i32"));
             tracing::debug!(%pid, "local runner started");
-            Ok(Box::new(LocalRunner {
-                child,
-                pgid: pid,
-                reaped: false,
-            }) as Box<dyn RunnerProcess>)
+            Ok(Box::new(LocalRunner { child, pgid: pid, reaped: false }) as Box<dyn RunnerProcess>)
         }
         .boxed()
     }

@@ -6,7 +6,9 @@
 //! machine and a Heroku dyno alike.
 //!
 //! - [`local`]: `runner --local` as a child process in its own process group.
+//! - [`heroku`]: a one-off dyno per session through the Platform API.
 
+pub mod heroku;
 pub mod local;
 
 use std::time::Duration;
@@ -15,6 +17,7 @@ use dynogate_shared::Secret;
 use futures_util::future::BoxFuture;
 use url::Url;
 
+pub use heroku::HerokuSpawner;
 pub use local::LocalSpawner;
 
 /// What a runner needs to find its way back.
@@ -37,6 +40,19 @@ pub enum SpawnError {
 
 /// Starts runners.
 pub trait Spawner: Send + Sync + 'static {
+    /// Whether a new session may start now; the message says why not.
+    fn admit(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Stops runners this spawner started whose session `live` does not know
+    /// (left behind by a crash or a failed stop). Spawners whose runners
+    /// cannot outlive the gateway do nothing.
+    fn sweep<'a>(&'a self, live: &'a (dyn Fn(&str) -> bool + Send + Sync)) -> BoxFuture<'a, ()> {
+        let _ = live;
+        Box::pin(std::future::ready(()))
+    }
+
     /// Starts a runner for `spec`. Returns once the start has been requested;
     /// the runner dials back later (or never, which the session bounds).
     fn spawn(&self, spec: RunnerSpec) -> BoxFuture<'_, Result<Box<dyn RunnerProcess>, SpawnError>>;

@@ -10,9 +10,8 @@ use std::ffi::OsString;
 use std::path::Path;
 
 /// Variables code may see, when the executor has them.
-const CODE_ALLOWLIST: &[&str] = &[
-    "PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM", "USER", "LOGNAME", "TMPDIR",
-];
+const CODE_ALLOWLIST: &[&str] =
+    &["PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM", "USER", "LOGNAME", "TMPDIR"];
 
 /// Prefixes and names an installer may also see.
 const INSTALL_PREFIXES: &[&str] = &["PIP_", "UV_"];
@@ -31,10 +30,8 @@ const INSTALL_EXTRA: &[&str] = &[
 
 /// The environment for running code, with `venv` (when present) first on PATH.
 pub fn for_code(venv: Option<&Path>) -> Vec<(String, OsString)> {
-    let mut env: Vec<(String, OsString)> = CODE_ALLOWLIST
-        .iter()
-        .filter_map(|name| Some(((*name).to_owned(), std::env::var_os(name)?)))
-        .collect();
+    let mut env: Vec<(String, OsString)> =
+        CODE_ALLOWLIST.iter().filter_map(|name| Some(((*name).to_owned(), std::env::var_os(name)?))).collect();
     if let Some(venv) = venv {
         let bin = venv.join("bin");
         let path = match env.iter().find(|(k, _)| k == "PATH") {
@@ -73,10 +70,7 @@ mod tests {
     fn code_sees_only_allowlisted_names_and_the_venv_first() {
         let env = for_code(Some(Path::new("/s/.venv")));
         for (name, _) in &env {
-            assert!(
-                CODE_ALLOWLIST.contains(&name.as_str()) || name == "VIRTUAL_ENV",
-                "{name}"
-            );
+            assert!(CODE_ALLOWLIST.contains(&name.as_str()) || name == "VIRTUAL_ENV", "{name}");
         }
         let path = &env.iter().find(|(k, _)| k == "PATH").unwrap().1;
         assert!(path.to_string_lossy().starts_with("/s/.venv/bin"));
@@ -85,10 +79,7 @@ mod tests {
     #[test]
     fn installers_never_see_secrets() {
         for (name, _) in for_install() {
-            assert!(
-                !dynogate_shared::names::SECRET_ENV.contains(&name.as_str()),
-                "{name}"
-            );
+            assert!(!dynogate_shared::names::SECRET_ENV.contains(&name.as_str()), "{name}");
         }
     }
 }

@@ -26,8 +26,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation,
-    JsonObject, ListToolsResult, PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
+    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation, JsonObject, ListToolsResult,
+    PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
 };
 use rmcp::service::RequestContext;
 use rmcp::{ErrorData, RoleServer, ServerHandler, ServiceExt};
@@ -93,32 +93,19 @@ impl Executor {
     }
 
     async fn python(&self) -> Option<&Python> {
-        self.inner
-            .python
-            .get_or_init(Python::discover)
-            .await
-            .as_ref()
+        self.inner.python.get_or_init(Python::discover).await.as_ref()
     }
 
     /// Runs Python code as the template does.
     pub async fn run_python(&self, code: &str, packages: &[String]) -> Result<ExecResult, String> {
-        let python = self
-            .python()
-            .await
-            .ok_or("python3 is not installed on this machine")?;
+        let python = self.python().await.ok_or("python3 is not installed on this machine")?;
         let settings = &self.inner.settings;
         let workdir = &self.inner.workdir;
         if !packages.is_empty() {
             packages::validate(packages)?;
             let _one_at_a_time = self.inner.install_lock.lock().await;
             let out = python
-                .install(
-                    workdir,
-                    packages,
-                    settings.install_timeout,
-                    settings.max_output_bytes,
-                    &self.inner.groups,
-                )
+                .install(workdir, packages, settings.install_timeout, settings.max_output_bytes, &self.inner.groups)
                 .await
                 .map_err(|e| format!("cannot run the package installer: {e}"))?;
             if out.timed_out {
@@ -148,9 +135,7 @@ impl Executor {
             timeout: settings.run_timeout,
             max_output: settings.max_output_bytes,
         };
-        let out = process::run(&job, &self.inner.groups)
-            .await
-            .map_err(|e| format!("cannot start python: {e}"))?;
+        let out = process::run(&job, &self.inner.groups).await.map_err(|e| format!("cannot start python: {e}"))?;
         if out.timed_out {
             return Ok(ExecResult {
                 returncode: -2,
@@ -228,9 +213,8 @@ fn failure(message: impl Into<String>) -> CallToolResult {
 
 impl ServerHandler for Executor {
     fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().build()).with_server_info(
-            Implementation::new("dynogate-exec", env!("CARGO_PKG_VERSION")),
-        )
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+            .with_server_info(Implementation::new("dynogate-exec", env!("CARGO_PKG_VERSION")))
     }
 
     async fn list_tools(
@@ -257,14 +241,13 @@ impl ServerHandler for Executor {
         if request.name != PYTHON_TOOL {
             return Ok(failure(format!("Unknown tool: {}", request.name)).into());
         }
-        let args: CodeArgs = match serde_json::from_value(serde_json::Value::Object(
-            request.arguments.unwrap_or_default(),
-        )) {
-            Ok(args) => args,
-            Err(e) => {
-                return Ok(failure(format!("Invalid arguments for {PYTHON_TOOL}: {e}")).into());
-            }
-        };
+        let args: CodeArgs =
+            match serde_json::from_value(serde_json::Value::Object(request.arguments.unwrap_or_default())) {
+                Ok(args) => args,
+                Err(e) => {
+                    return Ok(failure(format!("Invalid arguments for {PYTHON_TOOL}: {e}")).into());
+                }
+            };
         let packages = args.packages.unwrap_or_default();
         let run = self.run_python(&args.code, &packages);
         // Dropping the run kills its process group.
@@ -292,18 +275,13 @@ pub async fn serve(settings: Exec) -> anyhow::Result<()> {
             (dir.path().to_owned(), Some(dir))
         }
     };
-    std::fs::create_dir_all(&workdir)
-        .with_context(|| format!("cannot create {}", workdir.display()))?;
+    std::fs::create_dir_all(&workdir).with_context(|| format!("cannot create {}", workdir.display()))?;
     let executor = Executor::new(workdir.clone(), settings);
     // Find Python while the client is still initializing.
     let warm = executor.clone();
     tokio::spawn(async move { warm.python().await.is_some() });
     info!(workdir = %workdir.display(), "code executor ready on stdio");
-    let service = executor
-        .clone()
-        .serve(rmcp::transport::stdio())
-        .await
-        .context("MCP handshake failed")?;
+    let service = executor.clone().serve(rmcp::transport::stdio()).await.context("MCP handshake failed")?;
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     tokio::select! {
@@ -324,16 +302,9 @@ mod tests {
 
     #[test]
     fn results_are_pretty_json_in_the_templates_field_order() {
-        let result = success(&ExecResult {
-            returncode: 3,
-            stdout: "1".into(),
-            stderr: String::new(),
-        });
+        let result = success(&ExecResult { returncode: 3, stdout: "1".into(), stderr: String::new() });
         let value = serde_json::to_value(&result).unwrap();
-        assert_eq!(
-            value["content"][0]["text"],
-            "{\n  \"returncode\": 3,\n  \"stdout\": \"1\",\n  \"stderr\": \"\"\n}"
-        );
+        assert_eq!(value["content"][0]["text"], "{\n  \"returncode\": 3,\n  \"stdout\": \"1\",\n  \"stderr\": \"\"\n}");
         assert_eq!(value["structuredContent"]["result"]["returncode"], 3);
         assert_eq!(value["isError"], false);
     }
@@ -343,10 +314,7 @@ mod tests {
         let tool = python_tool();
         let schema = serde_json::to_value(&*tool.input_schema).unwrap();
         assert_eq!(schema["required"], json!(["code"]));
-        assert_eq!(
-            schema["properties"]["packages"]["anyOf"][0]["type"],
-            "array"
-        );
+        assert_eq!(schema["properties"]["packages"]["anyOf"][0]["type"], "array");
         assert_eq!(schema["title"], "code_exec_pythonArguments");
     }
 }

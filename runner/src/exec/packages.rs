@@ -14,10 +14,7 @@ const MAX_SPEC: usize = 200;
 /// Returns a message naming the first spec that is refused.
 pub fn validate(specs: &[String]) -> Result<(), String> {
     if specs.len() > MAX_PACKAGES {
-        return Err(format!(
-            "at most {MAX_PACKAGES} packages per call ({} given)",
-            specs.len()
-        ));
+        return Err(format!("at most {MAX_PACKAGES} packages per call ({} given)", specs.len()));
     }
     for spec in specs {
         check(spec).map_err(|why| format!("package spec {spec:?} refused: {why}"))?;
@@ -54,16 +51,10 @@ mod tests {
 
     #[test]
     fn names_extras_and_versions_pass() {
-        let ok: Vec<String> = [
-            "six",
-            "requests==2.32.3",
-            "pandas[excel]>=2,<3",
-            "a.b_c-d~=1.0",
-            "x!=1.*",
-            "torch==2.0+cpu",
-        ]
-        .map(String::from)
-        .into();
+        let ok: Vec<String> =
+            ["six", "requests==2.32.3", "pandas[excel]>=2,<3", "a.b_c-d~=1.0", "x!=1.*", "torch==2.0+cpu"]
+                .map(String::from)
+                .into();
         assert_eq!(validate(&ok), Ok(()));
     }
 

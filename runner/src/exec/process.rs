@@ -43,11 +43,7 @@ struct GroupGuard {
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
-        self.groups
-            .0
-            .lock()
-            .expect("groups lock")
-            .remove(&self.pgid);
+        self.groups.0.lock().expect("groups lock").remove(&self.pgid);
         kill_group(self.pgid);
     }
 }
@@ -95,41 +91,23 @@ pub async fn run(job: &Job, groups: &Groups) -> std::io::Result<Output> {
     let mut child = command.spawn()?;
     let pgid = i32::try_from(child.id().unwrap_or_default()).expect("pids fit in i32");
     groups.0.lock().expect("groups lock").insert(pgid);
-    let _guard = GroupGuard {
-        groups: groups.clone(),
-        pgid,
-    };
+    let _guard = GroupGuard { groups: groups.clone(), pgid };
     let stdout = capture(child.stdout.take(), job.max_output);
     let stderr = capture(child.stderr.take(), job.max_output);
     // Like `subprocess.run(capture_output=True)`: the command is over when
     // it has exited and its output pipes have closed.
-    let finished = tokio::time::timeout(job.timeout, async {
-        tokio::join!(child.wait(), stdout, stderr)
-    })
-    .await;
+    let finished = tokio::time::timeout(job.timeout, async { tokio::join!(child.wait(), stdout, stderr) }).await;
     match finished {
         Ok((status, stdout, stderr)) => {
             use std::os::unix::process::ExitStatusExt;
             let status = status?;
-            let code = status
-                .code()
-                .unwrap_or_else(|| -status.signal().unwrap_or(0));
-            Ok(Output {
-                code,
-                stdout: stdout?,
-                stderr: stderr?,
-                timed_out: false,
-            })
+            let code = status.code().unwrap_or_else(|| -status.signal().unwrap_or(0));
+            Ok(Output { code, stdout: stdout?, stderr: stderr?, timed_out: false })
         }
         Err(_) => {
             kill_group(pgid);
             let _ = child.wait().await;
-            Ok(Output {
-                code: -2,
-                stdout: String::new(),
-                stderr: String::new(),
-                timed_out: true,
-            })
+            Ok(Output { code: -2, stdout: String::new(), stderr: String::new(), timed_out: true })
         }
     }
 }
@@ -176,11 +154,7 @@ pub fn find_program(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|dir| dir.join(name))
-        .find(|candidate| {
-            candidate
-                .metadata()
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
+        .find(|candidate| candidate.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
 }
 
 /// Whether `path` exists (for venv checks), without following errors.
@@ -205,31 +179,16 @@ mod tests {
 
     #[tokio::test]
     async fn captures_exit_code_and_both_streams() {
-        let out = run(
-            &job("echo out; echo err >&2; exit 3", Duration::from_secs(10)),
-            &Groups::default(),
-        )
-        .await
-        .unwrap();
-        assert_eq!(
-            out,
-            Output {
-                code: 3,
-                stdout: "out\n".into(),
-                stderr: "err\n".into(),
-                timed_out: false
-            }
-        );
+        let out =
+            run(&job("echo out; echo err >&2; exit 3", Duration::from_secs(10)), &Groups::default()).await.unwrap();
+        assert_eq!(out, Output { code: 3, stdout: "out\n".into(), stderr: "err\n".into(), timed_out: false });
     }
 
     /// Whether a process is gone (or a zombie, which is dead but not yet reaped).
     fn gone(pid: i32) -> bool {
         match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
             Err(_) => true,
-            Ok(stat) => stat
-                .rsplit(')')
-                .next()
-                .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+            Ok(stat) => stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
         }
     }
 
@@ -239,56 +198,31 @@ mod tests {
         let pidfile = dir.path().join("grandchild");
         let script = format!("sleep 30 & echo $! > {}; sleep 30", pidfile.display());
         let started = std::time::Instant::now();
-        let out = run(
-            &job(&script, Duration::from_millis(300)),
-            &Groups::default(),
-        )
-        .await
-        .unwrap();
+        let out = run(&job(&script, Duration::from_millis(300)), &Groups::default()).await.unwrap();
         assert!(out.timed_out);
         assert_eq!(out.code, -2);
         assert!(started.elapsed() < Duration::from_secs(5));
-        let grandchild: i32 = std::fs::read_to_string(&pidfile)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
+        let grandchild: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while !gone(grandchild) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "grandchild {grandchild} survived the timeout"
-            );
+            assert!(std::time::Instant::now() < deadline, "grandchild {grandchild} survived the timeout");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
     #[tokio::test]
     async fn long_output_keeps_head_and_tail() {
-        let out = run(
-            &job("yes x | head -c 5000; printf END", Duration::from_secs(10)),
-            &Groups::default(),
-        )
-        .await
-        .unwrap();
+        let out =
+            run(&job("yes x | head -c 5000; printf END", Duration::from_secs(10)), &Groups::default()).await.unwrap();
         assert!(out.stdout.starts_with("x\nx\n"));
-        assert!(
-            out.stdout.ends_with("END"),
-            "{}",
-            &out.stdout[out.stdout.len() - 20..]
-        );
+        assert!(out.stdout.ends_with("END"), "{}", &out.stdout[out.stdout.len() - 20..]);
         assert!(out.stdout.contains("bytes omitted"));
         assert!(out.stdout.len() < 1100);
     }
 
     #[tokio::test]
     async fn signals_are_reported_as_negative_codes() {
-        let out = run(
-            &job("kill -9 $$", Duration::from_secs(10)),
-            &Groups::default(),
-        )
-        .await
-        .unwrap();
+        let out = run(&job("kill -9 $$", Duration::from_secs(10)), &Groups::default()).await.unwrap();
         assert_eq!(out.code, -9);
     }
 }

@@ -35,16 +35,9 @@ impl Python {
         };
         let out = process::run(&job, &Groups::default()).await.ok()?;
         let resolved = PathBuf::from(out.stdout.trim());
-        let interpreter = if out.code == 0 && resolved.is_absolute() {
-            resolved
-        } else {
-            shim
-        };
+        let interpreter = if out.code == 0 && resolved.is_absolute() { resolved } else { shim };
         tracing::debug!(interpreter = %interpreter.display(), "python found");
-        Some(Python {
-            interpreter,
-            uv: process::find_program("uv"),
-        })
+        Some(Python { interpreter, uv: process::find_program("uv") })
     }
 
     /// Where the session's venv lives.
@@ -56,11 +49,7 @@ impl Python {
     pub fn runtime(&self, workdir: &Path) -> (PathBuf, Option<PathBuf>) {
         let venv = Self::venv_dir(workdir);
         let python = venv.join("bin").join("python");
-        if process::exists(&python) {
-            (python, Some(venv))
-        } else {
-            (self.interpreter.clone(), None)
-        }
+        if process::exists(&python) { (python, Some(venv)) } else { (self.interpreter.clone(), None) }
     }
 
     /// Creates the venv if needed and installs `packages` into it.
@@ -85,17 +74,11 @@ impl Python {
         };
         if !process::exists(&venv_python) {
             let create = match &self.uv {
-                Some(uv) => job(
-                    uv,
-                    os(["venv", "--quiet", "--python"])
-                        .chain_path(&self.interpreter)
-                        .chain_path(&venv),
-                ),
+                Some(uv) => {
+                    job(uv, os(["venv", "--quiet", "--python"]).chain_path(&self.interpreter).chain_path(&venv))
+                }
                 // Without pip inside: pip installs from outside with --python, which is much faster.
-                None => job(
-                    &self.interpreter,
-                    os(["-m", "venv", "--without-pip"]).chain_path(&venv),
-                ),
+                None => job(&self.interpreter, os(["-m", "venv", "--without-pip"]).chain_path(&venv)),
             };
             let out = process::run(&create, groups).await?;
             if out.code != 0 || out.timed_out {
@@ -103,10 +86,7 @@ impl Python {
             }
         }
         let mut install = match &self.uv {
-            Some(uv) => job(
-                uv,
-                os(["pip", "install", "--quiet", "--python"]).chain_path(&venv_python),
-            ),
+            Some(uv) => job(uv, os(["pip", "install", "--quiet", "--python"]).chain_path(&venv_python)),
             None => job(
                 &self.interpreter,
                 os(["-m", "pip", "--disable-pip-version-check", "--python"])

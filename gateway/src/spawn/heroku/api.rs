@@ -1,0 +1,300 @@
+//! A small client for the part of Heroku's Platform API that one-off dynos
+//! need: create, get, list and stop.
+//!
+//! Every call carries the v3 `Accept` header, the bearer key and a
+//! `User-Agent`. The retry rules follow what the platform documents:
+//! - 429 `rate_limit`: wait (`Retry-After` when given, else backoff) and retry;
+//! - 5xx and network failures: jittered, bounded exponential backoff;
+//! - 409 on create (release not ready yet) and 404 just after create: a few
+//!   quick retries, which the caller asks for per call;
+//! - anything else (401, 403, 422, …): an [`ApiError::Refused`] carrying
+//!   Heroku's error id and message, never the key.
+//!
+//! The last `RateLimit-Remaining` seen is kept, so the spawner can refuse new
+//! sessions before the account's budget runs out. The `Request-Id` of every
+//! failed call is logged.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use dynogate_shared::Secret;
+use reqwest::header::{ACCEPT, HeaderMap, RETRY_AFTER, USER_AGENT};
+use reqwest::{Method, StatusCode};
+use serde::{Deserialize, Serialize};
+use tracing::{debug, warn};
+use url::Url;
+
+const ACCEPT_V3: &str = "application/vnd.heroku+json; version=3";
+/// No single call may hang longer than this.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How hard to retry.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// First backoff; doubled on each retry, with jitter.
+    pub base: Duration,
+    /// Longest single wait.
+    pub max_wait: Duration,
+    /// Retries of 429, 5xx and network failures.
+    pub attempts: u32,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self { base: Duration::from_millis(500), max_wait: Duration::from_secs(8), attempts: 4 }
+    }
+}
+
+/// Why a call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    /// Heroku answered with an error that retrying will not fix.
+    #[error("Heroku refused the request (HTTP {status} {id}): {message}")]
+    Refused { status: u16, id: String, message: String },
+    /// Heroku could not be reached or kept failing.
+    #[error("the Heroku Platform API is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A dyno as the API describes it (the fields we use).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dyno {
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub state: String,
+    #[serde(default)]
+    pub command: String,
+    #[serde(default, rename = "type")]
+    pub kind: String,
+}
+
+/// The body of `POST /apps/{app}/dynos`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CreateDyno {
+    pub command: String,
+    pub env: std::collections::BTreeMap<String, String>,
+    pub attach: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub time_to_live: u64,
+}
+
+/// Extra retries a particular call wants for statuses that are normally final.
+#[derive(Debug, Clone, Copy, Default)]
+struct Tolerate {
+    status: Option<StatusCode>,
+    times: u32,
+}
+
+/// A Platform API client bound to one app.
+#[derive(Clone)]
+pub struct Api {
+    http: reqwest::Client,
+    base: Url,
+    key: Secret,
+    app: String,
+    retry: RetryPolicy,
+    remaining: Arc<AtomicI64>,
+}
+
+impl std::fmt::Debug for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Api").field("base", &self.base.as_str()).field("app", &self.app).finish_non_exhaustive()
+    }
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    message: String,
+}
+
+impl Api {
+    pub fn new(base: Url, key: Secret, app: String, retry: RetryPolicy) -> anyhow::Result<Self> {
+        // ring is the one TLS backend compiled in; a second install is a no-op.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .timeout(CALL_TIMEOUT)
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot build the Heroku API client: {e}"))?;
+        Ok(Self { http, base, key, app, retry, remaining: Arc::new(AtomicI64::new(-1)) })
+    }
+
+    /// The last `RateLimit-Remaining` Heroku reported, if any.
+    pub fn remaining(&self) -> Option<i64> {
+        Some(self.remaining.load(Ordering::Relaxed)).filter(|n| *n >= 0)
+    }
+
+    pub async fn create_dyno(&self, body: &CreateDyno) -> Result<Dyno, ApiError> {
+        let path = format!("apps/{}/dynos", self.app);
+        // A fresh app's release may not be ready yet: Heroku says 409.
+        let tolerate = Tolerate { status: Some(StatusCode::CONFLICT), times: 3 };
+        let response = self.call(Method::POST, &path, Some(body), tolerate).await?;
+        parse(response).await
+    }
+
+    pub async fn dyno(&self, id: &str) -> Result<Dyno, ApiError> {
+        let path = format!("apps/{}/dynos/{id}", self.app);
+        // A dyno can be missing for a moment right after it was created.
+        let tolerate = Tolerate { status: Some(StatusCode::NOT_FOUND), times: 3 };
+        parse(self.call::<()>(Method::GET, &path, None, tolerate).await?).await
+    }
+
+    /// Every dyno of the app, following `Next-Range` pages.
+    pub async fn list_dynos(&self) -> Result<Vec<Dyno>, ApiError> {
+        let path = format!("apps/{}/dynos", self.app);
+        let mut all = Vec::new();
+        let mut range: Option<String> = None;
+        loop {
+            let response = self.call_with_range(&path, range.as_deref()).await?;
+            let next = (response.status() == StatusCode::PARTIAL_CONTENT)
+                .then(|| response.headers().get("next-range").and_then(|v| v.to_str().ok()).map(str::to_owned))
+                .flatten();
+            let page: Vec<Dyno> = parse(response).await?;
+            all.extend(page);
+            match next {
+                Some(next) => range = Some(next),
+                None => return Ok(all),
+            }
+        }
+    }
+
+    /// Stops a dyno. One that is already gone counts as stopped.
+    pub async fn stop_dyno(&self, id: &str) -> Result<(), ApiError> {
+        let path = format!("apps/{}/dynos/{id}/actions/stop", self.app);
+        match self.call::<()>(Method::POST, &path, None, Tolerate::default()).await {
+            Ok(_) => Ok(()),
+            Err(ApiError::Refused { status: 404, .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn call_with_range(&self, path: &str, range: Option<&str>) -> Result<reqwest::Response, ApiError> {
+        let mut headers = HeaderMap::new();
+        if let Some(range) = range {
+            headers.insert("range", range.parse().map_err(|_| ApiError::Unavailable("bad Next-Range".into()))?);
+        }
+        self.send::<()>(Method::GET, path, None, headers, Tolerate::default()).await
+    }
+
+    async fn call<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        tolerate: Tolerate,
+    ) -> Result<reqwest::Response, ApiError> {
+        self.send(method, path, body, HeaderMap::new(), tolerate).await
+    }
+
+    async fn send<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        headers: HeaderMap,
+        tolerate: Tolerate,
+    ) -> Result<reqwest::Response, ApiError> {
+        let url = self.base.join(path).map_err(|e| ApiError::Unavailable(format!("bad API URL: {e}")))?;
+        let mut retries = 0u32;
+        let mut tolerated = 0u32;
+        loop {
+            let mut request = self
+                .http
+                .request(method.clone(), url.clone())
+                .header(ACCEPT, ACCEPT_V3)
+                .header(USER_AGENT, concat!("dynogate/", env!("CARGO_PKG_VERSION")))
+                .bearer_auth(self.key.expose())
+                .headers(headers.clone());
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            let outcome = request.send().await;
+            let response = match outcome {
+                Ok(response) => response,
+                Err(e) => {
+                    if retries < self.retry.attempts {
+                        let wait = self.backoff(retries);
+                        warn!(%method, path, "Heroku API unreachable ({e}); retrying in {wait:?}");
+                        retries += 1;
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                    return Err(ApiError::Unavailable(format!("{method} {path}: {e}")));
+                }
+            };
+            if let Some(remaining) = header_number(response.headers(), "ratelimit-remaining") {
+                self.remaining.store(remaining, Ordering::Relaxed);
+            }
+            let status = response.status();
+            if status.is_success() {
+                debug!(%method, path, %status, "Heroku API call");
+                return Ok(response);
+            }
+            let request_id =
+                response.headers().get("request-id").and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned();
+            let retry_after = header_number(response.headers(), RETRY_AFTER.as_str()).map(|s| s.max(0) as u64);
+            if tolerate.status == Some(status) && tolerated < tolerate.times {
+                tolerated += 1;
+                let wait = self.retry.base.min(Duration::from_secs(1));
+                warn!(%method, path, %status, request_id, "Heroku API call failed; retrying in {wait:?}");
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            let retryable = status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error();
+            if retryable && retries < self.retry.attempts {
+                let wait = match retry_after {
+                    Some(seconds) => Duration::from_secs(seconds).min(self.retry.max_wait),
+                    None => self.backoff(retries),
+                };
+                warn!(%method, path, %status, request_id, "Heroku API call failed; retrying in {wait:?}");
+                retries += 1;
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            let body: ErrorBody =
+                response.json().await.unwrap_or(ErrorBody { id: String::new(), message: String::new() });
+            warn!(%method, path, %status, request_id, error_id = %body.id, "Heroku API call failed: {}", body.message);
+            if retryable {
+                return Err(ApiError::Unavailable(format!(
+                    "HTTP {} {} after {} retries: {}",
+                    status.as_u16(),
+                    body.id,
+                    retries,
+                    body.message
+                )));
+            }
+            return Err(ApiError::Refused {
+                status: status.as_u16(),
+                id: if body.id.is_empty() { "unknown".into() } else { body.id },
+                message: if body.message.is_empty() { status.to_string() } else { body.message },
+            });
+        }
+    }
+
+    /// Exponential backoff with ±25 % jitter, capped.
+    fn backoff(&self, retry: u32) -> Duration {
+        let exp = self.retry.base.saturating_mul(1 << retry.min(16));
+        let capped = exp.min(self.retry.max_wait);
+        let mut byte = [0u8; 1];
+        let _ = getrandom::fill(&mut byte);
+        let factor = 0.75 + f64::from(byte[0]) / 255.0 * 0.5;
+        capped.mul_f64(factor)
+    }
+}
+
+fn header_number(headers: &HeaderMap, name: &str) -> Option<i64> {
+    headers.get(name)?.to_str().ok()?.trim().parse().ok()
+}
+
+async fn parse<T: serde::de::DeserializeOwned>(response: reqwest::Response) -> Result<T, ApiError> {
+    response.json().await.map_err(|e| ApiError::Unavailable(format!("unexpected answer from Heroku: {e}")))
+}

@@ -1,0 +1,200 @@
+//! The Heroku spawner: each runner is a one-off dyno of the gateway's own app.
+//!
+//! A session's dyno is created detached (`attach: false`) with a command that
+//! runs the runner from the slug and names the session; the runner's token,
+//! the gateway's URL and the bridged command travel in the dyno's `env`,
+//! never on the command line (commands show up in `heroku ps` and logs).
+//!
+//! Every runner dyno's command carries [`MARKER`], which is how the sweeper
+//! recognises ours among the app's dynos: at start-up and every few minutes
+//! it stops marked dynos whose session is not live (left over by a crash, a
+//! deploy, or a stop call that failed). Dynos without the marker are never
+//! touched.
+//!
+//! - [`api`]: the Platform API client, with its retry and rate-limit rules.
+
+pub mod api;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::{RunnerProcess, RunnerSpec, SpawnError, Spawner};
+use api::{Api, ApiError, CreateDyno};
+
+/// The argument that marks a dyno as a dynogate runner.
+pub const MARKER: &str = "--spawned-by dynogate";
+
+/// How the spawner is set up.
+#[derive(Debug, Clone)]
+pub struct HerokuSettings {
+    /// Path of the runner binary inside the slug (the same as beside the gateway).
+    pub runner_bin: String,
+    /// The stdio MCP server runners bridge; `None` for the built-in executor.
+    pub runner_command: Option<String>,
+    pub size: Option<String>,
+    pub ttl: Duration,
+    /// Below this many remaining API calls, new sessions are refused.
+    pub rate_limit_reserve: i64,
+    /// How long to watch a new dyno's state for an early crash.
+    pub watch_for: Duration,
+}
+
+/// Starts runners as one-off dynos.
+#[derive(Debug, Clone)]
+pub struct HerokuSpawner {
+    api: Api,
+    settings: HerokuSettings,
+}
+
+impl HerokuSpawner {
+    pub fn new(api: Api, settings: HerokuSettings) -> Self {
+        Self { api, settings }
+    }
+
+    /// The dyno's command: the runner, the marker and the session, nothing secret.
+    pub fn command(&self, session: &str) -> String {
+        format!("{} {MARKER} --session {session}", self.settings.runner_bin)
+    }
+}
+
+/// The session a marked dyno serves, read from its command.
+pub fn session_of(command: &str) -> Option<&str> {
+    if !command.contains(MARKER) {
+        return None;
+    }
+    let mut words = command.split_whitespace();
+    words.find(|w| *w == "--session")?;
+    words.next()
+}
+
+fn spawn_error(error: ApiError) -> SpawnError {
+    match error {
+        ApiError::Refused { status, id, message } => {
+            SpawnError::Start(format!("Heroku refused to start a runner dyno (HTTP {status} {id}: {message})"))
+        }
+        ApiError::Unavailable(why) => {
+            SpawnError::Start(format!("could not reach Heroku to start a runner dyno: {why}"))
+        }
+    }
+}
+
+impl Spawner for HerokuSpawner {
+    fn admit(&self) -> Result<(), String> {
+        match self.api.remaining() {
+            Some(remaining) if remaining < self.settings.rate_limit_reserve => Err(format!(
+                "the Heroku API budget is nearly spent ({remaining} calls left, reserve {}); new sessions resume as it refills",
+                self.settings.rate_limit_reserve
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn spawn(&self, spec: RunnerSpec) -> BoxFuture<'_, Result<Box<dyn RunnerProcess>, SpawnError>> {
+        async move {
+            let mut env = BTreeMap::new();
+            env.insert(dynogate_shared::names::TOKEN_ENV.to_owned(), spec.token.expose().to_owned());
+            env.insert("GATEWAY_URL".to_owned(), spec.gateway_url.to_string());
+            if let Some(command) = &self.settings.runner_command {
+                env.insert("RUNNER_COMMAND".to_owned(), command.clone());
+            }
+            let body = CreateDyno {
+                command: self.command(&spec.session),
+                env,
+                attach: false,
+                size: self.settings.size.clone(),
+                kind: "run".to_owned(),
+                time_to_live: self.settings.ttl.as_secs(),
+            };
+            let dyno = self.api.create_dyno(&body).await.map_err(spawn_error)?;
+            info!(dyno = %dyno.name, id = %dyno.id, "runner dyno created");
+            let runner = DynoRunner {
+                api: self.api.clone(),
+                id: dyno.id,
+                name: dyno.name,
+                watch_until: Instant::now() + self.settings.watch_for,
+            };
+            Ok(Box::new(runner) as Box<dyn RunnerProcess>)
+        }
+        .boxed()
+    }
+
+    fn sweep<'a>(&'a self, live: &'a (dyn Fn(&str) -> bool + Send + Sync)) -> BoxFuture<'a, ()> {
+        async move {
+            let dynos = match self.api.list_dynos().await {
+                Ok(dynos) => dynos,
+                Err(e) => {
+                    warn!("sweep skipped: {e}");
+                    return;
+                }
+            };
+            for dyno in dynos {
+                let Some(session) = session_of(&dyno.command) else { continue };
+                if live(session) || matches!(dyno.state.as_str(), "down" | "crashed") {
+                    continue;
+                }
+                info!(dyno = %dyno.name, session, "stopping an orphaned runner dyno");
+                if let Err(e) = self.api.stop_dyno(&dyno.id).await {
+                    warn!(dyno = %dyno.name, "cannot stop orphaned runner dyno: {e}");
+                }
+            }
+        }
+        .boxed()
+    }
+}
+
+/// A runner dyno, as the session sees it.
+struct DynoRunner {
+    api: Api,
+    id: String,
+    name: String,
+    /// After this, the socket alone tells whether the runner lives: polling
+    /// every session's dyno forever would spend the account's API budget.
+    watch_until: Instant,
+}
+
+impl RunnerProcess for DynoRunner {
+    fn describe(&self) -> String {
+        format!("dyno {} ({})", self.name, self.id)
+    }
+
+    fn exited(&mut self) -> BoxFuture<'_, String> {
+        async move {
+            let mut every = Duration::from_secs(2);
+            while Instant::now() + every < self.watch_until {
+                tokio::time::sleep(every).await;
+                match self.api.dyno(&self.id).await {
+                    Ok(dyno) if matches!(dyno.state.as_str(), "crashed" | "down") => {
+                        return format!("dyno {} is {}", self.name, dyno.state);
+                    }
+                    Ok(_) => {}
+                    Err(ApiError::Refused { status: 404, .. }) => return format!("dyno {} is gone", self.name),
+                    Err(e) => warn!("cannot follow dyno {}: {e}", self.name),
+                }
+                every = (every * 2).min(Duration::from_secs(10));
+            }
+            std::future::pending().await
+        }
+        .boxed()
+    }
+
+    fn stop(self: Box<Self>, _grace: Duration) -> BoxFuture<'static, ()> {
+        // The runner was told to shut down over its socket and would end the
+        // dyno by exiting; stopping it as well costs one call and leaves
+        // nothing to chance. Heroku sends SIGTERM, which the runner handles.
+        async move {
+            match self.api.stop_dyno(&self.id).await {
+                Ok(()) => info!(dyno = %self.name, "runner dyno stopped"),
+                Err(e) => warn!(dyno = %self.name, "cannot stop runner dyno (the sweeper will retry): {e}"),
+            }
+        }
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,255 @@
+//! The Platform API contract, against wiremock: what is sent, and what each
+//! answer makes the spawner do.
+
+use std::time::Duration;
+
+use dynogate_shared::Secret;
+use serde_json::{Value, json};
+use wiremock::matchers::{header, method, path};
+use wiremock::{Mock, MockServer, Request, ResponseTemplate};
+
+use super::*;
+use crate::spawn::{RunnerSpec, Spawner};
+
+const KEY: &str = "heroku-key-never-shown";
+
+fn policy() -> api::RetryPolicy {
+    api::RetryPolicy { base: Duration::from_millis(5), max_wait: Duration::from_millis(50), attempts: 3 }
+}
+
+fn spawner(server: &MockServer) -> HerokuSpawner {
+    let api = Api::new(url::Url::parse(&server.uri()).unwrap(), Secret::new(KEY), "my-app".into(), policy()).unwrap();
+    HerokuSpawner::new(
+        api,
+        HerokuSettings {
+            runner_bin: "/app/target/release/runner".into(),
+            runner_command: Some("mcp-python".into()),
+            size: Some("standard-1x".into()),
+            ttl: Duration::from_secs(3600),
+            rate_limit_reserve: 100,
+            watch_for: Duration::from_secs(30),
+        },
+    )
+}
+
+fn spec() -> RunnerSpec {
+    RunnerSpec {
+        session: "abc123".into(),
+        token: Secret::new("the-runner-token"),
+        gateway_url: url::Url::parse("https://gw.example.com/").unwrap(),
+    }
+}
+
+fn dyno(id: &str, command: &str, state: &str) -> Value {
+    json!({"id": id, "name": format!("run.{id}"), "state": state, "command": command, "type": "run",
+           "attach_url": null, "size": "Standard-1X"})
+}
+
+fn created() -> ResponseTemplate {
+    ResponseTemplate::new(201).set_body_json(dyno(
+        "d1",
+        "/app/target/release/runner --spawned-by dynogate --session abc123",
+        "starting",
+    ))
+}
+
+fn error(status: u16, id: &str, message: &str) -> ResponseTemplate {
+    ResponseTemplate::new(status)
+        .insert_header("request-id", "req-42")
+        .set_body_json(json!({"id": id, "message": message}))
+}
+
+async fn requests(server: &MockServer) -> Vec<Request> {
+    server.received_requests().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_dyno_is_created_with_the_documented_headers_and_body() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/apps/my-app/dynos"))
+        .and(header("accept", "application/vnd.heroku+json; version=3"))
+        .and(header("authorization", format!("Bearer {KEY}").as_str()))
+        .respond_with(created())
+        .expect(1)
+        .mount(&server)
+        .await;
+    spawner(&server).spawn(spec()).await.expect("the dyno is created");
+
+    let sent = &requests(&server).await[0];
+    assert!(sent.headers.get("user-agent").unwrap().to_str().unwrap().starts_with("dynogate/"));
+    let body: Value = serde_json::from_slice(&sent.body).unwrap();
+    assert_eq!(body["command"], "/app/target/release/runner --spawned-by dynogate --session abc123");
+    assert!(
+        !body["command"].as_str().unwrap().contains("the-runner-token"),
+        "the token must not be on the command line"
+    );
+    assert_eq!(body["env"]["RUNNER_TOKEN"], "the-runner-token");
+    assert_eq!(body["env"]["GATEWAY_URL"], "https://gw.example.com/");
+    assert_eq!(body["env"]["RUNNER_COMMAND"], "mcp-python");
+    assert_eq!(body["attach"], false);
+    assert_eq!(body["type"], "run");
+    assert_eq!(body["size"], "standard-1x");
+    assert_eq!(body["time_to_live"], 3600);
+}
+
+#[tokio::test]
+async fn a_release_that_is_not_ready_is_retried() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(error(409, "conflict", "release not ready"))
+        .up_to_n_times(2)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST")).respond_with(created()).mount(&server).await;
+    spawner(&server).spawn(spec()).await.expect("created on the third try");
+    assert_eq!(requests(&server).await.len(), 3);
+}
+
+#[tokio::test]
+async fn rate_limits_are_waited_out_honouring_retry_after() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            error(429, "rate_limit", "Your account reached the API rate limit").insert_header("retry-after", "0"),
+        )
+        .up_to_n_times(2)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST")).respond_with(created()).mount(&server).await;
+    spawner(&server).spawn(spec()).await.expect("created once the limit lifts");
+    assert_eq!(requests(&server).await.len(), 3);
+}
+
+#[tokio::test]
+async fn server_errors_are_retried_a_bounded_number_of_times() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(error(503, "unavailable", "try later")).mount(&server).await;
+    let err = spawner(&server).spawn(spec()).await.err().expect("gives up");
+    assert_eq!(requests(&server).await.len(), 1 + policy().attempts as usize);
+    let message = err.to_string();
+    assert!(message.contains("503") && message.contains("try later"), "{message}");
+}
+
+#[tokio::test]
+async fn refusals_name_herokus_error_and_never_the_key() {
+    for (status, id, text) in [
+        (401, "unauthorized", "Invalid credentials provided."),
+        (403, "forbidden", "You do not have access to the app my-app."),
+        (422, "invalid_params", "Cannot run more than 50 Standard-1X dynos."),
+    ] {
+        let server = MockServer::start().await;
+        Mock::given(method("POST")).respond_with(error(status, id, text)).mount(&server).await;
+        let message = spawner(&server).spawn(spec()).await.err().expect("refused").to_string();
+        assert!(message.contains(id) && message.contains(text) && message.contains(&status.to_string()), "{message}");
+        assert!(!message.contains(KEY), "{message}");
+        assert_eq!(requests(&server).await.len(), 1, "HTTP {status} is final");
+    }
+}
+
+#[tokio::test]
+async fn a_nearly_spent_rate_limit_refuses_new_sessions() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(created().insert_header("ratelimit-remaining", "4000"))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST")).respond_with(created().insert_header("ratelimit-remaining", "42")).mount(&server).await;
+    let spawner = spawner(&server);
+    assert!(spawner.admit().is_ok(), "nothing known yet");
+    spawner.spawn(spec()).await.unwrap();
+    assert!(spawner.admit().is_ok(), "4000 left");
+    spawner.spawn(spec()).await.unwrap();
+    let refusal = spawner.admit().unwrap_err();
+    assert!(refusal.contains("42 calls left"), "{refusal}");
+}
+
+#[tokio::test]
+async fn a_dyno_missing_just_after_creation_is_looked_up_again() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/apps/my-app/dynos/d1"))
+        .respond_with(error(404, "not_found", "no dyno"))
+        .up_to_n_times(2)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/apps/my-app/dynos/d1"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(dyno("d1", "x", "up")))
+        .mount(&server)
+        .await;
+    let found = spawner(&server).api.dyno("d1").await.unwrap();
+    assert_eq!(found.state, "up");
+}
+
+#[tokio::test]
+async fn a_crashed_dyno_ends_its_session_early() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST")).respond_with(created()).mount(&server).await;
+    Mock::given(method("GET"))
+        .and(path("/apps/my-app/dynos/d1"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(dyno("d1", "x", "crashed")))
+        .mount(&server)
+        .await;
+    let mut runner = spawner(&server).spawn(spec()).await.unwrap();
+    let why = tokio::time::timeout(Duration::from_secs(20), runner.exited()).await.expect("noticed");
+    assert!(why.contains("crashed"), "{why}");
+}
+
+#[tokio::test]
+async fn stopping_calls_the_stop_action_and_tolerates_a_gone_dyno() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST")).and(path("/apps/my-app/dynos")).respond_with(created()).mount(&server).await;
+    Mock::given(method("POST"))
+        .and(path("/apps/my-app/dynos/d1/actions/stop"))
+        .respond_with(error(404, "not_found", "gone already"))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let runner = spawner(&server).spawn(spec()).await.unwrap();
+    runner.stop(Duration::from_secs(1)).await;
+}
+
+#[tokio::test]
+async fn the_sweeper_stops_only_marked_dynos_whose_session_is_gone() {
+    let server = MockServer::start().await;
+    let ours = |session: &str| format!("/app/target/release/runner --spawned-by dynogate --session {session}");
+    // Two pages, as the API paginates with 206 and Next-Range.
+    Mock::given(method("GET"))
+        .and(path("/apps/my-app/dynos"))
+        .and(wiremock::matchers::header_exists("range"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!([dyno("orphan2", &ours("old2"), "up")])))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/apps/my-app/dynos"))
+        .respond_with(ResponseTemplate::new(206).insert_header("next-range", "id ]run.9..; max=200").set_body_json(
+            json!([
+                dyno("live", &ours("live-session"), "up"),
+                dyno("orphan", &ours("old"), "up"),
+                dyno("finished", &ours("older"), "down"),
+                dyno("web", "target/release/gateway", "up"),
+                dyno("console", "bash", "up"),
+            ]),
+        ))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST")).respond_with(ResponseTemplate::new(202).set_body_json(json!({}))).mount(&server).await;
+
+    spawner(&server).sweep(&|session: &str| session == "live-session").await;
+    let stopped: Vec<String> = requests(&server)
+        .await
+        .into_iter()
+        .filter(|r| r.method.as_str() == "POST")
+        .map(|r| r.url.path().to_owned())
+        .collect();
+    assert_eq!(stopped, ["/apps/my-app/dynos/orphan/actions/stop", "/apps/my-app/dynos/orphan2/actions/stop"]);
+}
+
+#[test]
+fn sessions_are_read_only_from_marked_commands() {
+    assert_eq!(session_of("/app/runner --spawned-by dynogate --session s1"), Some("s1"));
+    assert_eq!(session_of("/app/runner --session s1"), None);
+    assert_eq!(session_of("bash"), None);
+}

@@ -1,0 +1,113 @@
+use serde_json::json;
+
+// Multi-threaded runtimes: the fake API runs in this process and must keep
+// answering while a test thread blocks waiting for the gateway to exit.
+use crate::fake_heroku::FakeHeroku;
+use crate::support::*;
+
+const HEROKU_KEY: &str = "heroku-platform-key";
+const CLIENT_KEY: &str = "client-key";
+
+fn heroku(fake: &FakeHeroku) -> Options {
+    Options::default()
+        .api_key(CLIENT_KEY)
+        .env("HEROKU_API_KEY", HEROKU_KEY)
+        .env("HEROKU_APP_NAME", "my-app")
+        .env("HEROKU_API_URL", &fake.url)
+}
+
+/// The config vars a real app would have, which every dyno receives.
+fn config_vars() -> [(&'static str, &'static str); 3] {
+    [("API_KEY", CLIENT_KEY), ("HEROKU_API_KEY", HEROKU_KEY), ("RENDEZVOUS_SECRET", SECRET)]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_runs_on_a_dyno_and_its_dyno_is_stopped_at_the_end() {
+    let fake = FakeHeroku::start(HEROKU_KEY, &config_vars()).await;
+    let gateway = Gateway::with(heroku(&fake));
+    let client = gateway.client().await;
+
+    let tools = client.list_all_tools().await.unwrap();
+    assert!(tools.iter().any(|t| t.name == "code_exec_python"));
+    let result = client.call_tool(tool_call("code_exec_python", json!({"code": "print(2+2)"}))).await.unwrap();
+    assert_eq!(exec_result_of(&result), json!({"returncode": 0, "stdout": "4", "stderr": ""}));
+    let env = client
+        .call_tool(tool_call("code_exec_python", json!({"code": "import os; print(sorted(os.environ.items()))"})))
+        .await
+        .unwrap();
+    let printed = exec_result_of(&env)["stdout"].as_str().unwrap().to_owned();
+    for secret in [HEROKU_KEY, CLIENT_KEY, SECRET, "RUNNER_TOKEN"] {
+        assert!(!printed.contains(secret), "{secret} reached executed code on the dyno");
+    }
+
+    let creates = fake.creates();
+    assert_eq!(creates.len(), 1);
+    let (command, env) = &creates[0];
+    assert!(command.contains("--spawned-by dynogate") && command.contains("--session"), "{command}");
+    assert!(!command.contains(&env["RUNNER_TOKEN"]), "the token is not on the command line");
+    assert!(env["GATEWAY_URL"].starts_with("http://127.0.0.1:"));
+
+    let (dyno, pid) = fake.pids().remove(0);
+    assert!(!gone(pid), "the dyno's runner is running");
+    client.cancel().await.unwrap();
+    eventually("the dyno is stopped", || fake.stops().contains(&dyno)).await;
+    eventually("no runner process remains", || gone(pid)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_dyno_reaches_the_client_with_herokus_words() {
+    let fake = FakeHeroku::start(HEROKU_KEY, &config_vars()).await;
+    fake.refuse_creates(422, "invalid_params", "Cannot run more than 50 Standard-1X dynos.");
+    let gateway = Gateway::with(heroku(&fake));
+    let reply = gateway
+        .http()
+        .post(None, &json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}))
+        .await;
+    assert_eq!(reply.error_code(), -32002, "{}", reply.text);
+    let message = reply.json["error"]["message"].as_str().unwrap();
+    assert!(message.contains("invalid_params") && message.contains("Cannot run more than 50"), "{message}");
+    assert!(!message.contains(HEROKU_KEY));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_cap_holds_before_any_dyno_is_created() {
+    let fake = FakeHeroku::start(HEROKU_KEY, &config_vars()).await;
+    let gateway = Gateway::with(heroku(&fake).env("MAX_SESSIONS", "1"));
+    let http = gateway.http();
+    let (_session, _) = http.initialize().await;
+    let refused = http
+        .post(None, &json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}))
+        .await;
+    assert_eq!(refused.status, reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    assert!(refused.headers.contains_key("retry-after"));
+    assert_eq!(fake.creates().len(), 1, "no dyno for a refused session");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphaned_runner_dynos_are_swept_at_start_up_and_others_are_left_alone() {
+    let fake = FakeHeroku::start(HEROKU_KEY, &config_vars()).await;
+    let (orphan, orphan_pid) = fake.launch("sleep 600 # --spawned-by dynogate --session stale0000");
+    let (console, console_pid) = fake.launch("sleep 600 # a console someone opened");
+    let _gateway = Gateway::with(heroku(&fake));
+    eventually("the orphan is stopped", || fake.stops().contains(&orphan)).await;
+    eventually("the orphan's process is gone", || gone(orphan_pid)).await;
+    assert!(!fake.stops().contains(&console), "a dyno without the marker was stopped");
+    assert!(!gone(console_pid));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutting_the_gateway_down_stops_every_dyno_it_started() {
+    let fake = FakeHeroku::start(HEROKU_KEY, &config_vars()).await;
+    let mut gateway = Gateway::with(heroku(&fake));
+    let http = gateway.http();
+    let ((_a, _), (_b, _)) = tokio::join!(http.initialize(), http.initialize());
+    let dynos = fake.pids();
+    assert_eq!(dynos.len(), 2);
+    let status = gateway.terminate().expect("the gateway exits on SIGTERM");
+    assert!(status.success());
+    let stops = fake.stops();
+    for (dyno, pid) in dynos {
+        assert!(stops.contains(&dyno), "{dyno} was not stopped");
+        eventually("the dyno's processes are gone", || gone(pid)).await;
+    }
+}
