@@ -1,4 +1,10 @@
-//! The API key check in front of the MCP endpoints.
+//! The checks in front of the MCP endpoints: API key and `Origin`.
+//!
+//! `Origin` is checked because MCP requires it against DNS rebinding: a web
+//! page must not reach a gateway on the user's machine. Requests without the
+//! header (every non-browser client) pass; loopback origins pass; others only
+//! when listed in `ALLOWED_ORIGINS` (or `*` is). Refusals are 403 with a
+//! JSON-RPC error body.
 //!
 //! Clients send the key as `Authorization: Bearer <key>` or `X-API-Key: <key>`
 //! (as the Heroku MCP templates accept). The presented key is hashed and the
@@ -56,6 +62,30 @@ pub async fn require_api_key(State(state): State<AppState>, request: Request, ne
     if presented.is_some_and(|p| key.matches(p)) { next.run(request).await } else { unauthorized() }
 }
 
+/// Middleware: refuses browser origins that are not allowed.
+pub async fn check_origin(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if let Some(origin) = request.headers().get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or_default();
+        if !origin_allowed(origin, &state.config.allowed_origins) {
+            tracing::warn!(origin, "request from a browser origin that is not allowed");
+            return crate::error::McpError::ForbiddenOrigin(origin.to_owned()).into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// Whether a browser origin may call: loopback, or listed, or `*` listed.
+pub fn origin_allowed(origin: &str, allowed: &[String]) -> bool {
+    let origin = origin.trim().trim_end_matches('/');
+    if allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin)) {
+        return true;
+    }
+    let Ok(url) = url::Url::parse(origin) else { return false };
+    matches!(url.host(), Some(url::Host::Domain("localhost")))
+        || matches!(url.host(), Some(url::Host::Ipv4(ip)) if ip.is_loopback())
+        || matches!(url.host(), Some(url::Host::Ipv6(ip)) if ip.is_loopback())
+}
+
 /// 401 with the body the Heroku templates use and a Bearer challenge.
 pub fn unauthorized() -> Response {
     (
@@ -80,6 +110,24 @@ mod tests {
         for wrong in ["", "s3cre", "s3cret ", "S3CRET", "s3cretx"] {
             assert!(!key.matches(wrong), "{wrong:?}");
         }
+    }
+
+    #[test]
+    fn origins_are_allowed_when_loopback_or_listed() {
+        let allowed = vec!["https://app.example.com".to_owned()];
+        for (origin, ok) in [
+            ("http://localhost:3000", true),
+            ("http://127.0.0.1:8000", true),
+            ("http://[::1]:8000", true),
+            ("https://app.example.com", true),
+            ("https://APP.example.com/", true),
+            ("https://evil.example", false),
+            ("null", false),
+            ("http://localhost.evil.example", false),
+        ] {
+            assert_eq!(origin_allowed(origin, &allowed), ok, "{origin}");
+        }
+        assert!(origin_allowed("https://anything.example", &["*".to_owned()]));
     }
 
     #[test]

@@ -117,6 +117,21 @@ pub struct Args {
     #[arg(long, env = "REPLY_STREAM_AFTER", default_value = "1s", value_parser = dynogate_shared::duration::parse)]
     pub reply_stream_after: Duration,
 
+    /// How long a session waits for a runner whose socket dropped to dial again.
+    #[arg(long, env = "RUNNER_RECONNECT_GRACE", default_value = "60s", value_parser = dynogate_shared::duration::parse)]
+    pub reconnect_grace: Duration,
+
+    /// On SIGTERM, how long requests in flight get to finish before sessions
+    /// end (Heroku kills the dyno 30s after SIGTERM).
+    #[arg(long, env = "DRAIN_TIMEOUT", default_value = "20s", value_parser = dynogate_shared::duration::parse)]
+    pub drain_timeout: Duration,
+
+    /// Browser origins allowed to call the MCP endpoints, comma-separated
+    /// (`*` for any). Loopback origins are always allowed; requests without
+    /// an `Origin` header (non-browser clients) are not affected.
+    #[arg(long, env = "ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
     /// Interval of WebSocket pings to runners and of SSE keepalive comments (at most 25s).
     #[arg(long, env = "HEARTBEAT_INTERVAL", default_value = "20s", value_parser = dynogate_shared::duration::parse)]
     pub heartbeat: Duration,
@@ -157,6 +172,8 @@ pub struct Config {
     pub runner_command: Option<String>,
     pub limits: Limits,
     pub timeouts: Timeouts,
+    /// Extra browser origins allowed (`*` allows any).
+    pub allowed_origins: Vec<String>,
 }
 
 /// Size and count limits.
@@ -176,8 +193,12 @@ pub struct Timeouts {
     pub heartbeat: Duration,
     /// How long a runner gets to stop by itself before its process group is killed.
     pub runner_stop_grace: Duration,
-    /// How long the whole gateway gets to drain on SIGTERM (inside Heroku's 30 s).
+    /// How long a detached runner has to dial again.
+    pub reconnect_grace: Duration,
+    /// How long requests in flight get to finish on SIGTERM.
     pub drain: Duration,
+    /// After the drain, how long ending the sessions may take.
+    pub teardown: Duration,
 }
 
 impl Args {
@@ -203,7 +224,11 @@ impl Args {
         if self.heartbeat.is_zero() || self.heartbeat > Duration::from_secs(25) {
             bail!("HEARTBEAT_INTERVAL must be between 1ms and 25s (Heroku's router drops connections silent for 55s)");
         }
+        if self.drain_timeout > Duration::from_secs(22) {
+            bail!("DRAIN_TIMEOUT must be at most 22s, so sessions still end cleanly inside Heroku's 30s");
+        }
         for (name, value) in [
+            ("RUNNER_RECONNECT_GRACE", self.reconnect_grace),
             ("DIAL_BACK_TIMEOUT", self.dial_back_timeout),
             ("SESSION_IDLE_TIMEOUT", self.idle_timeout),
             ("REQUEST_TIMEOUT", self.request_timeout),
@@ -285,8 +310,16 @@ impl Args {
                 reply_stream_after: self.reply_stream_after,
                 heartbeat: self.heartbeat,
                 runner_stop_grace: Duration::from_secs(5),
-                drain: Duration::from_secs(25),
+                reconnect_grace: self.reconnect_grace,
+                drain: self.drain_timeout,
+                teardown: Duration::from_secs(7),
             },
+            allowed_origins: self
+                .allowed_origins
+                .into_iter()
+                .map(|o| o.trim().trim_end_matches('/').to_owned())
+                .filter(|o| !o.is_empty())
+                .collect(),
         })
     }
 }

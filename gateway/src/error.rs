@@ -16,6 +16,8 @@ use crate::jsonrpc::{RequestId, code, error_body};
 pub enum McpError {
     #[error("Bad Request: Mcp-Session-Id header is required")]
     MissingSession,
+    #[error("Bad Request: session_id is required")]
+    MissingSessionParameter,
     #[error("Session not found: it ended or never existed; send initialize without Mcp-Session-Id to start a new one")]
     UnknownSession,
     #[error("Not Acceptable: {0}")]
@@ -38,6 +40,10 @@ pub enum McpError {
         served = SERVED_REVISIONS.join(", ")
     )]
     StatelessRevision { id: Option<RequestId>, method: String },
+    #[error("Cannot resume from Last-Event-ID {0:?}: the events after it are no longer kept")]
+    CannotResume(String),
+    #[error("Forbidden: requests from origin {0:?} are not allowed (set ALLOWED_ORIGINS)")]
+    ForbiddenOrigin(String),
     #[error("Service Unavailable: {message}")]
     Overloaded { message: String, retry_after_secs: u64 },
 }
@@ -49,12 +55,15 @@ impl McpError {
             McpError::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             McpError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             McpError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            McpError::ForbiddenOrigin(_) => StatusCode::FORBIDDEN,
             McpError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             McpError::MissingSession
+            | McpError::MissingSessionParameter
             | McpError::Parse(_)
             | McpError::InvalidRequest(_)
             | McpError::UnsupportedVersion(_)
             | McpError::BatchNotAllowed(_)
+            | McpError::CannotResume(_)
             | McpError::StatelessRevision { .. } => StatusCode::BAD_REQUEST,
         }
     }
@@ -68,10 +77,13 @@ impl McpError {
             // as "modern server" and some then refuse to fall back to initialize.
             McpError::StatelessRevision { .. } => code::METHOD_NOT_FOUND,
             McpError::MissingSession
+            | McpError::MissingSessionParameter
             | McpError::NotAcceptable(_)
             | McpError::InvalidRequest(_)
             | McpError::TooLarge { .. }
             | McpError::UnsupportedMediaType
+            | McpError::CannotResume(_)
+            | McpError::ForbiddenOrigin(_)
             | McpError::UnsupportedVersion(_)
             | McpError::BatchNotAllowed(_) => code::INVALID_REQUEST,
         }

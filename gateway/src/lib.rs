@@ -3,10 +3,12 @@
 //!
 //! Modules, from the outside in:
 //! - [`config`]: flags and environment, validated into [`config::Config`].
-//! - [`auth`]: the API key check.
+//! - [`auth`]: the API key and `Origin` checks.
 //! - [`mcp`]: streamable HTTP (`/mcp`), built on [`jsonrpc`] (routing fields
 //!   only), [`reply`] (JSON or SSE answers) and [`error`] (what clients see).
-//! - [`sessions`] and [`session`]: the session table and each session's task.
+//! - [`sse`]: the older HTTP+SSE transport (`/sse`, `/messages/`).
+//! - [`sessions`] and [`session`]: the session table and each session's task;
+//!   [`streams`]: resumable SSE streams.
 //! - [`rendezvous`] and [`link`]: where runners dial back, and the frames
 //!   the session exchanges with them.
 //! - [`spawn`]: how runners are started; [`token`]: their credentials.
@@ -24,6 +26,8 @@ pub mod server;
 pub mod session;
 pub mod sessions;
 pub mod spawn;
+pub mod sse;
+pub mod streams;
 pub mod token;
 
 use std::sync::Arc;
@@ -45,7 +49,9 @@ pub struct AppState {
     /// Base URL runners dial back to; `None` when a public URL is needed and
     /// was not configured (sessions are then refused with the fix).
     pub runner_url: Option<Url>,
-    /// Cancelled when the gateway shuts down.
+    /// Cancelled on SIGTERM: no new sessions or requests, in-flight ones finish.
+    pub draining: CancellationToken,
+    /// Cancelled when the drain is over: every session ends.
     pub shutdown: CancellationToken,
     /// Every session task, so shutdown can wait for them.
     pub tracker: TaskTracker,

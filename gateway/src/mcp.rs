@@ -5,6 +5,7 @@
 //! and hands the answer to [`reply`]. It never parses a payload beyond what
 //! routing needs, and it forwards every payload as the bytes the client sent.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -13,16 +14,16 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde_json::value::RawValue;
-use tokio::sync::mpsc;
 
 use crate::AppState;
 use crate::config::SERVED_REVISIONS;
 use crate::error::McpError;
 use crate::jsonrpc::{self, Kind, PeekError, RequestId};
-use crate::reply::{self, Shape};
-use crate::session::{Call, Command, Delivery, EndReason, Session, SessionHandle, SessionParams};
+use crate::reply::{self, Priming, Shape};
+use crate::session::{Call, Command, EndReason, Session, SessionHandle, SessionParams, Transport};
 use crate::sessions::random_id;
 use crate::spawn::RunnerSpec;
+use crate::streams::{EventStream, parse_event_id};
 
 pub const SESSION_HEADER: &str = "mcp-session-id";
 pub const VERSION_HEADER: &str = "mcp-protocol-version";
@@ -45,11 +46,7 @@ async fn handle_post(state: AppState, headers: HeaderMap, body: Body) -> Result<
     if !(accepts(&headers, "application/json") && accepts(&headers, "text/event-stream")) {
         return Err(McpError::NotAcceptable("POST requests must accept both application/json and text/event-stream"));
     }
-    if let Some(content_type) = headers.get(header::CONTENT_TYPE)
-        && !media_type_is(content_type, "application/json")
-    {
-        return Err(McpError::UnsupportedMediaType);
-    }
+    check_content_type(&headers)?;
     let body = read_body(body, &headers, state.config.limits.max_body_bytes).await?;
     let session = session_id(&headers);
     if jsonrpc::first_byte(&body) == Some(b'[') {
@@ -71,36 +68,41 @@ async fn handle_post(state: AppState, headers: HeaderMap, body: Body) -> Result<
             _ => Err(McpError::MissingSession),
         };
     };
-    let handle = state.sessions.get(session).ok_or(McpError::UnknownSession)?;
+    let handle = streamable_session(&state, session)?;
     check_version(&headers)?;
     match kind {
         Kind::Request { method, .. } if method == "initialize" => Err(McpError::InvalidRequest(
             "this session is already initialized; send initialize without Mcp-Session-Id to start a new session".into(),
         )),
         Kind::Request { id, method: _, progress_token } => {
-            let (tx, rx) = mpsc::channel(16);
-            let call = call(&tx, id, progress_token, body, false);
+            refuse_while_draining(&state)?;
+            let stream = handle.streams().open(1);
+            let call = Call { id, progress_token, payload: body, is_initialize: false, stream: stream.clone() };
             handle
                 .send(Command::Call(call), state.config.timeouts.request)
                 .await
                 .map_err(|_| McpError::UnknownSession)?;
-            drop(tx);
-            Ok(reply::respond(rx, 1, Shape::Single, state.reply_timing(), HeaderMap::new()).await)
+            let priming = Priming::for_version(handle.protocol_version());
+            Ok(reply::respond(
+                handle.streams(),
+                stream,
+                1,
+                Shape::Single,
+                state.reply_timing(),
+                priming,
+                HeaderMap::new(),
+            )
+            .await)
         }
         Kind::Notification { cancelled, .. } => notify(&state, &handle, body, cancelled).await,
         Kind::Response { .. } => notify(&state, &handle, body, None).await,
     }
 }
 
-/// Starts a session: a runner, its dial-back, and the server's own answer to
-/// `initialize`, returned with the new `Mcp-Session-Id`.
-async fn initialize(
-    state: AppState,
-    id: RequestId,
-    progress_token: Option<RequestId>,
-    body: Bytes,
-) -> Result<Response, McpError> {
-    if state.shutdown.is_cancelled() {
+/// Starts a session of either transport: reserves its place, mints its
+/// runner's token, and starts its task (which starts the runner).
+pub(crate) fn create_session(state: &AppState, transport: Transport) -> Result<SessionHandle, McpError> {
+    if state.draining.is_cancelled() {
         return Err(McpError::Overloaded { message: "the gateway is shutting down".into(), retry_after_secs: 5 });
     }
     let runner_url = state
@@ -119,8 +121,10 @@ async fn initialize(
     let minted = state.tokens.mint(&session_id);
     let (session, handle) = Session::new(SessionParams {
         id: session_id.clone(),
+        transport,
+        spec: RunnerSpec { session: session_id, token: minted.token, gateway_url: runner_url },
         token_id: minted.jti,
-        spec: RunnerSpec { session: session_id.clone(), token: minted.token, gateway_url: runner_url },
+        tokens: state.tokens.clone(),
         spawner: state.spawner.clone(),
         sessions: state.sessions.clone(),
         timeouts: state.config.timeouts.clone(),
@@ -130,14 +134,26 @@ async fn initialize(
     // own removal can never come first.
     state.sessions.insert(reservation, handle.clone());
     session.start(&state.tracker);
+    Ok(handle)
+}
 
-    let (tx, rx) = mpsc::channel(16);
-    let call = call(&tx, id, progress_token, body, true);
+/// Starts a session: a runner, its dial-back, and the server's own answer to
+/// `initialize`, returned with the new `Mcp-Session-Id`.
+async fn initialize(
+    state: AppState,
+    id: RequestId,
+    progress_token: Option<RequestId>,
+    body: Bytes,
+) -> Result<Response, McpError> {
+    let handle = create_session(&state, Transport::Streamable)?;
+    let stream = handle.streams().open(1);
+    let call = Call { id, progress_token, payload: body, is_initialize: true, stream: stream.clone() };
     handle.send(Command::Call(call), state.config.timeouts.request).await.map_err(|_| McpError::UnknownSession)?;
-    drop(tx);
     let mut headers = HeaderMap::new();
-    headers.insert(SESSION_HEADER, HeaderValue::from_str(&session_id).expect("hex ids are valid header values"));
-    Ok(reply::respond(rx, 1, Shape::Single, state.reply_timing(), headers).await)
+    headers.insert(SESSION_HEADER, HeaderValue::from_str(handle.id()).expect("hex ids are valid header values"));
+    // The revision is not agreed yet; a comment opens a stream every client reads.
+    Ok(reply::respond(handle.streams(), stream, 1, Shape::Single, state.reply_timing(), Priming::Comment, headers)
+        .await)
 }
 
 /// A JSON-RPC batch: allowed only on a session that negotiated 2025-03-26.
@@ -145,7 +161,7 @@ async fn batch(state: AppState, headers: &HeaderMap, session: Option<&str>, body
     let elements: Vec<&RawValue> =
         serde_json::from_slice(&body).map_err(|e| peek_error(PeekError::Parse(e.to_string())))?;
     let session = session.ok_or(McpError::MissingSession)?;
-    let handle = state.sessions.get(session).ok_or(McpError::UnknownSession)?;
+    let handle = streamable_session(&state, session)?;
     check_version(headers)?;
     let negotiated = handle.protocol_version().unwrap_or("unknown");
     if negotiated != "2025-03-26" {
@@ -158,31 +174,44 @@ async fn batch(state: AppState, headers: &HeaderMap, session: Option<&str>, body
         .iter()
         .map(|element| jsonrpc::peek(element.get().as_bytes()).map_err(peek_error))
         .collect::<Result<Vec<_>, _>>()?;
+    if kinds.iter().any(|k| k.method() == Some("initialize")) {
+        return Err(McpError::InvalidRequest("initialize cannot be part of a batch".into()));
+    }
     let requests = kinds.iter().filter(|k| matches!(k, Kind::Request { .. })).count();
-    let (tx, rx) = mpsc::channel(requests + 16);
+    if requests > 0 {
+        refuse_while_draining(&state)?;
+    }
+    let stream = handle.streams().open(requests);
     let wait = state.config.timeouts.request;
     for (element, kind) in elements.into_iter().zip(kinds) {
         let payload = body.slice_ref(element.get().as_bytes());
         let command = match kind {
-            Kind::Request { method, .. } if method == "initialize" => {
-                return Err(McpError::InvalidRequest("initialize cannot be part of a batch".into()));
-            }
             Kind::Request { id, method: _, progress_token } => {
-                Command::Call(call(&tx, id, progress_token, payload, false))
+                Command::Call(Call { id, progress_token, payload, is_initialize: false, stream: stream.clone() })
             }
             Kind::Notification { cancelled, .. } => Command::Notify { payload, cancelled },
             Kind::Response { .. } => Command::Notify { payload, cancelled: None },
         };
         handle.send(command, wait).await.map_err(|_| McpError::UnknownSession)?;
     }
-    drop(tx);
     if requests == 0 {
+        handle.streams().forget(stream.id());
         return Ok(StatusCode::ACCEPTED.into_response());
     }
-    Ok(reply::respond(rx, requests, Shape::Batch, state.reply_timing(), HeaderMap::new()).await)
+    let priming = Priming::for_version(handle.protocol_version());
+    Ok(reply::respond(
+        handle.streams(),
+        stream,
+        requests,
+        Shape::Batch,
+        state.reply_timing(),
+        priming,
+        HeaderMap::new(),
+    )
+    .await)
 }
 
-async fn notify(
+pub(crate) async fn notify(
     state: &AppState,
     handle: &SessionHandle,
     payload: Bytes,
@@ -195,40 +224,69 @@ async fn notify(
     Ok(StatusCode::ACCEPTED.into_response())
 }
 
+/// While draining, requests on live sessions are refused so the drain ends.
+pub(crate) fn refuse_while_draining(state: &AppState) -> Result<(), McpError> {
+    if state.draining.is_cancelled() {
+        return Err(McpError::Overloaded {
+            message: "the gateway is shutting down; start a new session to continue".into(),
+            retry_after_secs: 5,
+        });
+    }
+    Ok(())
+}
+
+/// The session an `Mcp-Session-Id` names; sessions of the older transport
+/// are reached through `/messages` only.
+fn streamable_session(state: &AppState, id: &str) -> Result<SessionHandle, McpError> {
+    state.sessions.get(id).filter(|h| h.transport() == Transport::Streamable).ok_or(McpError::UnknownSession)
+}
+
 async fn handle_get(state: AppState, headers: HeaderMap) -> Result<Response, McpError> {
     if !accepts(&headers, "text/event-stream") {
         return Err(McpError::NotAcceptable("GET requests must accept text/event-stream"));
     }
     let session = session_id(&headers).ok_or(McpError::MissingSession)?;
-    let handle = state.sessions.get(session).ok_or(McpError::UnknownSession)?;
+    let handle = streamable_session(&state, session)?;
     check_version(&headers)?;
-    let rx = handle.open_stream(state.config.timeouts.request).await.map_err(|_| McpError::UnknownSession)?;
-    Ok(reply::open_stream(rx, state.config.timeouts.heartbeat))
+    let priming = Priming::for_version(handle.protocol_version());
+    let keepalive = state.config.timeouts.heartbeat;
+    let last_event = headers.get("last-event-id").and_then(|v| v.to_str().ok());
+    let (stream, after): (Arc<EventStream>, Option<u64>) = match last_event {
+        None => (handle.streams().standalone().clone(), None),
+        Some(text) => {
+            let (id, n) = parse_event_id(text).ok_or_else(|| McpError::CannotResume(text.to_owned()))?;
+            let stream = handle.streams().find(id).ok_or_else(|| McpError::CannotResume(text.to_owned()))?;
+            if !stream.can_resume_after(n) {
+                return Err(McpError::CannotResume(text.to_owned()));
+            }
+            (stream, Some(n))
+        }
+    };
+    Ok(reply::sse(stream, after, keepalive, priming, HeaderMap::new()))
 }
 
 async fn handle_delete(state: AppState, headers: HeaderMap) -> Result<Response, McpError> {
     let session = session_id(&headers).ok_or(McpError::MissingSession)?;
-    let handle = state.sessions.get(session).ok_or(McpError::UnknownSession)?;
-    handle.end(EndReason::Deleted);
-    // Answer once the runner is gone, so a client that deletes and checks
-    // sees a clean machine; bounded in case the teardown itself is stuck.
+    let handle = streamable_session(&state, session)?;
+    end_and_wait(&state, &handle, EndReason::Deleted).await;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Ends a session and waits (bounded) until its runner is gone, so a client
+/// that deletes and checks sees a clean machine.
+pub(crate) async fn end_and_wait(state: &AppState, handle: &SessionHandle, reason: EndReason) {
+    handle.end(reason);
     let bound = state.config.timeouts.runner_stop_grace + Duration::from_secs(5);
     if tokio::time::timeout(bound, handle.finished()).await.is_err() {
         tracing::warn!(session = %handle.id(), "session teardown still running after {bound:?}");
     }
-    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// A call whose answer comes back on `tx`.
-fn call(
-    tx: &mpsc::Sender<Delivery>,
-    id: RequestId,
-    progress_token: Option<RequestId>,
-    payload: Bytes,
-    is_initialize: bool,
-) -> Call {
-    let permit = tx.clone().try_reserve_owned().expect("a reply channel has room for every call it carries");
-    Call { id, progress_token, payload, is_initialize, reply: tx.clone(), permit }
+pub(crate) fn check_content_type(headers: &HeaderMap) -> Result<(), McpError> {
+    match headers.get(header::CONTENT_TYPE) {
+        Some(content_type) if !media_type_is(content_type, "application/json") => Err(McpError::UnsupportedMediaType),
+        _ => Ok(()),
+    }
 }
 
 fn session_id(headers: &HeaderMap) -> Option<&str> {
@@ -252,7 +310,7 @@ fn check_version(headers: &HeaderMap) -> Result<(), McpError> {
     }
 }
 
-fn peek_error(error: PeekError) -> McpError {
+pub(crate) fn peek_error(error: PeekError) -> McpError {
     match error {
         PeekError::Parse(message) => McpError::Parse(message),
         PeekError::Invalid(message) => McpError::InvalidRequest(message.to_owned()),
@@ -260,7 +318,7 @@ fn peek_error(error: PeekError) -> McpError {
 }
 
 /// Reads the body, refusing more than `limit` bytes.
-async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, McpError> {
+pub(crate) async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, McpError> {
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
@@ -272,7 +330,7 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
 }
 
 /// Whether the `Accept` header admits `wanted` (wildcards count, `q=0` does not).
-fn accepts(headers: &HeaderMap, wanted: &str) -> bool {
+pub(crate) fn accepts(headers: &HeaderMap, wanted: &str) -> bool {
     let main_type = wanted.split('/').next().unwrap_or_default();
     headers.get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|item| {
         let mut parts = item.split(';');

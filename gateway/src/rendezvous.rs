@@ -5,8 +5,9 @@
 //! session, and the session must have no runner connected yet (a token shown
 //! twice is a replay). Any failure is a bare 401 that changes nothing. After
 //! the upgrade the runner's first frame must be a `hello` with our protocol
-//! version; the gateway answers `welcome` and hands the socket, as a [`Link`],
-//! to the session. WebSocket framing is confined to this file.
+//! version; the socket then goes, as a [`Link`], to the session, which sends
+//! the `welcome` (with how much it has received, for resuming) and takes over.
+//! WebSocket framing is confined to this file.
 
 use std::time::Duration;
 
@@ -67,8 +68,8 @@ pub async fn accept(
         warn!("token for a session that is not live");
         return unauthorized();
     };
-    if claims.jti != handle.token_id() {
-        warn!("token is not the one issued for this session");
+    if !handle.accepts_token(&claims.jti) {
+        warn!("token is not one this session issued, or it was superseded");
         return unauthorized();
     }
     let upgrade = match upgrade {
@@ -76,7 +77,10 @@ pub async fn accept(
         Err(rejection) => return rejection.into_response(),
     };
     let Some(slot) = handle.claim_runner_slot() else {
-        warn!("token replayed while the session's runner is connected");
+        // Either a replay, or our own runner redialing before the gateway saw
+        // its old socket die: have the session check the old socket quickly.
+        warn!("token presented while the session's runner is connected");
+        handle.probe();
         return unauthorized();
     };
     drop(_enter);
@@ -95,13 +99,13 @@ async fn handshake(mut socket: WebSocket, handle: SessionHandle, slot: RunnerSlo
         Ok(Some(Ok(Message::Binary(bytes)))) => Control::decode(&bytes).ok(),
         _ => None,
     };
-    let refusal = match hello {
-        Some(Control::Hello { protocol, runner_version }) if protocol == PROTOCOL_VERSION => {
-            info!(%runner_version, "runner connected");
-            None
+    let (refusal, received) = match hello {
+        Some(Control::Hello { protocol, runner_version, received }) if protocol == PROTOCOL_VERSION => {
+            info!(%runner_version, received, "runner connected");
+            (None, received)
         }
-        Some(Control::Hello { protocol, .. }) => Some(version_mismatch(PROTOCOL_VERSION, protocol)),
-        _ => Some(format!("no hello frame within {}s", HELLO_TIMEOUT.as_secs())),
+        Some(Control::Hello { protocol, .. }) => (Some(version_mismatch(PROTOCOL_VERSION, protocol)), 0),
+        _ => (Some(format!("no hello frame within {}s", HELLO_TIMEOUT.as_secs())), 0),
     };
     if let Some(reason) = refusal {
         warn!("runner refused: {reason}");
@@ -111,17 +115,14 @@ async fn handshake(mut socket: WebSocket, handle: SessionHandle, slot: RunnerSlo
         let _ = handle.send(Command::RunnerRefused { reason }, wait).await;
         return;
     }
-    let welcome = Control::Welcome { protocol: PROTOCOL_VERSION };
-    if socket.send(Message::Binary(welcome.encode().into())).await.is_err() {
-        return;
-    }
+    // The session sends the welcome: it knows how much it has received.
     let (sink, stream) = socket.split();
     let incoming = stream.filter_map(|message| std::future::ready(incoming(message))).boxed();
     let (link, outbox) = Link::new(incoming);
     tokio::spawn(write(sink, outbox).in_current_span());
     // If the session ended meanwhile, the link is dropped here, its writer
     // stops, and the socket closes.
-    let _ = handle.send(Command::Attach { link, slot }, wait).await;
+    let _ = handle.send(Command::Attach { link, slot, received }, wait).await;
 }
 
 /// Maps one WebSocket message to a frame; `None` skips it.

@@ -1,9 +1,9 @@
 //! Binding, serving and shutting down.
 //!
 //! [`app`] builds the router from a state (tests call it without a socket);
-//! [`serve`] runs it on a listener until its shutdown token fires, then ends
-//! every session (runners told to stop, processes reaped) within the drain
-//! deadline; [`main`] is the binary: configuration, logging, signals.
+//! [`serve`] runs it on a listener until its drain token fires, then drains
+//! and ends every session (runners told to stop, processes reaped) inside
+//! Heroku's 30 s; [`main`] is the binary: configuration, logging, signals.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,14 +24,19 @@ use crate::config::{Args, Config, SpawnerKind};
 use crate::spawn::heroku::HerokuSettings;
 use crate::spawn::heroku::api::{Api, RetryPolicy};
 use crate::spawn::{HerokuSpawner, LocalSpawner, Spawner};
-use crate::{AppState, auth, mcp, rendezvous};
+use crate::{AppState, auth, mcp, rendezvous, sse};
 
 /// The gateway's routes.
 pub fn app(state: AppState) -> Router {
     let mcp_routes = axum::routing::post(mcp::post).get(mcp::get).delete(mcp::delete);
+    let messages = axum::routing::post(sse::message);
     Router::new()
         .route("/mcp", mcp_routes.clone())
         .route("/mcp/", mcp_routes)
+        .route("/sse", get(sse::open))
+        .route("/messages", messages.clone())
+        .route("/messages/", messages)
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::check_origin))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_api_key))
         .route(dynogate_shared::names::RENDEZVOUS_PATH, get(rendezvous::accept))
         .route("/healthz", get(healthz))
@@ -49,19 +54,23 @@ async fn request_span(request: Request, next: Next) -> Response {
     next.run(request).instrument(span).await
 }
 
-/// Serves on `listener` until `shutdown` fires, then ends every session.
-pub async fn serve(config: Config, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Serves on `listener` until `drain` fires (SIGTERM), then drains: no new
+/// sessions or requests, requests in flight get up to `DRAIN_TIMEOUT` to
+/// finish, then every session ends (runners told to stop, dynos stopped).
+pub async fn serve(config: Config, listener: TcpListener, drain: CancellationToken) -> anyhow::Result<()> {
     let bound = listener.local_addr().context("listener has no address")?;
     let spawner = build_spawner(&config)?;
-    // A token must outlive the wait for the runner, plus slack for clock steps.
-    let token_ttl = config.timeouts.dial_back + std::time::Duration::from_secs(60);
+    // A token must outlive the wait for a runner's first dial or its redial,
+    // plus slack; sessions hand their runner a fresh one well before expiry.
+    let token_ttl = config.timeouts.dial_back.max(config.timeouts.reconnect_grace) + std::time::Duration::from_secs(60);
     let state = AppState {
         runner_url: config.runner_base_url(bound),
         api_key: config.api_key.as_ref().map(auth::ApiKey::new),
         sessions: crate::sessions::Sessions::new(config.limits.max_sessions),
         spawner,
         tokens: crate::token::RunnerTokens::new(&config.rendezvous_secret, token_ttl),
-        shutdown: shutdown.clone(),
+        draining: drain.clone(),
+        shutdown: CancellationToken::new(),
         tracker: TaskTracker::new(),
         config: Arc::new(config),
     };
@@ -72,22 +81,41 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: Cancellation
     if let Some(heroku) = &state.config.heroku {
         tracker.spawn(sweep(state.clone(), heroku.sweep_interval));
     }
-    let drain = state.config.timeouts.drain;
-    let server = axum::serve(listener, app(state)).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let timeouts = state.config.timeouts.clone();
+    let sessions = state.sessions.clone();
+    let shutdown = state.shutdown.clone();
+    // New connections stop with the drain; open ones (and their streams) go on.
+    let server = axum::serve(listener, app(state)).with_graceful_shutdown(drain.clone().cancelled_owned());
     let server = tokio::spawn(async move { server.await });
-    shutdown.cancelled().await;
-    info!("shutting down: ending sessions");
+
+    drain.cancelled().await;
+    let waiting = sessions.in_flight();
+    info!(sessions = sessions.len(), requests = waiting, "draining: letting requests in flight finish");
+    let drained = tokio::time::timeout(timeouts.drain, async {
+        while sessions.in_flight() > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    if drained.is_err() {
+        warn!(
+            requests = sessions.in_flight(),
+            "drain deadline of {:?} passed; ending sessions with requests in flight", timeouts.drain
+        );
+    }
+    info!("ending sessions");
+    shutdown.cancel();
     tracker.close();
-    let drained = tokio::time::timeout(drain, async {
+    let ended = tokio::time::timeout(timeouts.teardown, async {
         tracker.wait().await;
         server.await
     })
     .await;
-    match drained {
+    match ended {
         Ok(Ok(result)) => result.context("server failed"),
         Ok(Err(join)) => Err(anyhow::anyhow!("server task failed: {join}")),
         Err(_) => {
-            warn!("drain deadline of {drain:?} passed; exiting with work in flight");
+            warn!("sessions still ending after {:?}; exiting", timeouts.teardown);
             Ok(())
         }
     }

@@ -5,27 +5,32 @@
 //! The task's life, in order:
 //! 1. **Starting**: ask the spawner for a runner, then wait (bounded by the
 //!    dial-back timeout) for it to connect. Messages from the client queue up.
-//! 2. **Live**: relay. Each client request waits on its own reply slot keyed by
+//! 2. **Live**: relay. Each client request waits on its own stream keyed by
 //!    JSON-RPC id; progress notifications follow their request's progress
-//!    token; everything else from the server goes to the client's GET stream.
-//! 3. **Ending** (DELETE, idle timeout, runner or MCP server gone, dial-back
-//!    timeout, gateway shutdown): leave the session table first so the id
-//!    answers 404, answer every waiting request with a JSON-RPC error naming
-//!    the cause, tell the runner to shut down, and stop its process.
+//!    token; everything else from the server goes to the GET stream.
+//! 3. **Detached** (the runner's socket dropped without a goodbye): requests
+//!    stay in flight and new ones queue, for up to the reconnect grace; when
+//!    the runner dials again, both sides resend what the other has not
+//!    acknowledged (see `dynogate_shared::frame`), so nothing is lost.
+//! 4. **Ending** (DELETE, idle timeout, runner or MCP server gone, dial-back
+//!    timeout, no reconnect in time, gateway shutdown): leave the session
+//!    table first so the id answers 404, answer every waiting request with a
+//!    JSON-RPC error naming the cause, tell the runner to shut down, and stop
+//!    its process.
 //!
-//! No lock is shared with handlers: they send [`Command`]s; the task is the
-//! only owner of its state.
+//! No lock is shared with handlers except the streams' own short ones:
+//! handlers send [`Command`]s; the task is the only owner of its state.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use dynogate_shared::Control;
+use dynogate_shared::{Control, PROTOCOL_VERSION};
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
-use tokio::sync::mpsc::{self, OwnedPermit};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::time::{DelayQueue, delay_queue};
@@ -33,28 +38,26 @@ use tracing::{Instrument, debug, info, warn};
 
 use crate::config::Timeouts;
 use crate::jsonrpc::{self, Kind, RequestId, code, error_body};
-use crate::link::{Incoming, Link, Outgoing};
+use crate::link::{Incoming, Link, LinkError, Outgoing};
 use crate::sessions::Sessions;
 use crate::spawn::{RunnerSpec, Spawner};
+use crate::streams::{EventStream, Streams};
+use crate::token::RunnerTokens;
 
-/// Frames queued for a runner beyond which the session stops taking client
-/// messages until the runner catches up.
-const MAX_QUEUED_FRAMES: usize = 256;
-/// Server messages kept for a client that has no GET stream open.
-const MAX_STREAM_BACKLOG: usize = 1024;
-/// Capacity of a GET stream's channel.
-const STREAM_CHANNEL: usize = 256;
+/// Frames sent to the runner and not yet acknowledged, beyond which the
+/// session stops taking client messages until the runner catches up.
+const MAX_UNACKED: usize = 1024;
 /// A runner silent for this many heartbeats is considered gone.
 const MISSED_HEARTBEATS: u32 = 3;
-
-/// A message on its way to an HTTP client.
-#[derive(Debug, Clone)]
-pub struct Delivery {
-    pub json: Bytes,
-    /// The final response to a request (rather than a notification or a
-    /// server request that precedes it).
-    pub last: bool,
-}
+/// Acknowledge at once after this many unacknowledged frames…
+const ACK_EVERY: u64 = 32;
+/// …and otherwise this soon after the first one.
+const ACK_DELAY: Duration = Duration::from_millis(50);
+/// How long a connected runner has to answer a ping after someone else
+/// dialed with a valid token (its old socket may be half-open).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Runner tokens a session still accepts (the latest few it issued).
+const LIVE_TOKENS: usize = 3;
 
 /// A client request on its way to the runner.
 pub struct Call {
@@ -62,18 +65,15 @@ pub struct Call {
     pub progress_token: Option<RequestId>,
     pub payload: Bytes,
     pub is_initialize: bool,
-    /// Where notifications about this request go (best effort).
-    pub reply: mpsc::Sender<Delivery>,
-    /// A slot held for the final response, so it is never dropped for lack
-    /// of room however many notifications came first.
-    pub permit: OwnedPermit<Delivery>,
+    /// Where the answer (and notifications about the request) go.
+    pub stream: Arc<EventStream>,
 }
 
 impl Call {
     /// Answers this call with an error without troubling the runner.
-    fn fail(self, code: i64, message: &str) {
+    fn fail(&self, code: i64, message: &str) {
         let json = error_body(Some(&self.id), code, message, None);
-        self.permit.send(Delivery { json: json.into(), last: true });
+        self.stream.push(json.into(), true);
     }
 }
 
@@ -85,25 +85,27 @@ pub enum Command {
         payload: Bytes,
         cancelled: Option<RequestId>,
     },
-    /// The client opened a GET stream; it replaces any earlier one.
-    OpenStream {
-        tx: mpsc::Sender<Delivery>,
-    },
-    /// The runner connected and passed the handshake.
+    /// The runner connected and said hello; `received` is its count of
+    /// frames from us.
     Attach {
         link: Link,
         slot: RunnerSlot,
+        received: u64,
     },
     /// A runner connected but failed the handshake.
     RunnerRefused {
         reason: String,
     },
+    /// Someone dialed with a valid token while a runner is connected: check
+    /// that the connected one is still there.
+    Probe,
 }
 
 /// Why a session ended; decides what waiting clients are told.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EndReason {
     Deleted,
+    ClientGone,
     Idle(Duration),
     SpawnFailed(String),
     DialBackTimeout(Duration),
@@ -119,6 +121,7 @@ impl EndReason {
     pub fn client_error(&self) -> (i64, String) {
         match self {
             EndReason::Deleted => (code::RUNNER_LOST, "the session was deleted".into()),
+            EndReason::ClientGone => (code::RUNNER_LOST, "the session's SSE connection closed".into()),
             EndReason::Idle(after) => {
                 (code::RUNNER_LOST, format!("the session ended after {}s without requests", after.as_secs()))
             }
@@ -170,12 +173,26 @@ impl Drop for RunnerSlot {
     }
 }
 
+/// Which MCP transport the client uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Streamable HTTP: answers on each POST.
+    Streamable,
+    /// The older HTTP+SSE transport: everything on the one GET stream.
+    LegacySse,
+}
+
 struct Shared {
     id: String,
-    jti: String,
+    transport: Transport,
     commands: mpsc::Sender<Command>,
     runner_attached: AtomicBool,
     protocol_version: OnceLock<String>,
+    /// Unique ids of the runner tokens still accepted. A std mutex: held for
+    /// one lookup or insert, never across an `.await`.
+    tokens: Mutex<VecDeque<String>>,
+    streams: Streams,
+    in_flight: AtomicUsize,
     /// Cancelled to end the session (with `end_reason`, or as shutdown).
     ending: CancellationToken,
     end_reason: Mutex<Option<EndReason>>,
@@ -194,14 +211,28 @@ impl SessionHandle {
         &self.shared.id
     }
 
-    /// Unique id of the runner token issued for this session.
-    pub fn token_id(&self) -> &str {
-        &self.shared.jti
+    pub fn transport(&self) -> Transport {
+        self.shared.transport
+    }
+
+    /// Whether `jti` names a runner token this session still accepts.
+    pub fn accepts_token(&self, jti: &str) -> bool {
+        self.shared.tokens.lock().expect("tokens lock").iter().any(|t| t == jti)
     }
 
     /// The protocol revision the MCP server agreed to in `initialize`.
     pub fn protocol_version(&self) -> Option<&str> {
         self.shared.protocol_version.get().map(String::as_str)
+    }
+
+    /// The session's SSE streams.
+    pub fn streams(&self) -> &Streams {
+        &self.shared.streams
+    }
+
+    /// Requests waiting for an answer.
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(Ordering::Acquire)
     }
 
     /// Passes a command to the session task, waiting at most `wait` for room.
@@ -220,15 +251,13 @@ impl SessionHandle {
         }
     }
 
-    /// Opens a GET stream, replacing any earlier one.
-    pub async fn open_stream(&self, wait: Duration) -> Result<mpsc::Receiver<Delivery>, SessionGone> {
-        let (tx, rx) = mpsc::channel(STREAM_CHANNEL);
-        self.shared.commands.send_timeout(Command::OpenStream { tx }, wait).await.map_err(|_| SessionGone)?;
-        Ok(rx)
+    /// Asks the session to check its runner, without waiting.
+    pub fn probe(&self) {
+        let _ = self.shared.commands.try_send(Command::Probe);
     }
 
     /// Claims the runner slot for a connecting socket; `None` when a runner is
-    /// already connected (a replayed token).
+    /// already connected.
     pub fn claim_runner_slot(&self) -> Option<RunnerSlot> {
         self.shared
             .runner_attached
@@ -252,8 +281,11 @@ impl SessionHandle {
 /// Everything a session task needs from the gateway.
 pub struct SessionParams {
     pub id: String,
-    pub token_id: String,
+    pub transport: Transport,
     pub spec: RunnerSpec,
+    /// Unique id of the token in `spec`.
+    pub token_id: String,
+    pub tokens: RunnerTokens,
     pub spawner: Arc<dyn Spawner>,
     pub sessions: Sessions,
     pub timeouts: Timeouts,
@@ -261,7 +293,7 @@ pub struct SessionParams {
     pub shutdown: CancellationToken,
 }
 
-/// A request waiting for its response.
+/// A request waiting for its answer.
 struct Pending {
     call: Call,
     deadline: delay_queue::Key,
@@ -273,19 +305,27 @@ pub struct Session {
     commands: mpsc::Receiver<Command>,
     spawner: Arc<dyn Spawner>,
     spec: RunnerSpec,
+    tokens: RunnerTokens,
     sessions: Sessions,
     timeouts: Timeouts,
     link: Option<(Link, RunnerSlot)>,
-    /// Frames queued before the runner connected.
-    unsent: VecDeque<Outgoing>,
+    ever_attached: bool,
+    detached_since: Option<Instant>,
+    /// Frames to the runner not yet acknowledged; the first has number `acked + 1`.
+    unacked: VecDeque<Bytes>,
+    acked: u64,
+    /// Frames received from the runner, and how many of them we acknowledged.
+    received: u64,
+    ack_sent: u64,
     pending: HashMap<RequestId, Pending>,
     /// Progress token → request id.
     progress: HashMap<RequestId, RequestId>,
     deadlines: DelayQueue<RequestId>,
-    stream: Option<mpsc::Sender<Delivery>>,
-    backlog: VecDeque<Bytes>,
     last_request: Instant,
     last_heard: Instant,
+    token_minted: Instant,
+    /// Set while checking a connected runner: (deadline, last_heard at the start).
+    probe: Option<(Instant, Instant)>,
 }
 
 impl Session {
@@ -295,10 +335,13 @@ impl Session {
         let (tx, rx) = mpsc::channel(64);
         let shared = Arc::new(Shared {
             id: params.id,
-            jti: params.token_id,
+            transport: params.transport,
             commands: tx,
             runner_attached: AtomicBool::new(false),
             protocol_version: OnceLock::new(),
+            tokens: Mutex::new(VecDeque::from([params.token_id])),
+            streams: Streams::default(),
+            in_flight: AtomicUsize::new(0),
             ending: params.shutdown.child_token(),
             end_reason: Mutex::new(None),
             finished: CancellationToken::new(),
@@ -309,17 +352,23 @@ impl Session {
             commands: rx,
             spawner: params.spawner,
             spec: params.spec,
+            tokens: params.tokens,
             sessions: params.sessions,
             timeouts: params.timeouts,
             link: None,
-            unsent: VecDeque::new(),
+            ever_attached: false,
+            detached_since: None,
+            unacked: VecDeque::new(),
+            acked: 0,
+            received: 0,
+            ack_sent: 0,
             pending: HashMap::new(),
             progress: HashMap::new(),
             deadlines: DelayQueue::new(),
-            stream: None,
-            backlog: VecDeque::new(),
             last_request: now,
             last_heard: now,
+            token_minted: now,
+            probe: None,
         };
         (session, SessionHandle { shared })
     }
@@ -349,7 +398,7 @@ impl Session {
             Err(reason) => (reason, None),
         };
         info!(%reason, lifetime_ms = started.elapsed().as_millis() as u64, "session ending");
-        // A runner that never connected cannot be told to stop; don't wait for it.
+        // A runner that is not connected cannot be told to stop; don't wait for it.
         let grace = if self.link.is_some() { self.timeouts.runner_stop_grace } else { Duration::ZERO };
         self.teardown(&reason);
         if let Some(runner) = runner {
@@ -363,19 +412,23 @@ impl Session {
         self.shared.end_reason.lock().expect("end reason lock").clone().unwrap_or(EndReason::Shutdown)
     }
 
-    /// The live relay loop. Returns why the session ends.
+    /// The relay loop. Returns why the session ends.
     async fn serve(&mut self, exited: &mut BoxFuture<'_, String>, started: Instant) -> EndReason {
         let dial_back = tokio::time::sleep_until(started + self.timeouts.dial_back);
         tokio::pin!(dial_back);
         let idle = tokio::time::sleep(self.timeouts.idle);
         tokio::pin!(idle);
+        let ack = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(ack);
+        let mut ack_armed = false;
         let mut heartbeat = tokio::time::interval_at(Instant::now() + self.timeouts.heartbeat, self.timeouts.heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let silence_limit = self.timeouts.heartbeat * MISSED_HEARTBEATS;
 
         loop {
-            let accepting = self.link.as_ref().is_none_or(|(link, _)| link.queued() < MAX_QUEUED_FRAMES);
+            let accepting = self.unacked.len() < MAX_UNACKED;
             let attached = self.link.is_some();
+            let reattach_by = self.detached_since.map(|since| since + self.timeouts.reconnect_grace);
             // Unbiased: neither the client's messages nor the runner's may starve the other.
             tokio::select! {
                 () = self.shared.ending.cancelled() => return self.requested_end(),
@@ -383,6 +436,10 @@ impl Session {
                 frame = recv(&mut self.link) => {
                     if let Some(reason) = self.on_frame(frame) {
                         return reason;
+                    }
+                    if self.received > self.ack_sent && !ack_armed {
+                        ack.as_mut().reset(Instant::now() + ACK_DELAY);
+                        ack_armed = true;
                     }
                 }
                 command = self.commands.recv(), if accepting => {
@@ -393,12 +450,33 @@ impl Session {
                     }
                 }
                 Some(expired) = self.deadlines.next() => self.time_out(expired.into_inner()),
-                () = &mut dial_back, if !attached => return EndReason::DialBackTimeout(self.timeouts.dial_back),
+                () = &mut ack, if ack_armed => {
+                    ack_armed = false;
+                    self.send_ack();
+                }
+                () = &mut dial_back, if !self.ever_attached => {
+                    return EndReason::DialBackTimeout(self.timeouts.dial_back);
+                }
+                () = sleep_until_opt(reattach_by) => {
+                    return EndReason::RunnerLost(format!(
+                        "it did not reconnect within {}s", self.timeouts.reconnect_grace.as_secs()
+                    ));
+                }
+                () = sleep_until_opt(self.probe.map(|(deadline, _)| deadline)) => {
+                    if let Some((_, heard_before)) = self.probe.take() && self.last_heard <= heard_before {
+                        self.detach("its socket did not answer a ping after the runner dialed again");
+                    }
+                }
                 _ = heartbeat.tick(), if attached => {
                     if self.last_heard.elapsed() > silence_limit {
-                        return EndReason::RunnerLost(format!("no heartbeat for {}s", silence_limit.as_secs()));
+                        self.detach(&format!("no heartbeat for {}s", silence_limit.as_secs()));
+                        continue;
                     }
                     self.send(Outgoing::Ping);
+                    if self.token_minted.elapsed() > self.tokens.ttl() / 3 {
+                        let token = self.mint_token();
+                        self.send(Outgoing::Control(Control::Token { token }));
+                    }
                 }
                 () = &mut idle => {
                     let quiet_since = self.last_request + self.timeouts.idle;
@@ -408,26 +486,80 @@ impl Session {
                     idle.as_mut().reset(quiet_since.max(Instant::now() + Duration::from_millis(10)));
                 }
             }
+            if self.received - self.ack_sent >= ACK_EVERY {
+                self.send_ack();
+            }
         }
     }
 
     /// Handles one frame (or the end of the connection). Returns a reason when
     /// the session must end.
-    fn on_frame(&mut self, frame: Option<Result<Incoming, crate::link::LinkError>>) -> Option<EndReason> {
+    fn on_frame(&mut self, frame: Option<Result<Incoming, LinkError>>) -> Option<EndReason> {
         self.last_heard = Instant::now();
         match frame {
-            Some(Ok(Incoming::Message(json))) => self.route(json),
+            Some(Ok(Incoming::Message(json))) => {
+                self.received += 1;
+                self.route(json)
+            }
             Some(Ok(Incoming::Alive)) => None,
+            Some(Ok(Incoming::Control(Control::Ack { received }))) => {
+                self.acknowledged(received);
+                None
+            }
             Some(Ok(Incoming::Control(Control::ChildExited { code, signal }))) => {
                 Some(EndReason::ServerExited(dynogate_shared::frame::describe_exit(code, signal)))
             }
+            Some(Ok(Incoming::Control(Control::Bye { reason }))) => Some(EndReason::RunnerLost(reason)),
             Some(Ok(Incoming::Control(other))) => {
                 warn!(control = %other, "unexpected control frame from runner");
                 None
             }
-            Some(Err(e)) => Some(EndReason::RunnerLost(e.to_string())),
-            None => Some(EndReason::RunnerLost("its connection closed".into())),
+            Some(Err(e)) => {
+                self.detach(&e.to_string());
+                None
+            }
+            None => {
+                self.detach("its connection closed");
+                None
+            }
         }
+    }
+
+    /// Drops the runner's socket and waits (bounded) for it to dial again.
+    fn detach(&mut self, why: &str) {
+        if self.link.take().is_some() {
+            warn!(
+                "runner connection lost ({why}); waiting up to {:?} for it to reconnect",
+                self.timeouts.reconnect_grace
+            );
+            self.detached_since = Some(Instant::now());
+            self.probe = None;
+        }
+    }
+
+    /// The runner has everything up to `received`: forget those frames.
+    fn acknowledged(&mut self, received: u64) {
+        while self.acked < received && self.unacked.pop_front().is_some() {
+            self.acked += 1;
+        }
+    }
+
+    fn send_ack(&mut self) {
+        if self.received > self.ack_sent && self.link.is_some() {
+            self.ack_sent = self.received;
+            self.send(Outgoing::Control(Control::Ack { received: self.received }));
+        }
+    }
+
+    fn mint_token(&mut self) -> dynogate_shared::Secret {
+        let minted = self.tokens.mint(&self.shared.id);
+        let mut live = self.shared.tokens.lock().expect("tokens lock");
+        live.push_back(minted.jti);
+        while live.len() > LIVE_TOKENS {
+            live.pop_front();
+        }
+        self.token_minted = Instant::now();
+        minted.token
     }
 
     /// Routes one message from the MCP server to the client.
@@ -438,6 +570,7 @@ impl Session {
                     debug!(%id, "response to no waiting request (answered, cancelled or timed out)");
                     return None;
                 };
+                self.shared.in_flight.store(self.pending.len(), Ordering::Release);
                 self.deadlines.remove(&pending.deadline);
                 if let Some(token) = &pending.call.progress_token {
                     self.progress.remove(token);
@@ -450,24 +583,19 @@ impl Session {
                         let _ = self.shared.protocol_version.set(version);
                     }
                 }
-                pending.call.permit.send(Delivery { json, last: true });
+                self.answer(&pending.call, json);
                 end
             }
             Ok(Kind::Notification { method, .. }) if method == "notifications/progress" => {
-                let request = jsonrpc::progress_token_of_notification(&json)
+                let stream = jsonrpc::progress_token_of_notification(&json)
                     .and_then(|token| self.progress.get(&token))
-                    .and_then(|id| self.pending.get(id));
-                match request {
-                    // Progress is advisory: a client that is not reading loses it.
-                    Some(pending) => {
-                        let _ = pending.call.reply.try_send(Delivery { json, last: false });
-                    }
-                    None => self.send_to_stream(json),
-                }
+                    .and_then(|id| self.pending.get(id))
+                    .map(|pending| pending.call.stream.clone());
+                stream.as_ref().unwrap_or(self.shared.streams.standalone()).push(json, false);
                 None
             }
             Ok(_) => {
-                self.send_to_stream(json);
+                self.shared.streams.standalone().push(json, false);
                 None
             }
             Err(e) => {
@@ -477,40 +605,15 @@ impl Session {
         }
     }
 
-    /// Sends a server message that belongs to no request to the GET stream,
-    /// or keeps it until one opens.
-    fn send_to_stream(&mut self, json: Bytes) {
-        if let Some(tx) = &self.stream {
-            match tx.try_send(Delivery { json, last: false }) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(delivery)) => self.keep(delivery.json),
-                Err(mpsc::error::TrySendError::Closed(delivery)) => {
-                    self.stream = None;
-                    self.keep(delivery.json);
-                }
-            }
-        } else {
-            self.keep(json);
+    /// Delivers a call's final answer.
+    fn answer(&self, call: &Call, json: Bytes) {
+        if call.stream.push(json, true) {
+            self.shared.streams.finish(call.stream.id());
         }
     }
 
-    fn keep(&mut self, json: Bytes) {
-        if self.backlog.len() >= MAX_STREAM_BACKLOG {
-            self.backlog.pop_front();
-            warn!("GET stream backlog full; dropped the oldest server message");
-        }
-        self.backlog.push_back(json);
-    }
-
-    fn flush_backlog(&mut self) {
-        let Some(tx) = &self.stream else { return };
-        while let Some(json) = self.backlog.pop_front() {
-            if let Err(e) = tx.try_send(Delivery { json, last: false }) {
-                let (mpsc::error::TrySendError::Full(d) | mpsc::error::TrySendError::Closed(d)) = e;
-                self.backlog.push_front(d.json);
-                break;
-            }
-        }
+    fn fail(&self, call: &Call, code: i64, message: &str) {
+        self.answer(call, error_body(Some(&call.id), code, message, None).into());
     }
 
     /// Handles a command from a handler. Returns a reason when the session must end.
@@ -519,7 +622,11 @@ impl Session {
             Command::Call(call) => {
                 self.last_request = Instant::now();
                 if self.pending.contains_key(&call.id) {
-                    call.fail(code::INVALID_REQUEST, "a request with this id is already in flight in this session");
+                    self.fail(
+                        &call,
+                        code::INVALID_REQUEST,
+                        "a request with this id is already in flight in this session",
+                    );
                     return None;
                 }
                 let id = call.id.clone();
@@ -529,63 +636,90 @@ impl Session {
                 }
                 let deadline = self.deadlines.insert(id.clone(), self.timeouts.request);
                 self.pending.insert(id, Pending { call, deadline });
-                self.send(Outgoing::Message(payload));
+                self.shared.in_flight.store(self.pending.len(), Ordering::Release);
+                self.send_message(payload);
             }
             Command::Notify { payload, cancelled } => {
                 self.last_request = Instant::now();
                 if let Some(id) = cancelled
                     && let Some(pending) = self.pending.remove(&id)
                 {
+                    self.shared.in_flight.store(self.pending.len(), Ordering::Release);
                     self.deadlines.remove(&pending.deadline);
                     if let Some(token) = &pending.call.progress_token {
                         self.progress.remove(token);
                     }
-                    pending.call.fail(code::REQUEST_CANCELLED, "the request was cancelled by the client");
+                    self.fail(&pending.call, code::REQUEST_CANCELLED, "the request was cancelled by the client");
                 }
-                self.send(Outgoing::Message(payload));
+                self.send_message(payload);
             }
-            Command::OpenStream { tx } => {
-                self.stream = Some(tx);
-                self.flush_backlog();
-            }
-            Command::Attach { link, slot } => {
-                info!(waited_ms = self.last_heard.elapsed().as_millis() as u64, "runner attached");
-                for frame in self.unsent.drain(..) {
-                    link.send(frame);
-                }
-                self.link = Some((link, slot));
-                self.last_heard = Instant::now();
-            }
+            Command::Attach { link, slot, received } => return self.attach(link, slot, received),
             Command::RunnerRefused { reason } => return Some(EndReason::RunnerRefused(reason)),
+            Command::Probe => {
+                if self.link.is_some() && self.probe.is_none() {
+                    self.probe = Some((Instant::now() + PROBE_TIMEOUT, self.last_heard));
+                    self.send(Outgoing::Ping);
+                }
+            }
         }
         None
     }
 
+    /// Takes a runner's new socket: welcome it, then resend what it lacks.
+    fn attach(&mut self, link: Link, slot: RunnerSlot, received: u64) -> Option<EndReason> {
+        let sent = self.acked + self.unacked.len() as u64;
+        if received < self.acked || received > sent {
+            // A runner that restarted from scratch lost the MCP server's state.
+            return Some(EndReason::RunnerLost(format!(
+                "it came back having received {received} messages, but {} were delivered and {sent} sent",
+                self.acked
+            )));
+        }
+        self.acknowledged(received);
+        let token = self.mint_token();
+        link.send(Outgoing::Control(Control::Welcome { protocol: PROTOCOL_VERSION, received: self.received, token }));
+        for frame in &self.unacked {
+            link.send(Outgoing::Message(frame.clone()));
+        }
+        if self.ever_attached {
+            info!(resent = self.unacked.len(), "runner reconnected");
+        } else {
+            info!(waited_ms = self.last_heard.elapsed().as_millis() as u64, "runner attached");
+        }
+        self.ack_sent = self.received;
+        self.link = Some((link, slot));
+        self.ever_attached = true;
+        self.detached_since = None;
+        self.last_heard = Instant::now();
+        None
+    }
+
     fn time_out(&mut self, id: RequestId) {
-        let Some(pending) = self.pending.remove(&id) else {
-            return;
-        };
+        let Some(pending) = self.pending.remove(&id) else { return };
+        self.shared.in_flight.store(self.pending.len(), Ordering::Release);
         if let Some(token) = &pending.call.progress_token {
             self.progress.remove(token);
         }
         let after = self.timeouts.request.as_secs();
         warn!(%id, "request timed out after {after}s");
-        pending.call.fail(code::REQUEST_TIMEOUT, &format!("no response from the MCP server within {after}s"));
+        self.fail(&pending.call, code::REQUEST_TIMEOUT, &format!("no response from the MCP server within {after}s"));
         let cancel = format!(
             r#"{{"jsonrpc":"2.0","method":"notifications/cancelled","params":{{"requestId":{},"reason":"timed out at the gateway after {after}s"}}}}"#,
             id.as_json()
         );
-        self.send(Outgoing::Message(cancel.into()));
+        self.send_message(cancel.into());
+    }
+
+    /// Sends a JSON-RPC message, keeping it until the runner acknowledges it.
+    fn send_message(&mut self, payload: Bytes) {
+        self.unacked.push_back(payload.clone());
+        self.send(Outgoing::Message(payload));
     }
 
     fn send(&mut self, frame: Outgoing) {
-        match &self.link {
-            Some((link, _)) => {
-                // A closed writer shows up as the end of the incoming stream.
-                link.send(frame);
-            }
-            None if matches!(frame, Outgoing::Ping) => {}
-            None => self.unsent.push_back(frame),
+        if let Some((link, _)) = &self.link {
+            // A closed writer shows up as the end of the incoming stream.
+            link.send(frame);
         }
     }
 
@@ -595,16 +729,18 @@ impl Session {
         self.sessions.remove(&self.shared.id);
         self.commands.close();
         let (code, message) = reason.client_error();
-        for (_, pending) in self.pending.drain() {
-            pending.call.fail(code, &message);
+        let pending: Vec<Pending> = self.pending.drain().map(|(_, p)| p).collect();
+        for pending in pending {
+            self.fail(&pending.call, code, &message);
         }
         while let Ok(command) = self.commands.try_recv() {
             if let Command::Call(call) = command {
-                call.fail(code, &message);
+                self.fail(&call, code, &message);
             }
         }
+        self.shared.in_flight.store(0, Ordering::Release);
         self.progress.clear();
-        self.stream = None;
+        self.shared.streams.close_all();
         if let Some((link, _slot)) = self.link.take() {
             link.send(Outgoing::Control(Control::Shutdown { reason: message }));
             link.send(Outgoing::Close);
@@ -612,10 +748,18 @@ impl Session {
     }
 }
 
-/// The next frame of the runner link, or never when there is no link yet.
-async fn recv(link: &mut Option<(Link, RunnerSlot)>) -> Option<Result<Incoming, crate::link::LinkError>> {
+/// The next frame of the runner link, or never when there is no link.
+async fn recv(link: &mut Option<(Link, RunnerSlot)>) -> Option<Result<Incoming, LinkError>> {
     match link {
         Some((link, _)) => link.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
     }
 }

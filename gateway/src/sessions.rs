@@ -65,6 +65,11 @@ impl Sessions {
         }
     }
 
+    /// Requests waiting for an answer, across all sessions.
+    pub fn in_flight(&self) -> usize {
+        self.map.iter().map(|entry| entry.value().in_flight()).sum()
+    }
+
     pub fn len(&self) -> usize {
         self.count.load(Ordering::Acquire)
     }

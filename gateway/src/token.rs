@@ -55,6 +55,11 @@ impl RunnerTokens {
         }
     }
 
+    /// How long a token stays valid.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
     /// A token for `session`, valid for the configured lifetime.
     pub fn mint(&self, session: &str) -> Minted {
         let now = unix_now();

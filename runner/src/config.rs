@@ -54,6 +54,11 @@ pub struct DialArgs {
     #[arg(long, env = "RUNNER_STOP_GRACE", default_value = "2s", value_parser = dynogate_shared::duration::parse)]
     pub stop_grace: Duration,
 
+    /// How long to keep dialing a gateway whose socket dropped before giving up
+    /// (the gateway waits RUNNER_RECONNECT_GRACE for the runner).
+    #[arg(long, env = "RUNNER_RECONNECT_WINDOW", default_value = "90s", value_parser = dynogate_shared::duration::parse)]
+    pub reconnect_window: Duration,
+
     /// Interval of WebSocket pings to the gateway (at most 25s).
     #[arg(long, env = "HEARTBEAT_INTERVAL", default_value = "20s", value_parser = dynogate_shared::duration::parse)]
     pub heartbeat: Duration,
@@ -73,6 +78,7 @@ pub struct Dial {
     pub server: ServerCommand,
     pub stop_grace: Duration,
     pub heartbeat: Duration,
+    pub reconnect_window: Duration,
 }
 
 /// Which MCP server the runner starts.
@@ -114,6 +120,7 @@ impl DialArgs {
             server,
             stop_grace: self.stop_grace,
             heartbeat: self.heartbeat,
+            reconnect_window: self.reconnect_window,
         })
     }
 }

@@ -1,23 +1,27 @@
 //! Connecting to the gateway's `/rendezvous` and the handshake.
 //!
 //! The token goes in an `Authorization` header (never in the URL, which
-//! proxies log). Connection failures are retried with backoff for a bounded
-//! time, since a dyno may boot before the network path to the gateway is up;
-//! a 401 is final. After the upgrade the runner says hello with its protocol
-//! version and waits for welcome or reject.
+//! proxies log). The runner says hello with its protocol version and how many
+//! messages it has received so far in the session (0 on the first dial); the
+//! gateway welcomes it with its own count and a fresh token for the next dial,
+//! or rejects it with a reason.
+//!
+//! [`connect`] retries within a deadline: a dyno may boot before the path to
+//! the gateway is up, and a redial may be refused (401) for a moment while the
+//! gateway notices the old socket is dead.
 
 use std::time::Duration;
 
-use anyhow::{Context, bail};
-use dynogate_shared::{Control, PROTOCOL_VERSION};
+use dynogate_shared::{Control, PROTOCOL_VERSION, Secret};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode, header};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::config::Dial;
 
@@ -25,79 +29,114 @@ pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Largest message either side accepts; matches the gateway.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
-/// How long to keep retrying a gateway that cannot be reached.
-const CONNECT_DEADLINE: Duration = Duration::from_secs(20);
 /// How long the gateway has to answer hello.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one connection attempt may take.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Connects, authenticates and completes the handshake.
-pub async fn connect(dial: &Dial) -> anyhow::Result<Socket> {
-    let mut socket = open(dial).await?;
-    let hello = Control::Hello { protocol: PROTOCOL_VERSION, runner_version: env!("CARGO_PKG_VERSION").into() };
-    socket.send(Message::Binary(hello.encode().into())).await.context("cannot send hello")?;
+/// What the gateway said in its welcome.
+#[derive(Debug)]
+pub struct Welcome {
+    /// Messages the gateway has received from this runner so far.
+    pub received: u64,
+    /// The token for the next dial.
+    pub token: Secret,
+}
+
+/// Why a dial failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DialError {
+    /// The gateway answered and said no (401, or a reject frame).
+    #[error("{0}")]
+    Refused(String),
+    /// The gateway could not be reached, or the connection failed.
+    #[error("cannot reach the gateway: {0}")]
+    Unreachable(String),
+}
+
+/// Dials until connected or `deadline`. Refusals end the attempts at once
+/// unless `retry_refusals` (a redial may be refused while the gateway still
+/// holds the old socket).
+pub async fn connect(
+    dial: &Dial,
+    token: &Secret,
+    received: u64,
+    deadline: Instant,
+    retry_refusals: bool,
+) -> Result<(Socket, Welcome), DialError> {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let attempt = tokio::time::timeout(ATTEMPT_TIMEOUT, connect_once(dial, token, received)).await;
+        let error = match attempt {
+            Ok(Ok(connected)) => return Ok(connected),
+            Ok(Err(error)) => error,
+            Err(_) => DialError::Unreachable(format!("no answer within {}s", ATTEMPT_TIMEOUT.as_secs())),
+        };
+        let retry = matches!(error, DialError::Unreachable(_)) || retry_refusals;
+        if !retry || Instant::now() + backoff >= deadline {
+            return Err(error);
+        }
+        debug!("dial failed ({error}); retrying in {backoff:?}");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// One attempt: upgrade, hello, welcome.
+async fn connect_once(dial: &Dial, token: &Secret, received: u64) -> Result<(Socket, Welcome), DialError> {
+    let mut request = dial
+        .rendezvous
+        .as_str()
+        .into_client_request()
+        .map_err(|e| DialError::Refused(format!("bad rendezvous URL: {e}")))?;
+    let bearer = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+        .map_err(|_| DialError::Refused("the runner token is not a valid header value".into()))?;
+    request.headers_mut().insert(header::AUTHORIZATION, bearer);
+    request
+        .headers_mut()
+        .insert(header::USER_AGENT, HeaderValue::from_static(concat!("dynogate-runner/", env!("CARGO_PKG_VERSION"))));
+    let config =
+        WebSocketConfig::default().max_message_size(Some(MAX_MESSAGE_BYTES)).max_frame_size(Some(MAX_MESSAGE_BYTES));
+    let mut socket = match tokio_tungstenite::connect_async_with_config(request, Some(config), true).await {
+        Ok((socket, _)) => socket,
+        Err(WsError::Http(response)) if response.status() == StatusCode::UNAUTHORIZED => {
+            return Err(DialError::Refused(
+                "the gateway refused this runner's token (401): it is invalid, expired, for another session, \
+                 or its session already has a runner connected"
+                    .into(),
+            ));
+        }
+        Err(WsError::Http(response)) => {
+            return Err(DialError::Unreachable(format!("the rendezvous answered HTTP {}", response.status())));
+        }
+        Err(e) => return Err(DialError::Unreachable(e.to_string())),
+    };
+    let hello =
+        Control::Hello { protocol: PROTOCOL_VERSION, runner_version: env!("CARGO_PKG_VERSION").into(), received };
+    socket.send(Message::Binary(hello.encode().into())).await.map_err(|e| DialError::Unreachable(e.to_string()))?;
     let answer = tokio::time::timeout(WELCOME_TIMEOUT, async {
         while let Some(message) = socket.next().await {
-            match message.context("connection failed during the handshake")? {
-                Message::Binary(bytes) => return Ok(Some(Control::decode(&bytes)?)),
+            match message.map_err(|e| DialError::Unreachable(format!("connection failed during the handshake: {e}")))? {
+                Message::Binary(bytes) => {
+                    return Control::decode(&bytes).map(Some).map_err(|e| DialError::Refused(e.to_string()));
+                }
                 Message::Close(_) => return Ok(None),
                 _ => continue,
             }
         }
-        Ok::<_, anyhow::Error>(None)
+        Ok(None)
     })
     .await
-    .context("the gateway did not answer hello in time")??;
+    .map_err(|_| DialError::Unreachable("the gateway did not answer hello in time".into()))??;
     match answer {
-        Some(Control::Welcome { protocol }) => {
-            info!(protocol, "connected to the gateway");
-            Ok(socket)
+        Some(Control::Welcome { protocol, received, token }) => {
+            info!(protocol, received, "connected to the gateway");
+            Ok((socket, Welcome { received, token }))
         }
-        Some(Control::Reject { reason }) => bail!("the gateway refused this runner: {reason}"),
-        Some(other) => bail!("unexpected first frame from the gateway: {other}"),
-        None => bail!("the gateway closed the connection during the handshake"),
-    }
-}
-
-async fn open(dial: &Dial) -> anyhow::Result<Socket> {
-    let deadline = tokio::time::Instant::now() + CONNECT_DEADLINE;
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let mut request = dial.rendezvous.as_str().into_client_request().context("bad rendezvous URL")?;
-        let bearer = HeaderValue::from_str(&format!("Bearer {}", dial.token.expose()))
-            .context("the runner token is not a valid header value")?;
-        request.headers_mut().insert(header::AUTHORIZATION, bearer);
-        request.headers_mut().insert(
-            header::USER_AGENT,
-            HeaderValue::from_static(concat!("dynogate-runner/", env!("CARGO_PKG_VERSION"))),
-        );
-        let config = WebSocketConfig::default()
-            .max_message_size(Some(MAX_MESSAGE_BYTES))
-            .max_frame_size(Some(MAX_MESSAGE_BYTES));
-        match tokio_tungstenite::connect_async_with_config(request, Some(config), true).await {
-            Ok((socket, _)) => return Ok(socket),
-            Err(WsError::Http(response)) if response.status() == StatusCode::UNAUTHORIZED => bail!(
-                "the gateway refused this runner's token (401): it is invalid, expired, for another session, \
-                 or its session already has a runner"
-            ),
-            Err(WsError::Http(response)) => {
-                bail!("the gateway answered the rendezvous with HTTP {}", response.status())
-            }
-            Err(e) if tokio::time::Instant::now() + backoff < deadline => {
-                debug!("cannot reach the gateway yet ({e}); retrying in {backoff:?}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
-            Err(e) => {
-                warn!("giving up on the gateway after {CONNECT_DEADLINE:?}");
-                return Err(e).context(format!("cannot reach the gateway at {}", redact(&dial.rendezvous)));
-            }
+        Some(Control::Reject { reason }) => {
+            Err(DialError::Refused(format!("the gateway refused this runner: {reason}")))
         }
+        Some(other) => Err(DialError::Refused(format!("unexpected first frame from the gateway: {other}"))),
+        None => Err(DialError::Unreachable("the gateway closed the connection during the handshake".into())),
     }
-}
-
-/// The URL without its query (which names the session) for error messages.
-fn redact(url: &url::Url) -> String {
-    let mut url = url.clone();
-    url.set_query(None);
-    url.to_string()
 }

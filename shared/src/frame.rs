@@ -10,8 +10,20 @@
 //!
 //! The first frame on a new socket is the runner's [`Control::Hello`]; the
 //! gateway answers [`Control::Welcome`] or [`Control::Reject`].
+//!
+//! ## Nothing lost across a reconnect
+//! Text frames are numbered implicitly, per direction, for the whole life of
+//! the session (not of one socket): the first is 1, the next 2, and so on.
+//! Each side acknowledges what it has received with [`Control::Ack`] and keeps
+//! what it sent until acknowledged. When a socket drops, the runner dials
+//! again; its hello says how many frames it has received from the gateway and
+//! the welcome says how many the gateway has received from the runner. Each
+//! side then resends exactly the frames after that count, so nothing is lost
+//! and nothing arrives twice.
 
 use serde::{Deserialize, Serialize};
+
+use crate::Secret;
 
 /// A frame after the WebSocket layer has been peeled off.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,9 +43,22 @@ pub enum Control {
         protocol: u32,
         /// The runner binary's version, for logs.
         runner_version: String,
+        /// Text frames received from the gateway so far in this session
+        /// (0 on the first dial).
+        received: u64,
     },
-    /// Gateway → runner: the handshake succeeded; start the MCP server.
-    Welcome { protocol: u32 },
+    /// Gateway → runner: the handshake succeeded.
+    Welcome {
+        protocol: u32,
+        /// Text frames received from the runner so far in this session.
+        received: u64,
+        /// A fresh token for the next dial, should this socket drop.
+        token: Secret,
+    },
+    /// Either way: every text frame up to `received` has arrived.
+    Ack { received: u64 },
+    /// Gateway → runner: a fresh token for the next dial (old ones expire).
+    Token { token: Secret },
     /// Gateway → runner: the handshake failed; the socket closes next.
     Reject { reason: String },
     /// Runner → gateway: the bridged MCP server exited on its own.
@@ -45,6 +70,9 @@ pub enum Control {
     },
     /// Gateway → runner: the session is over; stop the MCP server and exit.
     Shutdown { reason: String },
+    /// Runner → gateway: the runner is leaving for good (it was told to stop),
+    /// so the session need not wait for it to reconnect.
+    Bye { reason: String },
 }
 
 /// A binary frame that does not hold a [`Control`] message.
@@ -68,15 +96,20 @@ impl Control {
 impl std::fmt::Display for Control {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Control::Hello { protocol, runner_version } => {
-                write!(f, "hello (protocol {protocol}, runner {runner_version})")
+            Control::Hello { protocol, runner_version, received } => {
+                write!(f, "hello (protocol {protocol}, runner {runner_version}, received {received})")
             }
-            Control::Welcome { protocol } => write!(f, "welcome (protocol {protocol})"),
+            Control::Welcome { protocol, received, .. } => {
+                write!(f, "welcome (protocol {protocol}, received {received})")
+            }
+            Control::Ack { received } => write!(f, "ack {received}"),
+            Control::Token { .. } => f.write_str("token"),
             Control::Reject { reason } => write!(f, "reject: {reason}"),
             Control::ChildExited { code, signal } => {
                 write!(f, "MCP server exited ({})", describe_exit(*code, *signal))
             }
             Control::Shutdown { reason } => write!(f, "shutdown: {reason}"),
+            Control::Bye { reason } => write!(f, "bye: {reason}"),
         }
     }
 }
@@ -106,11 +139,14 @@ mod tests {
     #[test]
     fn control_round_trips_through_its_encoding() {
         let all = [
-            Control::Hello { protocol: 1, runner_version: "0.1.0".into() },
-            Control::Welcome { protocol: 1 },
+            Control::Hello { protocol: 1, runner_version: "0.1.0".into(), received: 7 },
+            Control::Welcome { protocol: 1, received: 3, token: Secret::new("t") },
+            Control::Ack { received: 9 },
+            Control::Token { token: Secret::new("t2") },
             Control::Reject { reason: "no".into() },
             Control::ChildExited { code: Some(3), signal: None },
             Control::Shutdown { reason: "deleted".into() },
+            Control::Bye { reason: "SIGTERM".into() },
         ];
         for control in all {
             assert_eq!(Control::decode(&control.encode()).unwrap(), control);

@@ -25,4 +25,4 @@ pub use secret::Secret;
 ///
 /// Bumped whenever a frame changes shape; a mismatch is refused during the
 /// handshake with a message naming both versions.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;

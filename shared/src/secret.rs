@@ -32,6 +32,19 @@ impl fmt::Display for Secret {
     }
 }
 
+/// Secrets travel in control frames (a runner's next token) as plain strings.
+impl serde::Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(Secret)
+    }
+}
+
 impl std::str::FromStr for Secret {
     type Err = std::convert::Infallible;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -48,5 +61,11 @@ mod tests {
         let secret = Secret::new("hunter2");
         assert_eq!(format!("{secret:?} {secret}"), "MASKED MASKED");
         assert_eq!(secret.expose(), "hunter2");
+    }
+
+    #[test]
+    fn debug_of_a_frame_holding_a_secret_hides_it() {
+        let frame = crate::Control::Token { token: Secret::new("hunter2") };
+        assert!(!format!("{frame:?} {frame}").contains("hunter2"));
     }
 }

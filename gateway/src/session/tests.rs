@@ -10,6 +10,7 @@ use super::*;
 use crate::config::Timeouts;
 use crate::link::{LinkError, Outbox, channel_link};
 use crate::spawn::{RunnerProcess, SpawnError};
+use crate::streams::{Batch, Event};
 
 /// Counts starts and stops; its runners never exit on their own.
 #[derive(Default)]
@@ -49,7 +50,9 @@ fn timeouts() -> Timeouts {
         reply_stream_after: Duration::from_secs(1),
         heartbeat: Duration::from_secs(20),
         runner_stop_grace: Duration::from_secs(5),
-        drain: Duration::from_secs(25),
+        reconnect_grace: Duration::from_secs(60),
+        drain: Duration::from_secs(20),
+        teardown: Duration::from_secs(7),
     }
 }
 
@@ -63,9 +66,12 @@ fn start(timeouts: Timeouts) -> Harness {
     let sessions = Sessions::new(10);
     let spawner = FakeSpawner::default();
     let stops = spawner.stops.clone();
+    let tokens = RunnerTokens::new(&dynogate_shared::Secret::new("k".repeat(32)), Duration::from_secs(120));
     let (session, handle) = Session::new(SessionParams {
         id: "s1".into(),
+        transport: Transport::Streamable,
         token_id: "j1".into(),
+        tokens,
         spec: RunnerSpec {
             session: "s1".into(),
             token: dynogate_shared::Secret::new("t"),
@@ -81,40 +87,81 @@ fn start(timeouts: Timeouts) -> Harness {
     Harness { handle, sessions, stops }
 }
 
+/// A call's stream and a cursor over it.
+struct Answer {
+    stream: Arc<EventStream>,
+    cursor: crate::streams::Cursor,
+    read: std::collections::VecDeque<Event>,
+}
+
+impl Answer {
+    fn new(stream: Arc<EventStream>) -> Self {
+        Answer { cursor: stream.cursor(None), stream, read: Default::default() }
+    }
+
+    /// The next message on the stream.
+    async fn next(&mut self) -> Event {
+        loop {
+            if let Some(event) = self.read.pop_front() {
+                return event;
+            }
+            match self.stream.read(&mut self.cursor, Duration::from_secs(3600)).await {
+                Batch::Events(events) => self.read.extend(events),
+                Batch::Quiet => continue,
+                other => panic!("stream ended: {other:?}"),
+            }
+        }
+    }
+}
+
+/// Claims the runner slot once the session has let go of the old socket.
+async fn claim(h: &Harness) -> RunnerSlot {
+    loop {
+        if let Some(slot) = h.handle.claim_runner_slot() {
+            return slot;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 impl Harness {
-    /// The next JSON-RPC message the session sends to the runner (pings skipped).
+    /// The next JSON-RPC message the session sends to the runner (pings,
+    /// acks and token refreshes skipped).
     async fn forwarded(outbox: &mut Outbox) -> Value {
         loop {
             match outbox.next().await.expect("the link is open") {
                 Outgoing::Message(json) => return serde_json::from_slice(&json).unwrap(),
-                Outgoing::Ping => continue,
+                Outgoing::Ping | Outgoing::Control(Control::Ack { .. } | Control::Token { .. }) => continue,
                 other => panic!("unexpected {other:?}"),
             }
         }
     }
 
-    /// Connects a channel link; returns what the session sends and a way to answer.
-    async fn attach(&self) -> (Outbox, mpsc::UnboundedSender<Result<Incoming, LinkError>>) {
-        let (link, outbox, tx) = channel_link();
+    /// Connects a channel link as a runner that has received `received`
+    /// messages; returns what the session sends and a way to answer.
+    async fn attach(&self, received: u64) -> (Outbox, mpsc::UnboundedSender<Result<Incoming, LinkError>>) {
+        let (link, mut outbox, tx) = channel_link();
         let slot = self.handle.claim_runner_slot().expect("slot is free");
-        self.handle.send(Command::Attach { link, slot }, Duration::from_secs(1)).await.unwrap();
+        self.handle.send(Command::Attach { link, slot, received }, Duration::from_secs(1)).await.unwrap();
+        match outbox.next().await {
+            Some(Outgoing::Control(Control::Welcome { .. })) => {}
+            other => panic!("expected a welcome, got {other:?}"),
+        }
         (outbox, tx)
     }
 
-    async fn call(&self, id: &str, progress: Option<&str>) -> mpsc::Receiver<Delivery> {
-        let (tx, rx) = mpsc::channel(8);
-        let permit = tx.clone().try_reserve_owned().unwrap();
+    async fn call(&self, id: &str, progress: Option<&str>) -> Answer {
+        let stream = self.handle.streams().open(1);
         let payload = format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call"}}"#);
         let call = Call {
             id: RequestId::for_tests(id),
             progress_token: progress.map(RequestId::for_tests),
             payload: payload.into(),
             is_initialize: false,
-            reply: tx,
-            permit,
+            stream: stream.clone(),
         };
         self.handle.send(Command::Call(call), Duration::from_secs(1)).await.unwrap();
-        rx
+        Answer::new(stream)
     }
 }
 
@@ -122,21 +169,21 @@ fn message(json: &str) -> Result<Incoming, LinkError> {
     Ok(Incoming::Message(Bytes::copy_from_slice(json.as_bytes())))
 }
 
-fn parse(delivery: &Delivery) -> Value {
-    serde_json::from_slice(&delivery.json).unwrap()
+fn parse(event: &Event) -> Value {
+    serde_json::from_slice(&event.json).unwrap()
 }
 
 #[tokio::test]
 async fn responses_find_their_request_by_id_whatever_the_order() {
     let h = start(timeouts());
-    let (mut outbox, runner) = h.attach().await;
+    let (mut outbox, runner) = h.attach(0).await;
     let mut first = h.call("1", None).await;
     let mut second = h.call(r#""two""#, None).await;
     assert_eq!(Harness::forwarded(&mut outbox).await["id"], 1);
     assert_eq!(Harness::forwarded(&mut outbox).await["id"], "two");
     runner.send(message(r#"{"jsonrpc":"2.0","id":"two","result":{"n":2}}"#)).unwrap();
     runner.send(message(r#"{"jsonrpc":"2.0","id":1,"result":{"n":1}}"#)).unwrap();
-    let (a, b) = (first.recv().await.unwrap(), second.recv().await.unwrap());
+    let (a, b) = (first.next().await, second.next().await);
     assert!(a.last && b.last);
     assert_eq!(parse(&a)["result"]["n"], 1);
     assert_eq!(parse(&b)["result"]["n"], 2);
@@ -145,7 +192,7 @@ async fn responses_find_their_request_by_id_whatever_the_order() {
 #[tokio::test]
 async fn progress_follows_its_token_and_strays_wait_for_a_get_stream() {
     let h = start(timeouts());
-    let (mut outbox, runner) = h.attach().await;
+    let (mut outbox, runner) = h.attach(0).await;
     let mut call = h.call("1", Some(r#""p""#)).await;
     Harness::forwarded(&mut outbox).await;
     runner
@@ -155,32 +202,32 @@ async fn progress_follows_its_token_and_strays_wait_for_a_get_stream() {
         .unwrap();
     runner.send(message(r#"{"jsonrpc":"2.0","method":"notifications/message","params":{"data":"stray"}}"#)).unwrap();
     runner.send(message(r#"{"jsonrpc":"2.0","id":1,"result":{}}"#)).unwrap();
-    let progress = call.recv().await.unwrap();
+    let progress = call.next().await;
     assert!(!progress.last);
     assert_eq!(parse(&progress)["params"]["progress"], 1);
-    assert!(call.recv().await.unwrap().last);
+    assert!(call.next().await.last);
 
-    let mut stream = h.handle.open_stream(Duration::from_secs(1)).await.unwrap();
-    assert_eq!(parse(&stream.recv().await.unwrap())["params"]["data"], "stray");
+    let mut stream = Answer::new(h.handle.streams().standalone().clone());
+    assert_eq!(parse(&stream.next().await)["params"]["data"], "stray");
 }
 
 #[tokio::test]
 async fn a_duplicate_request_id_is_refused_and_the_first_still_answered() {
     let h = start(timeouts());
-    let (mut outbox, runner) = h.attach().await;
+    let (mut outbox, runner) = h.attach(0).await;
     let mut first = h.call("7", None).await;
     let mut duplicate = h.call("7", None).await;
-    assert_eq!(parse(&duplicate.recv().await.unwrap())["error"]["code"], code::INVALID_REQUEST);
+    assert_eq!(parse(&duplicate.next().await)["error"]["code"], code::INVALID_REQUEST);
     Harness::forwarded(&mut outbox).await;
     runner.send(message(r#"{"jsonrpc":"2.0","id":7,"result":{}}"#)).unwrap();
-    assert!(parse(&first.recv().await.unwrap())["result"].is_object());
+    assert!(parse(&first.next().await)["result"].is_object());
 }
 
 #[tokio::test(start_paused = true)]
 async fn without_a_dial_back_waiting_calls_fail_and_the_runner_is_stopped() {
     let h = start(timeouts());
     let mut call = h.call("1", None).await;
-    let answer = call.recv().await.unwrap();
+    let answer = call.next().await;
     let error = &parse(&answer)["error"];
     assert_eq!(error["code"], code::RUNNER_UNAVAILABLE);
     assert!(error["message"].as_str().unwrap().contains("did not dial back within 30s"));
@@ -189,16 +236,16 @@ async fn without_a_dial_back_waiting_calls_fail_and_the_runner_is_stopped() {
     assert!(h.sessions.get("s1").is_none());
 }
 
-#[tokio::test]
-async fn a_lost_link_fails_everything_in_flight_and_leaves_the_table() {
+#[tokio::test(start_paused = true)]
+async fn a_runner_that_does_not_come_back_fails_everything_in_flight_and_leaves_the_table() {
     let h = start(timeouts());
-    let (mut outbox, runner) = h.attach().await;
+    let (mut outbox, runner) = h.attach(0).await;
     let mut calls = vec![h.call("1", None).await, h.call("2", None).await];
     Harness::forwarded(&mut outbox).await;
     Harness::forwarded(&mut outbox).await;
     drop(runner);
     for call in &mut calls {
-        assert_eq!(parse(&call.recv().await.unwrap())["error"]["code"], code::RUNNER_LOST);
+        assert_eq!(parse(&call.next().await)["error"]["code"], code::RUNNER_LOST);
     }
     h.handle.finished().await;
     assert!(h.sessions.get("s1").is_none());
@@ -213,10 +260,10 @@ async fn a_lost_link_fails_everything_in_flight_and_leaves_the_table() {
 #[tokio::test(start_paused = true)]
 async fn a_request_with_no_answer_times_out_and_the_server_is_told_to_cancel() {
     let h = start(Timeouts { request: Duration::from_secs(5), ..timeouts() });
-    let (mut outbox, _runner) = h.attach().await;
+    let (mut outbox, _runner) = h.attach(0).await;
     let mut call = h.call("1", None).await;
     Harness::forwarded(&mut outbox).await;
-    assert_eq!(parse(&call.recv().await.unwrap())["error"]["code"], code::REQUEST_TIMEOUT);
+    assert_eq!(parse(&call.next().await)["error"]["code"], code::REQUEST_TIMEOUT);
     let cancel = Harness::forwarded(&mut outbox).await;
     assert_eq!(cancel["method"], "notifications/cancelled");
     assert_eq!(cancel["params"]["requestId"], 1);
@@ -225,13 +272,62 @@ async fn a_request_with_no_answer_times_out_and_the_server_is_told_to_cancel() {
 #[tokio::test(start_paused = true)]
 async fn an_idle_session_ends_and_a_busy_one_does_not() {
     let h = start(Timeouts { idle: Duration::from_secs(60), heartbeat: Duration::from_secs(3600), ..timeouts() });
-    let (mut outbox, runner) = h.attach().await;
+    let (mut outbox, runner) = h.attach(0).await;
     let mut call = h.call("1", None).await;
     Harness::forwarded(&mut outbox).await;
     tokio::time::sleep(Duration::from_secs(120)).await;
     assert!(h.sessions.get("s1").is_some(), "a session with a request in flight is not idle");
     runner.send(message(r#"{"jsonrpc":"2.0","id":1,"result":{}}"#)).unwrap();
-    assert!(call.recv().await.unwrap().last);
+    assert!(call.next().await.last);
     h.handle.finished().await;
     assert!(h.sessions.get("s1").is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_runner_that_comes_back_gets_exactly_what_it_missed() {
+    let h = start(timeouts());
+    let (mut outbox, runner) = h.attach(0).await;
+    let mut first = h.call("1", None).await;
+    let mut second = h.call("2", None).await;
+    assert_eq!(Harness::forwarded(&mut outbox).await["id"], 1);
+    assert_eq!(Harness::forwarded(&mut outbox).await["id"], 2);
+    runner.send(message(r#"{"jsonrpc":"2.0","id":1,"result":{"n":1}}"#)).unwrap();
+    assert_eq!(parse(&first.next().await)["result"]["n"], 1);
+    drop(runner);
+    drop(outbox);
+    // While the runner is away, a new request waits.
+    let mut third = h.call("3", None).await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(h.sessions.get("s1").is_some(), "the session waits for its runner");
+
+    // The runner had received only the first request before the drop.
+    let (link, mut outbox, runner) = channel_link();
+    let slot = claim(&h).await;
+    h.handle.send(Command::Attach { link, slot, received: 1 }, Duration::from_secs(1)).await.unwrap();
+    let Some(Outgoing::Control(Control::Welcome { received, .. })) = outbox.next().await else { panic!("welcome") };
+    assert_eq!(received, 1, "the session tells how much it got from the runner");
+    assert_eq!(Harness::forwarded(&mut outbox).await["id"], 2);
+    assert_eq!(Harness::forwarded(&mut outbox).await["id"], 3);
+    runner.send(message(r#"{"jsonrpc":"2.0","id":2,"result":{"n":2}}"#)).unwrap();
+    runner.send(message(r#"{"jsonrpc":"2.0","id":3,"result":{"n":3}}"#)).unwrap();
+    assert_eq!(parse(&second.next().await)["result"]["n"], 2);
+    assert_eq!(parse(&third.next().await)["result"]["n"], 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_runner_that_lost_its_state_ends_the_session() {
+    let h = start(timeouts());
+    let (mut outbox, runner) = h.attach(0).await;
+    let mut call = h.call("1", None).await;
+    Harness::forwarded(&mut outbox).await;
+    runner.send(Ok(Incoming::Control(Control::Ack { received: 1 }))).unwrap();
+    runner.send(message(r#"{"jsonrpc":"2.0","method":"notifications/message","params":{}}"#)).unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(runner);
+    // A fresh runner (say, a restarted dyno) claims to have received nothing.
+    let (link, _outbox, _runner) = channel_link();
+    let slot = claim(&h).await;
+    h.handle.send(Command::Attach { link, slot, received: 0 }, Duration::from_secs(1)).await.unwrap();
+    assert_eq!(parse(&call.next().await)["error"]["code"], code::RUNNER_LOST);
+    h.handle.finished().await;
 }
