@@ -45,7 +45,12 @@ pub fn app(state: AppState) -> Router {
 }
 
 async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
-    axum::Json(serde_json::json!({ "status": "ok", "sessions": state.sessions.len() }))
+    let status = if state.draining.is_cancelled() { "draining" } else { "ok" };
+    axum::Json(serde_json::json!({
+        "status": status,
+        "sessions": state.sessions.len(),
+        "in_flight": state.sessions.in_flight(),
+    }))
 }
 
 /// One span per HTTP request, named by method and path (never headers).

@@ -11,15 +11,29 @@
 //! - `sleep {ms}`: answers after `ms` milliseconds (other calls go on meanwhile);
 //! - `exit {code}`: exits the process at once with `code`;
 //! - `env {}`: returns the names of its environment variables;
-//! - `pid {}`: returns its process id.
+//! - `pid {}`: returns its process id;
+//! - `flood {count, size}`: sends `count` notifications of `size` bytes that
+//!   belong to no request, then answers;
+//! - `ask {}`: sends the client a `roots/list` request and answers with the
+//!   client's reply;
+//! - `seen {tag}`: how many calls carried the argument `tag` (any tool counts
+//!   the `tag` it is given, when it starts), to check nothing ran twice.
+//!
+//! `progress` also takes `delay_ms` between steps.
 
+use std::collections::HashMap;
 use std::io::{BufRead, Write};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
 type Out = Arc<Mutex<std::io::Stdout>>;
+
+/// Calls seen per `tag`.
+static SEEN: LazyLock<Mutex<HashMap<String, u64>>> = LazyLock::new(Mutex::default);
+/// Requests sent to the client, by their id, with the tool call waiting on each.
+static ASKED: LazyLock<Mutex<HashMap<String, Value>>> = LazyLock::new(Mutex::default);
 
 fn main() {
     let out: Out = Arc::new(Mutex::new(std::io::stdout()));
@@ -58,6 +72,12 @@ fn handle(message: &Value, out: &Out) {
         return;
     };
     let Some(method) = message.get("method").and_then(Value::as_str) else {
+        // A response from the client to one of our requests.
+        let waiting = ASKED.lock().expect("asked lock").remove(&id.to_string());
+        if let Some(call) = waiting {
+            let answer = message.get("result").or_else(|| message.get("error")).cloned().unwrap_or(Value::Null);
+            reply(out, &call, text_result(&answer.to_string()));
+        }
         return;
     };
     let params = message.get("params").cloned().unwrap_or(Value::Null);
@@ -98,25 +118,64 @@ fn tools() -> Value {
         {"name": "sleep", "description": "Answers after ms milliseconds.", "inputSchema": object(json!({"ms": {"type": "integer"}}))},
         {"name": "exit", "description": "Exits the server.", "inputSchema": object(json!({"code": {"type": "integer"}}))},
         {"name": "env", "description": "Names of the environment variables.", "inputSchema": object(json!({}))},
-        {"name": "pid", "description": "The server's process id.", "inputSchema": object(json!({}))}
+        {"name": "pid", "description": "The server's process id.", "inputSchema": object(json!({}))},
+        {"name": "flood", "description": "Sends many unrelated notifications, then answers.", "inputSchema": object(json!({"count": {"type": "integer"}, "size": {"type": "integer"}}))},
+        {"name": "ask", "description": "Asks the client for its roots and returns the answer.", "inputSchema": object(json!({}))},
+        {"name": "seen", "description": "How many calls carried this tag.", "inputSchema": object(json!({"tag": {"type": "string"}}))}
     ])
 }
 
 fn call(id: &Value, params: &Value, out: &Out) {
     let args = &params["arguments"];
+    if let Some(tag) = args["tag"].as_str()
+        && params["name"] != "seen"
+    {
+        *SEEN.lock().expect("seen lock").entry(tag.to_owned()).or_default() += 1;
+    }
     match params["name"].as_str().unwrap_or_default() {
         "echo" => reply(out, id, text_result(args["text"].as_str().unwrap_or_default())),
         "progress" => {
             let token = params["_meta"]["progressToken"].clone();
             let steps = args["steps"].as_u64().unwrap_or(3);
-            for step in 1..=steps {
+            let delay = Duration::from_millis(args["delay_ms"].as_u64().unwrap_or(0));
+            let (id, out) = (id.clone(), out.clone());
+            let work = move || {
+                for step in 1..=steps {
+                    send(
+                        &out,
+                        &json!({"jsonrpc": "2.0", "method": "notifications/progress",
+                                "params": {"progressToken": token, "progress": step, "total": steps}}),
+                    );
+                    std::thread::sleep(delay);
+                }
+                reply(&out, &id, text_result(&format!("{steps} steps")));
+            };
+            if delay.is_zero() {
+                work();
+            } else {
+                std::thread::spawn(work);
+            }
+        }
+        "flood" => {
+            let count = args["count"].as_u64().unwrap_or(1000);
+            let data = "x".repeat(usize::try_from(args["size"].as_u64().unwrap_or(1000)).unwrap_or(1000));
+            for _ in 0..count {
                 send(
                     out,
-                    &json!({"jsonrpc": "2.0", "method": "notifications/progress",
-                            "params": {"progressToken": token, "progress": step, "total": steps}}),
+                    &json!({"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "data": data}}),
                 );
             }
-            reply(out, id, text_result(&format!("{steps} steps")));
+            reply(out, id, text_result(&format!("flooded {count}")));
+        }
+        "ask" => {
+            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+            let ask_id = format!("srv-{}", NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+            ASKED.lock().expect("asked lock").insert(Value::String(ask_id.clone()).to_string(), id.clone());
+            send(out, &json!({"jsonrpc": "2.0", "id": ask_id, "method": "roots/list", "params": {}}));
+        }
+        "seen" => {
+            let count = SEEN.lock().expect("seen lock").get(args["tag"].as_str().unwrap_or_default()).copied();
+            reply(out, id, text_result(&count.unwrap_or(0).to_string()));
         }
         "notify" => {
             let text = args["text"].as_str().unwrap_or_default();

@@ -21,5 +21,9 @@ mod lifecycle;
 mod local_path;
 /// Runner tokens and the rendezvous handshake.
 mod rendezvous;
+/// Faults: cut sockets, dropped streams, floods, SIGTERM under load.
+mod resilience;
 /// Where server messages go: request streams, the GET stream, batches.
 mod routing;
+/// The older SSE transport, server requests, origins, the Python SDK.
+mod transports;
