@@ -38,9 +38,26 @@ use url::Url;
 
 pub use server::{app, main, serve};
 
-/// What every handler can reach. Cheap to clone.
+/// What every handler can reach: one `Arc`, so the clones axum makes for
+/// every request (and every middleware) cost one atomic increment.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The gateway's shared state.
+pub struct Shared {
     pub config: Arc<config::Config>,
     pub api_key: Option<auth::ApiKey>,
     pub sessions: sessions::Sessions,
@@ -57,7 +74,7 @@ pub struct AppState {
     pub tracker: TaskTracker,
 }
 
-impl AppState {
+impl Shared {
     pub fn reply_timing(&self) -> reply::ReplyTiming {
         reply::ReplyTiming {
             stream_after: self.config.timeouts.reply_stream_after,

@@ -29,6 +29,10 @@ use crate::session::{Command, RunnerSlot, SessionHandle};
 
 /// Largest WebSocket message either side accepts (a big tool result fits).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// WebSocket read buffer. tungstenite zero-fills the whole buffer before each
+/// read, and keeps it for the socket's life: its 128 KiB default costs a
+/// large memset per message and 128 KiB per idle session.
+pub const READ_BUFFER_BYTES: usize = 16 * 1024;
 /// How long a connected runner has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -86,6 +90,7 @@ pub async fn accept(
     drop(_enter);
     let wait = state.config.timeouts.request;
     upgrade
+        .read_buffer_size(READ_BUFFER_BYTES)
         .max_message_size(MAX_MESSAGE_BYTES)
         .max_frame_size(MAX_MESSAGE_BYTES)
         // If the upgrade fails, the callback (and the slot in it) is dropped,

@@ -68,7 +68,7 @@ pub async fn serve(config: Config, listener: TcpListener, drain: CancellationTok
     // A token must outlive the wait for a runner's first dial or its redial,
     // plus slack; sessions hand their runner a fresh one well before expiry.
     let token_ttl = config.timeouts.dial_back.max(config.timeouts.reconnect_grace) + std::time::Duration::from_secs(60);
-    let state = AppState {
+    let state = AppState::new(crate::Shared {
         runner_url: config.runner_base_url(bound),
         api_key: config.api_key.as_ref().map(auth::ApiKey::new),
         sessions: crate::sessions::Sessions::new(config.limits.max_sessions),
@@ -78,7 +78,7 @@ pub async fn serve(config: Config, listener: TcpListener, drain: CancellationTok
         shutdown: CancellationToken::new(),
         tracker: TaskTracker::new(),
         config: Arc::new(config),
-    };
+    });
     if state.runner_url.is_none() {
         warn!("{}", crate::config::NO_PUBLIC_URL);
     }
@@ -89,6 +89,13 @@ pub async fn serve(config: Config, listener: TcpListener, drain: CancellationTok
     let timeouts = state.config.timeouts.clone();
     let sessions = state.sessions.clone();
     let shutdown = state.shutdown.clone();
+    // Small frames both ways (requests, answers, acks): without TCP_NODELAY,
+    // Nagle's algorithm and delayed ACKs add 40 ms stalls.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("cannot set TCP_NODELAY: {e}");
+        }
+    });
     // New connections stop with the drain; open ones (and their streams) go on.
     let server = axum::serve(listener, app(state)).with_graceful_shutdown(drain.clone().cancelled_owned());
     let server = tokio::spawn(async move { server.await });

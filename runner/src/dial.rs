@@ -95,8 +95,12 @@ async fn connect_once(dial: &Dial, token: &Secret, received: u64) -> Result<(Soc
     request
         .headers_mut()
         .insert(header::USER_AGENT, HeaderValue::from_static(concat!("dynogate-runner/", env!("CARGO_PKG_VERSION"))));
-    let config =
-        WebSocketConfig::default().max_message_size(Some(MAX_MESSAGE_BYTES)).max_frame_size(Some(MAX_MESSAGE_BYTES));
+    // tungstenite zero-fills its whole read buffer before each read; its
+    // 128 KiB default made every message pay for a large memset.
+    let config = WebSocketConfig::default()
+        .read_buffer_size(16 * 1024)
+        .max_message_size(Some(MAX_MESSAGE_BYTES))
+        .max_frame_size(Some(MAX_MESSAGE_BYTES));
     let mut socket = match tokio_tungstenite::connect_async_with_config(request, Some(config), true).await {
         Ok((socket, _)) => socket,
         Err(WsError::Http(response)) if response.status() == StatusCode::UNAUTHORIZED => {

@@ -1,0 +1,130 @@
+//! An MCP client over streamable HTTP, as thin as possible, that checks every
+//! answer: the right id, no error, and the echoed text equal to what was sent.
+
+use anyhow::{Context, bail};
+use reqwest::header::{HeaderMap, HeaderValue};
+use serde_json::{Value, json};
+
+/// One MCP session.
+#[derive(Clone)]
+pub struct Session {
+    http: reqwest::Client,
+    url: String,
+    pub id: Option<String>,
+    version: String,
+}
+
+/// The JSON-RPC message of a response body, JSON or SSE (the last event).
+pub fn message_of(content_type: &str, body: &str) -> anyhow::Result<Value> {
+    if content_type.starts_with("text/event-stream") {
+        let data = body
+            .split("\n\n")
+            .filter_map(|event| {
+                let lines: Vec<&str> =
+                    event.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim_start).collect();
+                (!lines.is_empty() && !lines.concat().is_empty()).then(|| lines.join("\n"))
+            })
+            .last()
+            .context("an SSE answer without data")?;
+        Ok(serde_json::from_str(&data)?)
+    } else {
+        Ok(serde_json::from_str(body)?)
+    }
+}
+
+impl Session {
+    /// `initialize` and `notifications/initialized`.
+    pub async fn open(http: &reqwest::Client, url: &str) -> anyhow::Result<Session> {
+        let mut session = Session { http: http.clone(), url: url.to_owned(), id: None, version: "2025-06-18".into() };
+        let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "dynogate-bench", "version": "1"}}});
+        let (headers, answer) = session.post(&init).await?;
+        if answer["id"] != 0 || answer.get("result").is_none() {
+            bail!("initialize failed: {answer}");
+        }
+        session.id = headers.get("mcp-session-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        if let Some(version) = answer["result"]["protocolVersion"].as_str() {
+            session.version = version.to_owned();
+        }
+        session.post(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"})).await?;
+        Ok(session)
+    }
+
+    /// Calls `echo` with `text` and checks the answer.
+    pub async fn echo(&self, id: u64, text: &str) -> anyhow::Result<()> {
+        let request = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+            "params": {"name": "echo", "arguments": {"text": text}}});
+        let (_, answer) = self.post(&request).await?;
+        check_echo(&answer, id, text)
+    }
+
+    pub async fn close(&self) -> anyhow::Result<()> {
+        let mut request = self.http.delete(&self.url);
+        if let Some(id) = &self.id {
+            request = request.header("mcp-session-id", id);
+        }
+        request.send().await?;
+        Ok(())
+    }
+
+    async fn post(&self, body: &Value) -> anyhow::Result<(HeaderMap, Value)> {
+        let mut request = self
+            .http
+            .post(&self.url)
+            .header("accept", HeaderValue::from_static("application/json, text/event-stream"))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        if let Some(id) = &self.id {
+            request = request.header("mcp-session-id", id).header("mcp-protocol-version", &self.version);
+        }
+        let response = request.send().await?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        let text = response.text().await?;
+        if status.as_u16() == 202 {
+            return Ok((headers, Value::Null));
+        }
+        if !status.is_success() {
+            bail!("HTTP {status}: {text}");
+        }
+        Ok((headers, message_of(&content_type, &text)?))
+    }
+}
+
+/// Checks an echo answer: right id, no error, same text.
+pub fn check_echo(answer: &Value, id: u64, text: &str) -> anyhow::Result<()> {
+    if answer["id"] != id {
+        bail!("answer for id {} where {id} was asked", answer["id"]);
+    }
+    if let Some(error) = answer.get("error") {
+        bail!("error answer: {error}");
+    }
+    let echoed = answer["result"]["content"][0]["text"].as_str().context("no text in the answer")?;
+    if echoed != text {
+        bail!("echo mismatch: sent {} bytes, got {} bytes back", text.len(), echoed.len());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_read_from_json_or_sse() {
+        let json = message_of("application/json", r#"{"id":1}"#).unwrap();
+        assert_eq!(json["id"], 1);
+        let sse = message_of("text/event-stream", "id: 1-0\ndata: \n\nevent: message\ndata: {\"id\":2}\n\n").unwrap();
+        assert_eq!(sse["id"], 2);
+    }
+
+    #[test]
+    fn echo_answers_are_checked() {
+        let ok = json!({"id": 3, "result": {"content": [{"type": "text", "text": "hi"}]}});
+        assert!(check_echo(&ok, 3, "hi").is_ok());
+        assert!(check_echo(&ok, 4, "hi").is_err());
+        assert!(check_echo(&ok, 3, "ho").is_err());
+        assert!(check_echo(&json!({"id": 3, "error": {"code": 1}}), 3, "hi").is_err());
+    }
+}

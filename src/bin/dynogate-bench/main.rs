@@ -1,0 +1,121 @@
+//! `dynogate-bench`: drives a running MCP gateway (dynogate, or any
+//! streamable-HTTP bridge) and the stdio floor, checks every answer, and
+//! reports latency percentiles and throughput as one JSON line per run on
+//! stdout (plus a readable line on stderr).
+//!
+//! - [`client`]: a minimal MCP client over streamable HTTP.
+//! - [`floor`]: the same calls over plain stdio, no gateway.
+//! - [`scenarios`]: `sessions`, `calls`, `payload`, `idle`.
+//! - [`stats`]: percentiles and the report; [`procs`]: memory from /proc.
+
+mod client;
+mod floor;
+mod procs;
+mod scenarios;
+mod stats;
+
+use clap::{Args, Parser, Subcommand};
+use scenarios::Target;
+
+/// Benchmarks an MCP gateway and the stdio floor.
+#[derive(Debug, Parser)]
+#[command(name = "dynogate-bench", version)]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Debug, Args)]
+struct Where {
+    /// MCP endpoint of a running gateway, e.g. http://127.0.0.1:8000/mcp.
+    #[arg(long, conflicts_with = "floor")]
+    url: Option<String>,
+    /// Name for the report (default: "dynogate").
+    #[arg(long, default_value = "dynogate")]
+    name: String,
+    /// Call this stdio echo server directly instead (the floor).
+    #[arg(long)]
+    floor: Option<String>,
+}
+
+impl Where {
+    fn target(self) -> anyhow::Result<Target> {
+        match (self.url, self.floor) {
+            (Some(url), None) => Ok(Target::Http { url, name: self.name }),
+            (None, Some(echo)) => Ok(Target::Floor { echo }),
+            _ => anyhow::bail!("give --url or --floor"),
+        }
+    }
+
+    fn url(self) -> anyhow::Result<(String, String)> {
+        Ok((self.url.ok_or_else(|| anyhow::anyhow!("this scenario needs --url"))?, self.name))
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// Session setup: initialize → answer (spawn, dial-back, server start).
+    Sessions {
+        #[command(flatten)]
+        at: Where,
+        #[arg(long, default_value_t = 200)]
+        count: u64,
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+    },
+    /// tools/call echo over S sessions with C in flight.
+    Calls {
+        #[command(flatten)]
+        at: Where,
+        #[arg(long, default_value_t = 1)]
+        sessions: usize,
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 10_000)]
+        calls: u64,
+        /// Bytes of text per echo.
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+    },
+    /// One large echo, repeated.
+    Payload {
+        #[command(flatten)]
+        at: Where,
+        #[arg(long, default_value_t = 1024 * 1024)]
+        size: usize,
+        #[arg(long, default_value_t = 50)]
+        count: u64,
+    },
+    /// Hold N sessions open; report gateway and runner memory.
+    Idle {
+        #[command(flatten)]
+        at: Where,
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+        /// The gateway's pid, to read its memory and find its runners.
+        #[arg(long)]
+        gateway_pid: Option<i32>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        match cli.scenario {
+            Scenario::Sessions { at, count, concurrency } => {
+                let (url, name) = at.url()?;
+                scenarios::sessions(&url, &name, count, concurrency).await
+            }
+            Scenario::Calls { at, sessions, concurrency, calls, size } => {
+                scenarios::calls(&at.target()?, sessions, concurrency.max(1), calls, size).await
+            }
+            Scenario::Payload { at, size, count } => scenarios::payload_echo(&at.target()?, count, size).await,
+            Scenario::Idle { at, count, gateway_pid } => {
+                let (url, name) = at.url()?;
+                scenarios::idle(&url, &name, count, gateway_pid).await
+            }
+        }
+    })
+}

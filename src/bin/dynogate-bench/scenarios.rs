@@ -1,0 +1,294 @@
+//! The scenarios: `sessions`, `calls`, `payload` and `idle`, each against a
+//! gateway URL or (where it makes sense) the stdio floor.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::json;
+use tokio::sync::Mutex;
+
+use crate::client::Session;
+use crate::floor::StdioServer;
+use crate::stats::{Samples, report};
+
+/// Where calls go.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Http { url: String, name: String },
+    Floor { echo: String },
+}
+
+impl Target {
+    pub fn name(&self) -> &str {
+        match self {
+            Target::Http { name, .. } => name,
+            Target::Floor { .. } => "floor",
+        }
+    }
+}
+
+pub fn http_client(connections: usize) -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .http1_only()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(connections.max(1))
+        .timeout(Duration::from_secs(120))
+        .build()?)
+}
+
+/// Text of `size` bytes that survives JSON escaping unchanged.
+pub fn payload(size: usize) -> String {
+    (0..size).map(|i| (b'a' + (i % 26) as u8) as char).collect()
+}
+
+/// One caller: an HTTP session or a stdio server.
+enum Caller {
+    Http(Session),
+    Stdio(Mutex<StdioServer>),
+}
+
+impl Caller {
+    async fn echo(&self, id: u64, text: &str) -> anyhow::Result<()> {
+        match self {
+            Caller::Http(session) => session.echo(id, text).await,
+            Caller::Stdio(server) => server.lock().await.echo(id, text).await,
+        }
+    }
+}
+
+async fn callers(target: &Target, count: usize, http: &reqwest::Client) -> anyhow::Result<Vec<Arc<Caller>>> {
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        out.push(Arc::new(match target {
+            Target::Http { url, .. } => Caller::Http(Session::open(http, url).await?),
+            Target::Floor { echo } => Caller::Stdio(Mutex::new(StdioServer::start(echo).await?)),
+        }));
+    }
+    Ok(out)
+}
+
+/// `calls`: `total` echo calls of `size` bytes over `sessions` sessions,
+/// `concurrency` in flight. On the floor each in-flight call gets its own
+/// server (a stdio pipe carries one call at a time here).
+pub async fn calls(
+    target: &Target,
+    sessions: usize,
+    concurrency: usize,
+    total: u64,
+    size: usize,
+) -> anyhow::Result<()> {
+    let sessions = if matches!(target, Target::Floor { .. }) { concurrency } else { sessions.max(1) };
+    let http = http_client(concurrency)?;
+    let callers = callers(target, sessions, &http).await?;
+    let text = Arc::new(payload(size));
+    // Warm-up: connections, pages, caches.
+    for (i, caller) in callers.iter().enumerate() {
+        for j in 0..4 {
+            caller.echo(1_000_000 + (i * 4 + j) as u64, &text).await.context("warm-up")?;
+        }
+    }
+    let next = Arc::new(AtomicU64::new(1));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|w| {
+            let (caller, text, next) = (callers[w % sessions].clone(), text.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut samples = Samples::default();
+                loop {
+                    let id = next.fetch_add(1, Ordering::Relaxed);
+                    if id > total {
+                        return samples;
+                    }
+                    let begun = Instant::now();
+                    match caller.echo(id, &text).await {
+                        Ok(()) => samples.record(begun.elapsed()),
+                        Err(e) => {
+                            eprintln!("call {id}: {e:#}");
+                            samples.errors += 1;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut samples = Samples::default();
+    for worker in workers {
+        samples.merge(worker.await?);
+    }
+    let mut summary = samples.summary(started.elapsed());
+    summary["sessions"] = json!(sessions);
+    summary["concurrency"] = json!(concurrency);
+    summary["size"] = json!(size);
+    report("calls", target.name(), summary);
+    close(callers).await;
+    if samples.errors > 0 {
+        bail!("{} calls failed", samples.errors);
+    }
+    Ok(())
+}
+
+/// `payload`: `count` sequential echoes of one `size`-byte text.
+pub async fn payload_echo(target: &Target, count: u64, size: usize) -> anyhow::Result<()> {
+    let http = http_client(1)?;
+    let caller = callers(target, 1, &http).await?.remove(0);
+    let text = payload(size);
+    caller.echo(1_000_000, &text).await.context("warm-up")?;
+    let mut samples = Samples::default();
+    let started = Instant::now();
+    for id in 1..=count {
+        let begun = Instant::now();
+        match caller.echo(id, &text).await {
+            Ok(()) => samples.record(begun.elapsed()),
+            Err(e) => {
+                eprintln!("call {id}: {e:#}");
+                samples.errors += 1;
+            }
+        }
+    }
+    let mut summary = samples.summary(started.elapsed());
+    summary["size"] = json!(size);
+    report("payload", target.name(), summary);
+    close(vec![caller]).await;
+    if samples.errors > 0 {
+        bail!("{} echoes failed", samples.errors);
+    }
+    Ok(())
+}
+
+/// `sessions`: time from `initialize` sent to the session ready (runner
+/// spawned, dialed back, server started and initialized), `count` of them,
+/// `concurrency` at a time; each is deleted after.
+pub async fn sessions(url: &str, name: &str, count: u64, concurrency: usize) -> anyhow::Result<()> {
+    let http = http_client(concurrency)?;
+    // Warm-up: the first spawn pays for cold page caches.
+    Session::open(&http, url).await?.close().await?;
+    let next = Arc::new(AtomicU64::new(1));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (http, url, next) = (http.clone(), url.to_owned(), next.clone());
+            tokio::spawn(async move {
+                let mut samples = Samples::default();
+                while next.fetch_add(1, Ordering::Relaxed) <= count {
+                    let begun = Instant::now();
+                    match Session::open(&http, &url).await {
+                        Ok(session) => {
+                            samples.record(begun.elapsed());
+                            let _ = session.close().await;
+                        }
+                        Err(e) => {
+                            eprintln!("session: {e:#}");
+                            samples.errors += 1;
+                        }
+                    }
+                }
+                samples
+            })
+        })
+        .collect();
+    let mut samples = Samples::default();
+    for worker in workers {
+        samples.merge(worker.await?);
+    }
+    let mut summary = samples.summary(started.elapsed());
+    summary["concurrency"] = json!(concurrency);
+    report("sessions", name, summary);
+    if samples.errors > 0 {
+        bail!("{} sessions failed", samples.errors);
+    }
+    Ok(())
+}
+
+/// `idle`: holds `count` sessions open and reports memory: the gateway's
+/// growth per session, and each runner's RSS (its MCP server excluded).
+pub async fn idle(url: &str, name: &str, count: usize, gateway_pid: Option<i32>) -> anyhow::Result<()> {
+    use crate::procs::{children, rss};
+    let http = http_client(32)?;
+    Session::open(&http, url).await?.close().await?;
+    let before = gateway_pid.and_then(rss);
+    let opened = Arc::new(Mutex::new(Vec::with_capacity(count)));
+    let mut errors = 0u64;
+    let mut samples = Samples::default();
+    let started = Instant::now();
+    let mut pending = futures_util::stream::FuturesUnordered::new();
+    for _ in 0..count {
+        let (http, url) = (http.clone(), url.to_owned());
+        pending.push(async move {
+            let begun = Instant::now();
+            (Session::open(&http, &url).await, begun.elapsed())
+        });
+        // Open 32 at a time.
+        if pending.len() >= 32 {
+            collect_one(&mut pending, &opened, &mut samples, &mut errors).await;
+        }
+    }
+    while !pending.is_empty() {
+        collect_one(&mut pending, &opened, &mut samples, &mut errors).await;
+    }
+    let opened = std::mem::take(&mut *opened.lock().await);
+    // Still there, and answering, after all were opened.
+    let mut failures = 0;
+    for (i, session) in opened.iter().enumerate() {
+        if session.echo(2_000_000 + i as u64, "still here").await.is_err() {
+            failures += 1;
+        }
+    }
+    errors += failures;
+    let after = gateway_pid.and_then(rss);
+    let runners: Vec<u64> = gateway_pid.map(children).unwrap_or_default().into_iter().filter_map(rss).collect();
+    let mut summary = samples.summary(started.elapsed());
+    summary["errors"] = json!(errors);
+    summary["sessions"] = json!(opened.len());
+    if let (Some(before), Some(after)) = (before, after) {
+        summary["gateway_rss_before"] = json!(before);
+        summary["gateway_rss_after"] = json!(after);
+        summary["gateway_bytes_per_session"] = json!(after.saturating_sub(before) / opened.len().max(1) as u64);
+    }
+    if !runners.is_empty() {
+        summary["runners"] = json!(runners.len());
+        summary["runner_rss_avg"] = json!(runners.iter().sum::<u64>() / runners.len() as u64);
+        summary["runner_rss_max"] = json!(runners.iter().max());
+    }
+    report("idle", name, summary);
+    let closing: Vec<_> = opened.into_iter().map(|s| tokio::spawn(async move { s.close().await })).collect();
+    for close in closing {
+        let _ = close.await;
+    }
+    if errors > 0 {
+        bail!("{errors} sessions failed");
+    }
+    Ok(())
+}
+
+async fn collect_one(
+    pending: &mut futures_util::stream::FuturesUnordered<
+        impl std::future::Future<Output = (anyhow::Result<Session>, Duration)>,
+    >,
+    opened: &Mutex<Vec<Session>>,
+    samples: &mut Samples,
+    errors: &mut u64,
+) {
+    use futures_util::StreamExt;
+    if let Some((result, took)) = pending.next().await {
+        match result {
+            Ok(session) => {
+                samples.record(took);
+                opened.lock().await.push(session);
+            }
+            Err(e) => {
+                eprintln!("session: {e:#}");
+                *errors += 1;
+            }
+        }
+    }
+}
+
+async fn close(callers: Vec<Arc<Caller>>) {
+    for caller in callers {
+        if let Caller::Http(session) = &*caller {
+            let _ = session.close().await;
+        }
+    }
+}
