@@ -40,7 +40,13 @@ pub fn main() -> anyhow::Result<()> {
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     match args.command {
-        Some(config::Command::Exec(exec)) => runtime.block_on(exec::serve(exec.validate()?)),
+        Some(config::Command::Exec(exec)) => {
+            let result = runtime.block_on(exec::serve(exec.validate()?));
+            // After a SIGTERM, stdin's blocking reader may wait forever for a
+            // line; do not wait for it.
+            runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+            result
+        }
         Some(config::Command::Limit(_)) => unreachable!("handled above"),
         None => {
             let dial = args.dial.validate()?;

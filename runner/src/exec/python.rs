@@ -22,6 +22,10 @@ use super::progress::Stage;
 use super::session::{Session, os_args};
 use super::tools::Language;
 
+/// pip settings and their uv equivalents.
+const PIP_TO_UV: [(&str, &str); 3] =
+    [("PIP_CERT", "SSL_CERT_FILE"), ("PIP_INDEX_URL", "UV_INDEX_URL"), ("PIP_EXTRA_INDEX_URL", "UV_EXTRA_INDEX_URL")];
+
 /// A usable Python toolchain.
 #[derive(Debug)]
 pub struct Python {
@@ -50,11 +54,19 @@ impl Python {
     }
 
     fn install_env(session: &Session) -> Env {
-        Env::for_install(Language::Python)
+        let mut env = Env::for_install(Language::Python)
             .set_default("UV_CACHE_DIR", session.cache("uv"))
             .set_default("PIP_CACHE_DIR", session.cache("pip"))
             // Use the interpreter given, never download one.
-            .set_default("UV_PYTHON_DOWNLOADS", "never")
+            .set_default("UV_PYTHON_DOWNLOADS", "never");
+        // uv does not read pip's settings: carry over the ones that say where
+        // packages come from and which CA to trust, unless uv's own are set.
+        for (pip, uv) in PIP_TO_UV {
+            if let Some(value) = env.get(pip).map(ToOwned::to_owned) {
+                env = env.set_default(uv, value);
+            }
+        }
+        env
     }
 }
 
