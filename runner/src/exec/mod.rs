@@ -204,6 +204,12 @@ impl Executor {
         ExecResult { returncode: out.code, stdout: out.stdout.trim().to_owned(), stderr }
     }
 
+    async fn prepare_python(&self) {
+        if let Some(python) = self.python().await {
+            python.prepare(&self.inner.session).await;
+        }
+    }
+
     fn kill_everything(&self) {
         self.supervisor().kill_all();
     }
@@ -286,10 +292,15 @@ pub async fn serve(settings: Exec) -> anyhow::Result<()> {
         warn!("EXEC_MAX_PROCESSES cannot be enforced: no writable pids cgroup, and RLIMIT_NPROC does not bind root");
     }
     let executor = Executor::new(workdir.clone(), settings, supervisor);
-    // Find every toolchain while the client is still initializing.
+    // Find every toolchain while the client is still initializing, and get
+    // the Python venv ready for a first install.
     for language in Language::ALL {
         let warm = executor.clone();
-        tokio::spawn(async move { warm.has(language).await });
+        tokio::spawn(async move {
+            if warm.has(language).await && language == Language::Python {
+                warm.prepare_python().await;
+            }
+        });
     }
     info!(workdir = %workdir.display(), cgroups = executor.supervisor().uses_cgroups(), "code executor ready on stdio");
     let service = executor.clone().serve(rmcp::transport::stdio()).await.context("MCP handshake failed")?;

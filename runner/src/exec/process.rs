@@ -96,6 +96,7 @@ impl Supervisor {
 
     /// Runs `job` to completion or to its deadline.
     pub async fn run(&self, job: &Job) -> std::io::Result<Output> {
+        let started = std::time::Instant::now();
         let (program, prefix, cgroup) = self.wrap(job)?;
         let mut command = Command::new(program);
         command
@@ -126,6 +127,7 @@ impl Supervisor {
                 use std::os::unix::process::ExitStatusExt;
                 let status = status?;
                 let code = status.code().unwrap_or_else(|| -status.signal().unwrap_or(0));
+                tracing::debug!(program = %job.program.display(), code, elapsed = ?started.elapsed(), "command finished");
                 Ok(Output { code, stdout: stdout?, stderr: stderr?, timed_out: false })
             }
             Err(_) => {

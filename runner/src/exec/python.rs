@@ -6,13 +6,14 @@
 //! milliseconds per start. The session's venv is created on the first call
 //! that asks for packages, inside the session directory, so installs never
 //! leak into another session. `uv` is used when present (it links packages
-//! from its machine-wide cache, so a repeated install takes milliseconds),
-//! `pip` otherwise (with its own shared cache). Code runs as `python -c`, as
+//! from its machine-wide cache, so a repeated install takes milliseconds; it
+//! tries the cache alone first), `pip` otherwise (with its own shared cache). Code runs as `python -c`, as
 //! in the template.
 
 use std::path::PathBuf;
 
 use tokio::sync::Mutex;
+use tokio::time::Instant;
 
 use super::Toolchain;
 use super::env::Env;
@@ -21,6 +22,10 @@ use super::process::{self, Output, Supervisor};
 use super::progress::Stage;
 use super::session::{Session, os_args};
 use super::tools::Language;
+
+/// Written into the venv once something was installed: from then on code
+/// runs with the venv's interpreter.
+const INSTALLED_MARKER: &str = ".dynogate-installed";
 
 /// pip settings and their uv equivalents.
 const PIP_TO_UV: [(&str, &str); 3] =
@@ -46,11 +51,60 @@ impl Python {
         Some(Python { interpreter, uv, lock: Mutex::new(()) })
     }
 
-    /// The interpreter code runs with (the venv's once it exists) and the venv.
+    /// The interpreter code runs with (the venv's once packages went into it) and the venv.
     fn runtime(&self, session: &Session) -> (PathBuf, Option<PathBuf>) {
         let venv = session.venv();
-        let python = venv.join("bin").join("python");
-        if process::exists(&python) { (python, Some(venv)) } else { (self.interpreter.clone(), None) }
+        if process::exists(&venv.join(INSTALLED_MARKER)) {
+            (venv.join("bin").join("python"), Some(venv))
+        } else {
+            (self.interpreter.clone(), None)
+        }
+    }
+
+    /// Makes the session's venv ahead of its first install, while the client
+    /// is still starting, and has uv look at it once: uv inspects a new
+    /// interpreter by starting it, which is most of a first install's time
+    /// when the package is already in the machine's cache. Code keeps
+    /// running with the machine's interpreter until something is installed.
+    pub async fn prepare(&self, session: &Session) {
+        let Some(uv) = &self.uv else { return };
+        let _one_at_a_time = self.lock.lock().await;
+        let deadline = session.install_deadline();
+        let env = Self::install_env(session);
+        match self.create_venv(session, env.clone(), deadline).await {
+            Ok(out) if out.code == 0 && !out.timed_out => {}
+            _ => return,
+        }
+        let python = session.venv().join("bin").join("python").into_os_string();
+        let args =
+            os_args(["pip".into(), "list".into(), "--quiet".into(), "--offline".into(), "--python".into(), python]);
+        let _ = session.run_tool(uv, args, session.root(), env, deadline).await;
+    }
+
+    /// Creates the session's venv unless it exists.
+    async fn create_venv(&self, session: &Session, env: Env, deadline: Instant) -> std::io::Result<Output> {
+        let venv = session.venv();
+        if process::exists(&venv.join("bin").join("python")) {
+            return Ok(Output::skipped());
+        }
+        let (program, args) = match &self.uv {
+            Some(uv) => (
+                uv,
+                os_args([
+                    "venv".into(),
+                    "--quiet".into(),
+                    "--python".into(),
+                    self.interpreter.clone().into_os_string(),
+                    venv.into_os_string(),
+                ]),
+            ),
+            // Without pip inside: pip installs from outside with --python, which is much faster.
+            None => (
+                &self.interpreter,
+                os_args(["-m".into(), "venv".into(), "--without-pip".into(), venv.into_os_string()]),
+            ),
+        };
+        session.run_tool(program, args, session.root(), env, deadline).await
     }
 
     fn install_env(session: &Session) -> Env {
@@ -73,60 +127,11 @@ impl Python {
 impl Toolchain for Python {
     async fn install(&self, session: &Session, specs: &[Spec], _stage: &Stage) -> std::io::Result<Output> {
         let _one_at_a_time = self.lock.lock().await;
-        let venv = session.venv();
-        let venv_python = venv.join("bin").join("python");
-        let deadline = session.install_deadline();
-        let env = Self::install_env(session);
-        if !process::exists(&venv_python) {
-            let (program, args) = match &self.uv {
-                Some(uv) => (
-                    uv,
-                    os_args([
-                        "venv".into(),
-                        "--quiet".into(),
-                        "--python".into(),
-                        self.interpreter.clone().into_os_string(),
-                        venv.clone().into_os_string(),
-                    ]),
-                ),
-                // Without pip inside: pip installs from outside with --python, which is much faster.
-                None => (
-                    &self.interpreter,
-                    os_args(["-m".into(), "venv".into(), "--without-pip".into(), venv.clone().into_os_string()]),
-                ),
-            };
-            let out = session.run_tool(program, args, session.root(), env.clone(), deadline).await?;
-            if out.code != 0 || out.timed_out {
-                return Ok(out);
-            }
+        let out = self.install_locked(session, specs).await?;
+        if out.code == 0 && !out.timed_out {
+            std::fs::write(session.venv().join(INSTALLED_MARKER), "")?;
         }
-        let (program, mut args) = match &self.uv {
-            Some(uv) => (
-                uv,
-                os_args([
-                    "pip".into(),
-                    "install".into(),
-                    "--quiet".into(),
-                    "--python".into(),
-                    venv_python.into_os_string(),
-                ]),
-            ),
-            None => (
-                &self.interpreter,
-                os_args([
-                    "-m".into(),
-                    "pip".into(),
-                    "--disable-pip-version-check".into(),
-                    "--python".into(),
-                    venv_python.into_os_string(),
-                    "install".into(),
-                    "--quiet".into(),
-                ]),
-            ),
-        };
-        args.push("--".into());
-        args.extend(specs.iter().map(|spec| spec.as_str().into()));
-        session.run_tool(program, args, session.root(), env, deadline).await
+        Ok(out)
     }
 
     async fn run(&self, session: &Session, code: &str, _stage: &Stage) -> std::io::Result<Output> {
@@ -136,5 +141,53 @@ impl Toolchain for Python {
             env = env.prepend_path(&venv.join("bin")).set("VIRTUAL_ENV", venv);
         }
         session.run_code(&interpreter, os_args(["-c", code]), env).await
+    }
+}
+
+impl Python {
+    /// Creates the venv if needed and installs into it; the caller holds the lock.
+    async fn install_locked(&self, session: &Session, specs: &[Spec]) -> std::io::Result<Output> {
+        let venv = session.venv();
+        let venv_python = venv.join("bin").join("python");
+        let deadline = session.install_deadline();
+        let env = Self::install_env(session);
+        let created = self.create_venv(session, env.clone(), deadline).await?;
+        if created.code != 0 || created.timed_out {
+            return Ok(created);
+        }
+        let packages = || specs.iter().map(|spec| spec.as_str().into());
+        let Some(uv) = &self.uv else {
+            let mut args = os_args([
+                "-m".into(),
+                "pip".into(),
+                "--disable-pip-version-check".into(),
+                "--python".into(),
+                venv_python.into_os_string(),
+                "install".into(),
+                "--quiet".into(),
+                "--".into(),
+            ]);
+            args.extend(packages());
+            return session.run_tool(&self.interpreter, args, session.root(), env, deadline).await;
+        };
+        let install = |offline: bool| {
+            let mut args = os_args(["pip", "install", "--quiet"]);
+            if offline {
+                args.push("--offline".into());
+            }
+            args.extend(os_args(["--python".into(), venv_python.clone().into_os_string(), "--".into()]));
+            args.extend(packages());
+            args
+        };
+        // The machine's cache first: a package some session has installed
+        // before then takes milliseconds instead of a round trip to the index
+        // (which answers in hundreds). If the cache cannot satisfy the specs,
+        // uv says so at once and the normal install follows. So an unpinned
+        // name gets the newest version in the cache, as `npm --prefer-offline`.
+        let cached = session.run_tool(uv, install(true), session.root(), env.clone(), deadline).await?;
+        if cached.code == 0 || cached.timed_out {
+            return Ok(cached);
+        }
+        session.run_tool(uv, install(false), session.root(), env, deadline).await
     }
 }
