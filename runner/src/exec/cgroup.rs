@@ -129,7 +129,7 @@ impl Drop for CommandGroup {
 
 /// SIGKILLs every process listed in a cgroup until none is left (a process
 /// may fork while the list is read, so this goes round until it is empty).
-fn kill_members(dir: &Path) {
+pub fn kill_members(dir: &Path) {
     // cgroup v2 (Linux 5.14+) kills the whole group atomically.
     if std::fs::write(dir.join("cgroup.kill"), "1").is_ok() {
         return;

@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
 use tokio::time::Instant;
 
-use super::cgroup::{CommandGroup, PidsRoot};
+use super::cgroup::{self, CommandGroup, PidsRoot};
 use super::limits::{self, Limits, ProcessCap};
 
 /// Starts commands with their limits and keeps track of the ones running, so
@@ -84,12 +84,7 @@ impl Supervisor {
         for command in running {
             kill_group(command.pgid);
             if let Some(dir) = command.cgroup {
-                let _ = std::fs::write(dir.join("cgroup.kill"), "1");
-                if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
-                    for pid in procs.lines().filter_map(|l| l.trim().parse().ok()) {
-                        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
-                    }
-                }
+                cgroup::kill_members(&dir);
             }
         }
     }
