@@ -4,8 +4,8 @@
 Measures, in one run on one machine:
   - `print(1)`;
   - a first call with one small real package (cold download cache);
-  - a repeated call with that package, in a new session (warm shared cache)
-    and in the same session;
+  - a repeated call with that package, in a new session (warm shared cache;
+    right after the session starts, and 1 s later) and in the same session;
 for `runner exec` driven over stdio with MCP (JSON-RPC lines, as any stdio
 client does), and for the template's approach run directly by this script:
 `pip install <pkg>` into a virtualenv, then `python3 -c <code>` (the template
@@ -154,14 +154,21 @@ def main():
         session = Executor(args.runner, ours_env(warm_cache))
         session.run(code, [args.package])  # fills the shared cache
         session.close()
-        new_sessions, same_session = [], []
+        new_sessions, same_session, after_a_pause = [], [], []
         for _ in range(runs):
             session = Executor(args.runner, ours_env(warm_cache))
             new_sessions.append(session.run(code, [args.package]))
             same_session.append(session.run(code, [args.package]))
             session.close()
+            # A model usually takes a moment before its first call; the
+            # executor readies the session's venv meanwhile.
+            session = Executor(args.runner, ours_env(warm_cache))
+            time.sleep(1.0)
+            after_a_pause.append(session.run(code, [args.package]))
+            session.close()
         results["ours_new_session"] = new_sessions
         results["ours_same_session"] = same_session
+        results["ours_new_session_paused"] = after_a_pause
 
         # --- the template's approach ------------------------------------
         def venv(path, cache):
@@ -207,6 +214,8 @@ def main():
         ("`print(1)`", "ours_print", "template_print"),
         ("first call with the package (cold caches)", "ours_first", "template_first"),
         ("repeated call, new session (warm shared cache) vs. same env", "ours_new_session", "template_repeat"),
+        ("repeated call, new session, first call 1 s after start vs. same env", "ours_new_session_paused",
+         "template_repeat"),
         ("repeated call, same session vs. same env", "ours_same_session", "template_repeat"),
         ("repeated call, new session vs. `USE_TEMP_DIR` (new venv per call)", "ours_new_session", "template_temp_dir"),
     ]
