@@ -8,7 +8,8 @@
 //! `package.json`, so later installs keep earlier ones), through npm's
 //! machine-wide cache with `--prefer-offline`. Code runs as `node -e`, as in
 //! the template, with module-syntax detection so both `require` and `import`
-//! work.
+//! work (on a Node too old to detect it, code with an import statement runs
+//! as a module).
 
 use std::path::{Path, PathBuf};
 
@@ -115,9 +116,37 @@ impl Toolchain for Node {
         let mut args = Vec::new();
         if self.detect_module {
             args.push(DETECT_MODULE.into());
+        } else if looks_like_module(code) {
+            // Node before 20.10 cannot detect it; an import statement says enough.
+            args.push("--input-type=module".into());
         }
         args.extend(os_args(["-e", code]));
         let env = Env::for_code().prepend_path(&session.node_modules().join(".bin"));
         session.run_code(&self.node, args, env).await
+    }
+}
+
+/// Whether code has an `import` or `export` statement (not a dynamic `import(…)`).
+fn looks_like_module(code: &str) -> bool {
+    code.lines().map(str::trim_start).any(|line| {
+        ["import ", "import{", "import\"", "import'", "export "].iter().any(|start| line.starts_with(start))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn import_and_export_statements_mark_a_module() {
+        for module in
+            ["import fs from 'fs'", "const x = 1;\n  import {a} from 'b'", "import 'side-effect'", "export const x = 1"]
+        {
+            assert!(looks_like_module(module), "{module}");
+        }
+        for script in ["const fs = require('fs')", "import('fs').then(console.log)", "// import nothing", "important()"]
+        {
+            assert!(!looks_like_module(script), "{script}");
+        }
     }
 }
