@@ -1,5 +1,6 @@
 //! The runner's command line and environment, validated into typed values.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -8,6 +9,8 @@ use clap::{Args as ClapArgs, Parser, Subcommand};
 use dynogate_shared::Secret;
 use dynogate_shared::names::TOKEN_ENV;
 use url::Url;
+
+use crate::exec::limits::Limits;
 
 /// dynogate runner: serves one MCP session, or runs the code executor.
 #[derive(Debug, Parser)]
@@ -23,6 +26,10 @@ pub struct Args {
 pub enum Command {
     /// Run the built-in code executor as a stdio MCP server.
     Exec(ExecArgs),
+    /// Set resource limits on this process, then become PROGRAM (the code
+    /// executor runs every command through this).
+    #[command(hide = true)]
+    Limit(LimitArgs),
 }
 
 /// Dialing back to a gateway and bridging a stdio MCP server.
@@ -152,13 +159,42 @@ pub struct ExecArgs {
     #[arg(long, env = "EXEC_RUN_TIMEOUT", default_value = "30s", value_parser = dynogate_shared::duration::parse)]
     pub run_timeout: Duration,
 
-    /// Longest a package install may take.
+    /// Longest a package install (or a Go build) may take.
     #[arg(long, env = "EXEC_INSTALL_TIMEOUT", default_value = "120s", value_parser = dynogate_shared::duration::parse)]
     pub install_timeout: Duration,
 
     /// Most bytes kept of each of stdout and stderr.
-    #[arg(long, env = "EXEC_MAX_OUTPUT_BYTES", default_value_t = 1024 * 1024)]
-    pub max_output_bytes: usize,
+    #[arg(long, env = "EXEC_MAX_OUTPUT_BYTES", default_value = "1MiB", value_parser = crate::size::parse)]
+    pub max_output_bytes: u64,
+
+    /// Most memory each process may allocate (RLIMIT_DATA); 0 for no limit.
+    #[arg(long, env = "EXEC_MAX_MEMORY", default_value = "1GiB", value_parser = crate::size::parse)]
+    pub max_memory: u64,
+
+    /// Most CPU time each process of a snippet may use (RLIMIT_CPU); 0 for no limit.
+    #[arg(long, env = "EXEC_MAX_CPU", default_value = "60s", value_parser = dynogate_shared::duration::parse)]
+    pub max_cpu: Duration,
+
+    /// Most processes and threads one command may have at once; 0 for no limit.
+    #[arg(long, env = "EXEC_MAX_PROCESSES", default_value_t = 256)]
+    pub max_processes: u64,
+
+    /// Largest file a snippet may write (RLIMIT_FSIZE); 0 for no limit.
+    #[arg(long, env = "EXEC_MAX_FILE_SIZE", default_value = "1GiB", value_parser = crate::size::parse)]
+    pub max_file_size: u64,
+
+    /// How often a call that carries a progress token hears that work goes on.
+    #[arg(long, env = "EXEC_PROGRESS_INTERVAL", default_value = "10s", value_parser = dynogate_shared::duration::parse)]
+    pub progress_interval: Duration,
+
+    /// Download caches shared by every session on this machine (default:
+    /// `$XDG_CACHE_HOME/dynogate-exec` or `~/.cache/dynogate-exec`).
+    #[arg(long, env = "EXEC_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Accept paths, URLs and VCS references in `packages`, not only names.
+    #[arg(long, env = "EXEC_ALLOW_PACKAGE_SOURCES", default_value_t = false)]
+    pub allow_package_sources: bool,
 }
 
 /// The executor's checked settings.
@@ -168,6 +204,11 @@ pub struct Exec {
     pub run_timeout: Duration,
     pub install_timeout: Duration,
     pub max_output_bytes: usize,
+    /// Limits on snippets (and the builds that compile them).
+    pub limits: Limits,
+    pub progress_interval: Duration,
+    pub cache_dir: PathBuf,
+    pub allow_package_sources: bool,
 }
 
 impl ExecArgs {
@@ -175,13 +216,62 @@ impl ExecArgs {
         if self.run_timeout.is_zero() || self.install_timeout.is_zero() {
             bail!("EXEC_RUN_TIMEOUT and EXEC_INSTALL_TIMEOUT must be greater than zero");
         }
+        if self.progress_interval < Duration::from_millis(10) {
+            bail!("EXEC_PROGRESS_INTERVAL must be at least 10ms");
+        }
+        let nonzero = |n: u64| (n > 0).then_some(n);
+        let cpu = self.max_cpu.as_secs() + u64::from(self.max_cpu.subsec_nanos() > 0);
         Ok(Exec {
             workdir: self.workdir,
             run_timeout: self.run_timeout,
             install_timeout: self.install_timeout,
-            max_output_bytes: self.max_output_bytes.max(1024),
+            max_output_bytes: usize::try_from(self.max_output_bytes).unwrap_or(usize::MAX).max(1024),
+            limits: Limits {
+                memory: nonzero(self.max_memory),
+                cpu_seconds: nonzero(cpu),
+                processes: nonzero(self.max_processes),
+                file_size: nonzero(self.max_file_size),
+            },
+            progress_interval: self.progress_interval,
+            cache_dir: self.cache_dir.unwrap_or_else(default_cache_dir),
+            allow_package_sources: self.allow_package_sources,
         })
     }
+}
+
+/// Where shared download caches live unless `EXEC_CACHE_DIR` says otherwise.
+fn default_cache_dir() -> PathBuf {
+    let nonempty = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(xdg) = nonempty("XDG_CACHE_HOME") {
+        return xdg.join("dynogate-exec");
+    }
+    if let Some(home) = nonempty("HOME") {
+        return home.join(".cache").join("dynogate-exec");
+    }
+    std::env::temp_dir().join("dynogate-exec-cache")
+}
+
+/// `runner limit`: resource limits to set before becoming a program.
+#[derive(Debug, ClapArgs)]
+pub struct LimitArgs {
+    /// RLIMIT_DATA, in bytes.
+    #[arg(long)]
+    pub data: Option<u64>,
+    /// RLIMIT_CPU, in seconds.
+    #[arg(long)]
+    pub cpu: Option<u64>,
+    /// RLIMIT_NPROC (counted over all of this user's processes).
+    #[arg(long)]
+    pub nproc: Option<u64>,
+    /// RLIMIT_FSIZE, in bytes.
+    #[arg(long)]
+    pub fsize: Option<u64>,
+    /// A cgroup directory to move into first.
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
+    /// The program and its arguments.
+    #[arg(last = true, required = true)]
+    pub argv: Vec<OsString>,
 }
 
 #[cfg(test)]
@@ -209,5 +299,49 @@ mod tests {
         assert!(parse(&["runner", "--", "python3", "-m", "x"]).argv == ["python3", "-m", "x"]);
         assert!(parse(&["runner", "--command", "python3 -m x"]).shell_command.as_deref() == Some("python3 -m x"));
         assert!(matches!(Args::try_parse_from(["runner", "exec"]).unwrap().command, Some(Command::Exec(_))));
+    }
+
+    #[test]
+    fn executor_limits_parse_with_units_and_zero_turns_a_limit_off() {
+        let Some(Command::Exec(args)) = Args::try_parse_from([
+            "runner",
+            "exec",
+            "--max-memory",
+            "512MiB",
+            "--max-cpu",
+            "0",
+            "--max-processes",
+            "64",
+            "--max-file-size",
+            "0",
+            "--max-output-bytes",
+            "64KiB",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not exec")
+        };
+        let exec = args.validate().unwrap();
+        assert_eq!(
+            exec.limits,
+            Limits { memory: Some(512 << 20), cpu_seconds: None, processes: Some(64), file_size: None }
+        );
+        assert_eq!(exec.max_output_bytes, 64 << 10);
+        assert!(!exec.allow_package_sources);
+    }
+
+    #[test]
+    fn the_limit_shim_takes_limits_then_a_program() {
+        let Some(Command::Limit(limit)) =
+            Args::try_parse_from(["runner", "limit", "--data", "5", "--cgroup", "/cg", "--", "python3", "-c", "x"])
+                .unwrap()
+                .command
+        else {
+            panic!("not limit")
+        };
+        assert_eq!((limit.data, limit.cgroup.as_deref()), (Some(5), Some(std::path::Path::new("/cg"))));
+        assert_eq!(limit.argv, ["python3", "-c", "x"].map(OsString::from));
+        assert!(Args::try_parse_from(["runner", "limit", "--data", "5"]).is_err(), "a program is required");
     }
 }

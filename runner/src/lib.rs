@@ -12,7 +12,8 @@
 //! - [`lines`]: newline-delimited framing on the child's stdout.
 //! - [`procfile`]: `RUNNER_COMMAND` naming a Procfile process type.
 //! - [`bridge`]: the relay loop between socket and child.
-//! - [`exec`]: the code executor.
+//! - [`exec`]: the code executor (and `runner limit`, its resource-limit shim).
+//! - [`size`]: byte sizes in config vars.
 
 pub mod bridge;
 pub mod child;
@@ -21,6 +22,7 @@ pub mod dial;
 pub mod exec;
 pub mod lines;
 pub mod procfile;
+pub mod size;
 
 use anyhow::Context;
 use clap::Parser;
@@ -28,15 +30,35 @@ use clap::Parser;
 /// The `runner` binary.
 pub fn main() -> anyhow::Result<()> {
     let args = config::Args::parse();
+    if let Some(config::Command::Limit(limit)) = args.command {
+        // Nothing else may start first: this process is about to become another program.
+        return exec::limits::apply_and_exec(limit);
+    }
     init_tracing(args.command.is_some());
     // ring is the one TLS backend compiled in; `wss://` dials use it.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime =
-        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     match args.command {
-        Some(config::Command::Exec(exec)) => runtime.block_on(exec::serve(exec.validate()?)),
+        Some(config::Command::Exec(exec)) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            let result = runtime.block_on(exec::serve(exec.validate()?));
+            // After a SIGTERM, stdin's blocking reader may wait forever for a
+            // line; do not wait for it.
+            runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+            result
+        }
+        Some(config::Command::Limit(_)) => unreachable!("handled above"),
         None => {
             let dial = args.dial.validate()?;
+            // One thread: a runner serves one session, so there is nothing to
+            // spread across cores, hand-offs between its tasks stay cheap (no
+            // cross-thread wake-ups on the relay's hot path), and memory small.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
             let code = runtime.block_on(bridge::run(dial))?;
             // Leave without waiting for stray blocking tasks (a child's stderr
             // reader, say); everything that matters has been cleaned up.

@@ -1,7 +1,10 @@
 //! End-to-end tests: a real gateway process, real runners dialing back over a
-//! real WebSocket, real executors running real Python, and real MCP clients.
+//! real WebSocket, real executors running real Python, Node.js, Ruby and Go,
+//! and real MCP clients.
 //! Every test starts its own gateway on a free loopback port.
 
+/// `runner exec` on plain stdio, driven with raw JSON-RPC lines.
+mod stdio;
 /// Shared machinery: gateway processes, HTTP helpers, process inspection.
 mod support;
 
@@ -9,6 +12,8 @@ mod support;
 mod auth;
 /// Every refused request: status code and JSON-RPC error.
 mod errors;
+/// The code executor's four languages, packages, limits, cancellation and progress.
+mod executor;
 /// A fake Platform API that runs dynos as local processes.
 mod fake_heroku;
 /// The Heroku spawner end to end, against the fake.

@@ -2,19 +2,20 @@
 //!
 //! Both are built from an allowlist, never by copying the executor's own
 //! environment: code must not see the runner's token, the gateway's API keys,
-//! `REDIS_URL`, or any other config var. Installers additionally get the
-//! package tools' own settings (`PIP_*`, `UV_*`, proxies, CA bundles) so that
-//! mirrors and corporate proxies keep working.
+//! `REDIS_URL`, or any other config var. Installers additionally get their
+//! own tool's settings (`PIP_*`, `UV_*`, `npm_config_*`, `GOPROXY`, …),
+//! proxies and CA bundles, so that mirrors and corporate proxies keep working.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::path::Path;
+
+use super::tools::Language;
 
 /// Variables code may see, when the executor has them.
 const CODE_ALLOWLIST: &[&str] =
     &["PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM", "USER", "LOGNAME", "TMPDIR"];
 
-/// Prefixes and names an installer may also see.
-const INSTALL_PREFIXES: &[&str] = &["PIP_", "UV_"];
+/// Names every installer may also see.
 const INSTALL_EXTRA: &[&str] = &[
     "SSL_CERT_FILE",
     "SSL_CERT_DIR",
@@ -28,38 +29,83 @@ const INSTALL_EXTRA: &[&str] = &[
     "XDG_CACHE_HOME",
 ];
 
-/// The environment for running code, with `venv` (when present) first on PATH.
-pub fn for_code(venv: Option<&Path>) -> Vec<(String, OsString)> {
-    let mut env: Vec<(String, OsString)> =
-        CODE_ALLOWLIST.iter().filter_map(|name| Some(((*name).to_owned(), std::env::var_os(name)?))).collect();
-    if let Some(venv) = venv {
-        let bin = venv.join("bin");
-        let path = match env.iter().find(|(k, _)| k == "PATH") {
-            Some((_, rest)) => {
-                let mut joined = bin.into_os_string();
-                joined.push(":");
-                joined.push(rest);
-                joined
-            }
-            None => bin.into_os_string(),
-        };
-        env.retain(|(k, _)| k != "PATH");
-        env.push(("PATH".into(), path));
-        env.push(("VIRTUAL_ENV".into(), venv.as_os_str().to_owned()));
+/// Prefixes and names of one installer's own settings.
+fn installer_settings(language: Language) -> (&'static [&'static str], &'static [&'static str]) {
+    match language {
+        Language::Python => (&["PIP_", "UV_"], &[]),
+        Language::Node => (&["npm_config_", "NPM_CONFIG_"], &["NODE_EXTRA_CA_CERTS"]),
+        Language::Ruby => (&[], &["GEMRC"]),
+        // Not a `GO` prefix: it would also match names like GOOGLE_API_KEY.
+        Language::Go => (
+            &[],
+            &[
+                "GOPROXY",
+                "GOSUMDB",
+                "GONOSUMDB",
+                "GONOPROXY",
+                "GOPRIVATE",
+                "GOINSECURE",
+                "GOFLAGS",
+                "GOAMD64",
+                "GOEXPERIMENT",
+                "CGO_ENABLED",
+            ],
+        ),
     }
-    env
 }
 
-/// The environment for package installers.
-pub fn for_install() -> Vec<(String, OsString)> {
-    let mut env = for_code(None);
-    for (name, value) in std::env::vars_os() {
-        let Some(name) = name.to_str() else { continue };
-        if INSTALL_PREFIXES.iter().any(|p| name.starts_with(p)) || INSTALL_EXTRA.contains(&name) {
-            env.push((name.to_owned(), value));
-        }
+/// An environment under construction.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Env(Vec<(String, OsString)>);
+
+impl Env {
+    /// What code sees: the allowlisted variables the executor has.
+    pub fn for_code() -> Env {
+        Env(CODE_ALLOWLIST.iter().filter_map(|name| Some(((*name).to_owned(), std::env::var_os(name)?))).collect())
     }
-    env
+
+    /// What `language`'s installer (or compiler) sees.
+    pub fn for_install(language: Language) -> Env {
+        let mut env = Env::for_code();
+        let (prefixes, names) = installer_settings(language);
+        for (name, value) in std::env::vars_os() {
+            let Some(name) = name.to_str() else { continue };
+            if prefixes.iter().any(|p| name.starts_with(p)) || names.contains(&name) || INSTALL_EXTRA.contains(&name) {
+                env = env.set(name, value);
+            }
+        }
+        env
+    }
+
+    pub fn get(&self, name: &str) -> Option<&OsStr> {
+        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_os_str())
+    }
+
+    /// Sets a variable, replacing any value it had.
+    pub fn set(mut self, name: &str, value: impl Into<OsString>) -> Env {
+        self.0.retain(|(k, _)| k != name);
+        self.0.push((name.to_owned(), value.into()));
+        self
+    }
+
+    /// Sets a variable unless the operator already set it.
+    pub fn set_default(self, name: &str, value: impl Into<OsString>) -> Env {
+        if self.get(name).is_some() { self } else { self.set(name, value) }
+    }
+
+    /// Puts `dir` first on PATH.
+    pub fn prepend_path(self, dir: &Path) -> Env {
+        let mut path = dir.as_os_str().to_owned();
+        if let Some(rest) = self.get("PATH").filter(|rest| !rest.is_empty()) {
+            path.push(":");
+            path.push(rest);
+        }
+        self.set("PATH", path)
+    }
+
+    pub fn into_vec(self) -> Vec<(String, OsString)> {
+        self.0
+    }
 }
 
 #[cfg(test)]
@@ -67,19 +113,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn code_sees_only_allowlisted_names_and_the_venv_first() {
-        let env = for_code(Some(Path::new("/s/.venv")));
-        for (name, _) in &env {
+    fn code_sees_only_allowlisted_names_and_its_own_dirs_first() {
+        let env = Env::for_code().prepend_path(Path::new("/s/.venv/bin")).set("VIRTUAL_ENV", "/s/.venv");
+        for (name, _) in env.0.iter() {
             assert!(CODE_ALLOWLIST.contains(&name.as_str()) || name == "VIRTUAL_ENV", "{name}");
         }
-        let path = &env.iter().find(|(k, _)| k == "PATH").unwrap().1;
-        assert!(path.to_string_lossy().starts_with("/s/.venv/bin"));
+        assert!(env.get("PATH").unwrap().to_string_lossy().starts_with("/s/.venv/bin"));
     }
 
     #[test]
     fn installers_never_see_secrets() {
-        for (name, _) in for_install() {
-            assert!(!dynogate_shared::names::SECRET_ENV.contains(&name.as_str()), "{name}");
+        for language in Language::ALL {
+            for (name, _) in Env::for_install(language).into_vec() {
+                assert!(!dynogate_shared::names::SECRET_ENV.contains(&name.as_str()), "{name}");
+            }
         }
+    }
+
+    #[test]
+    fn defaults_yield_to_what_is_set() {
+        let env = Env::default().set("A", "1").set_default("A", "2").set_default("B", "3");
+        assert_eq!(env.get("A").unwrap(), "1");
+        assert_eq!(env.get("B").unwrap(), "3");
+        assert_eq!(env.set("A", "4").get("A").unwrap(), "4");
     }
 }

@@ -2,67 +2,69 @@
 //!
 //! Its tools follow Heroku's `mcp-code-exec-*` templates exactly (names,
 //! argument schema, result shape), so agents written for those work
-//! unchanged: `{code, packages?}` in; `{returncode, stdout, stderr}` out, as
-//! pretty JSON text plus `structuredContent.result`; a non-zero exit is still
-//! `isError: false`; a timeout is returncode -2 with stderr
-//! `Error: Execution timed out`.
+//! unchanged: `code_exec_python`, `code_exec_node`, `code_exec_ruby` and
+//! `code_exec_go` take `{code, packages?}` and return
+//! `{returncode, stdout, stderr}` as pretty JSON text plus
+//! `structuredContent.result`; a non-zero exit is still `isError: false`; a
+//! timeout is returncode -2 with stderr `Error: Execution timed out`. A tool
+//! is listed only when its toolchain is on this machine.
 //!
 //! Code runs in the session's directory (given by the runner, or a temporary
-//! one removed on exit). Every process it starts is killed when the call ends,
-//! is cancelled, or the executor exits.
+//! one removed on exit), with limits, an allowlisted environment, and stdin
+//! closed. Every process it starts is killed when the call ends, is
+//! cancelled, or the executor exits.
 //!
-//! - [`process`]: running one command with limits.
+//! - [`tools`]: the tools' names, schemas and result shapes.
+//! - [`session`]: the session directory, shared caches, and running jobs in them.
+//! - [`process`]: running one command: process groups, output caps, timeouts.
+//! - [`limits`]: resource limits and the `runner limit` shim.
+//! - [`cgroup`]: a pids cgroup per command, where the machine allows it.
 //! - [`env`]: the environments code and installers see.
 //! - [`packages`]: refusing package specs that are not plain names.
-//! - [`python`]: interpreter discovery, venv and installs.
+//! - [`progress`]: progress notifications during long calls.
+//! - [`python`], [`node`], [`ruby`], [`go`]: each language's toolchain.
 
+pub mod cgroup;
 pub mod env;
+pub mod go;
+pub mod limits;
+pub mod node;
 pub mod packages;
 pub mod process;
+pub mod progress;
 pub mod python;
+pub mod ruby;
+pub mod session;
+pub mod tools;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation, JsonObject, ListToolsResult,
-    PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
+    CallToolRequestParams, CallToolResponse, Implementation, ListToolsResult, PaginatedRequestParams,
+    ServerCapabilities, ServerConfig, Tool,
 };
 use rmcp::service::RequestContext;
 use rmcp::{ErrorData, RoleServer, ServerHandler, ServiceExt};
-use serde::{Deserialize, Serialize};
-use serde_json::json;
 use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
 use crate::config::Exec;
-use process::{Groups, Job};
-use python::Python;
+use packages::Spec;
+use process::{Output, Supervisor};
+use progress::{Reporter, Stage};
+use session::Session;
+use tools::{CodeArgs, ExecResult, Language, failure, success};
 
-/// What a tool call returns, in the templates' field order.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ExecResult {
-    pub returncode: i32,
-    pub stdout: String,
-    pub stderr: String,
+/// What each language provides. Implemented by [`python::Python`],
+/// [`node::Node`], [`ruby::Ruby`] and [`go::Go`].
+pub(crate) trait Toolchain: Send + Sync {
+    /// Installs packages into the session's own environment for the language.
+    async fn install(&self, session: &Session, specs: &[Spec], stage: &Stage) -> std::io::Result<Output>;
+    /// Runs code in the session directory (building it first where needed).
+    async fn run(&self, session: &Session, code: &str, stage: &Stage) -> std::io::Result<Output>;
 }
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CodeArgs {
-    code: String,
-    #[serde(default)]
-    packages: Option<Vec<String>>,
-}
-
-const PYTHON_TOOL: &str = "code_exec_python";
-const PYTHON_DESCRIPTION: &str = "Runs a Python snippet with `python3 -c` and reports its exit code and output.\n\n\
-Packages listed in `packages` are installed with pip into this session's own virtual environment first. \
-The code runs in this session's private working directory: files it writes stay there for later calls \
-in the same session and are deleted when the session ends. A non-zero returncode means the code failed \
-and should be fixed.\n\n\
-Returns JSON with `returncode`, `stdout` and `stderr`.";
 
 /// The executor's state, shared by concurrent calls.
 #[derive(Clone)]
@@ -71,52 +73,102 @@ pub struct Executor {
 }
 
 struct Inner {
-    workdir: PathBuf,
-    settings: Exec,
-    python: OnceCell<Option<Python>>,
-    groups: Groups,
-    /// Installs into one venv must not overlap.
-    install_lock: tokio::sync::Mutex<()>,
+    session: Session,
+    /// Each toolchain is looked for once, on first use (or at start-up).
+    python: OnceCell<Option<python::Python>>,
+    node: OnceCell<Option<node::Node>>,
+    ruby: OnceCell<Option<ruby::Ruby>>,
+    go: OnceCell<Option<go::Go>>,
 }
 
 impl Executor {
-    pub fn new(workdir: PathBuf, settings: Exec) -> Self {
+    pub fn new(workdir: PathBuf, settings: Exec, supervisor: Supervisor) -> Self {
         Self {
             inner: Arc::new(Inner {
-                workdir,
-                settings,
+                session: Session::new(workdir, settings, supervisor),
                 python: OnceCell::new(),
-                groups: Groups::default(),
-                install_lock: tokio::sync::Mutex::new(()),
+                node: OnceCell::new(),
+                ruby: OnceCell::new(),
+                go: OnceCell::new(),
             }),
         }
     }
 
-    async fn python(&self) -> Option<&Python> {
-        self.inner.python.get_or_init(Python::discover).await.as_ref()
+    fn supervisor(&self) -> &Supervisor {
+        &self.inner.session.supervisor
     }
 
-    /// Runs Python code as the template does.
-    pub async fn run_python(&self, code: &str, packages: &[String]) -> Result<ExecResult, String> {
-        let python = self.python().await.ok_or("python3 is not installed on this machine")?;
-        let settings = &self.inner.settings;
-        let workdir = &self.inner.workdir;
-        if !packages.is_empty() {
-            packages::validate(packages)?;
-            let _one_at_a_time = self.inner.install_lock.lock().await;
-            let out = python
-                .install(workdir, packages, settings.install_timeout, settings.max_output_bytes, &self.inner.groups)
+    async fn python(&self) -> Option<&python::Python> {
+        self.inner.python.get_or_init(|| python::Python::discover(self.supervisor())).await.as_ref()
+    }
+
+    async fn node(&self) -> Option<&node::Node> {
+        self.inner.node.get_or_init(|| node::Node::discover(self.supervisor())).await.as_ref()
+    }
+
+    async fn ruby(&self) -> Option<&ruby::Ruby> {
+        self.inner.ruby.get_or_init(|| ruby::Ruby::discover(self.supervisor())).await.as_ref()
+    }
+
+    async fn go(&self) -> Option<&go::Go> {
+        self.inner.go.get_or_init(|| go::Go::discover(self.supervisor())).await.as_ref()
+    }
+
+    /// Whether `language`'s toolchain is on this machine.
+    pub async fn has(&self, language: Language) -> bool {
+        match language {
+            Language::Python => self.python().await.is_some(),
+            Language::Node => self.node().await.is_some(),
+            Language::Ruby => self.ruby().await.is_some(),
+            Language::Go => self.go().await.is_some(),
+        }
+    }
+
+    /// Installs `packages`, then runs `code`, as the templates do.
+    pub async fn execute(
+        &self,
+        language: Language,
+        code: &str,
+        packages: &[String],
+        stage: &Stage,
+    ) -> Result<ExecResult, String> {
+        let missing = || format!("{} is not installed on this machine", language.tool_name());
+        match language {
+            Language::Python => {
+                self.execute_with(self.python().await.ok_or_else(missing)?, language, code, packages, stage).await
+            }
+            Language::Node => {
+                self.execute_with(self.node().await.ok_or_else(missing)?, language, code, packages, stage).await
+            }
+            Language::Ruby => {
+                self.execute_with(self.ruby().await.ok_or_else(missing)?, language, code, packages, stage).await
+            }
+            Language::Go => {
+                self.execute_with(self.go().await.ok_or_else(missing)?, language, code, packages, stage).await
+            }
+        }
+    }
+
+    async fn execute_with<T: Toolchain>(
+        &self,
+        toolchain: &T,
+        language: Language,
+        code: &str,
+        packages: &[String],
+        stage: &Stage,
+    ) -> Result<ExecResult, String> {
+        let session = &self.inner.session;
+        let specs = packages::validate(language, packages, session.settings.allow_package_sources)?;
+        if !specs.is_empty() {
+            stage.set("installing packages");
+            let out = toolchain
+                .install(session, &specs, stage)
                 .await
                 .map_err(|e| format!("cannot run the package installer: {e}"))?;
             if out.timed_out {
-                return Ok(ExecResult {
-                    returncode: -2,
-                    stdout: String::new(),
-                    stderr: format!(
-                        "Dependency install failed:\nError: install timed out after {}s",
-                        settings.install_timeout.as_secs()
-                    ),
-                });
+                let seconds = session.settings.install_timeout.as_secs();
+                let stderr = format!("Dependency install failed:\nError: install timed out after {seconds}s");
+                return Ok(ExecResult { returncode: -2, stdout: String::new(), stderr });
             }
             if out.code != 0 {
                 return Ok(ExecResult {
@@ -126,89 +178,41 @@ impl Executor {
                 });
             }
         }
-        let (interpreter, venv) = python.runtime(workdir);
-        let job = Job {
-            program: interpreter,
-            args: vec!["-c".into(), code.into()],
-            cwd: workdir.clone(),
-            env: env::for_code(venv.as_deref()),
-            timeout: settings.run_timeout,
-            max_output: settings.max_output_bytes,
-        };
-        let out = process::run(&job, &self.inner.groups).await.map_err(|e| format!("cannot start python: {e}"))?;
+        stage.set("running");
+        let out = toolchain.run(session, code, stage).await.map_err(|e| format!("cannot run the code: {e}"))?;
+        Ok(self.result_of(out))
+    }
+
+    /// The template's result for a finished run, with a word on limits hit.
+    fn result_of(&self, out: Output) -> ExecResult {
         if out.timed_out {
-            return Ok(ExecResult {
-                returncode: -2,
-                stdout: String::new(),
-                stderr: "Error: Execution timed out".into(),
-            });
+            return ExecResult::timed_out();
         }
-        Ok(ExecResult {
-            returncode: out.code,
-            stdout: out.stdout.trim().to_owned(),
-            stderr: out.stderr.trim().to_owned(),
-        })
+        let limits = &self.inner.session.settings.limits;
+        let mut stderr = out.stderr.trim().to_owned();
+        let note = match (out.code, limits.cpu_seconds, limits.file_size) {
+            (-24, Some(seconds), _) => Some(format!("Error: CPU time limit exceeded ({seconds}s)")),
+            (-25, _, Some(bytes)) => Some(format!("Error: file size limit exceeded ({bytes} bytes)")),
+            _ => None,
+        };
+        if let Some(note) = note {
+            if !stderr.is_empty() {
+                stderr.push('\n');
+            }
+            stderr.push_str(&note);
+        }
+        ExecResult { returncode: out.code, stdout: out.stdout.trim().to_owned(), stderr }
+    }
+
+    async fn prepare_python(&self) {
+        if let Some(python) = self.python().await {
+            python.prepare(&self.inner.session).await;
+        }
     }
 
     fn kill_everything(&self) {
-        self.inner.groups.kill_all();
+        self.supervisor().kill_all();
     }
-}
-
-/// The template's input schema for a code tool.
-fn input_schema(tool: &str, code_description: &str, packages_description: &str) -> Arc<JsonObject> {
-    let schema = json!({
-        "type": "object",
-        "title": format!("{tool}Arguments"),
-        "required": ["code"],
-        "properties": {
-            "code": {"type": "string", "title": "Code", "description": code_description},
-            "packages": {
-                "anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "null"}],
-                "default": null,
-                "title": "Packages",
-                "description": packages_description
-            }
-        }
-    });
-    Arc::new(schema.as_object().expect("a JSON object").clone())
-}
-
-/// The template's output schema: `{result: object}`.
-fn output_schema(tool: &str) -> Arc<JsonObject> {
-    let schema = json!({
-        "type": "object",
-        "title": format!("{tool}Output"),
-        "required": ["result"],
-        "properties": {"result": {"type": "object", "title": "Result", "additionalProperties": true}}
-    });
-    Arc::new(schema.as_object().expect("a JSON object").clone())
-}
-
-fn python_tool() -> Tool {
-    Tool::new(
-        PYTHON_TOOL,
-        PYTHON_DESCRIPTION,
-        input_schema(
-            PYTHON_TOOL,
-            "The Python code to execute as a string.",
-            "Optional list of pip package names to install before execution.",
-        ),
-    )
-    .with_raw_output_schema(output_schema(PYTHON_TOOL))
-}
-
-/// A result as the templates return it.
-fn success(result: &ExecResult) -> CallToolResult {
-    let text = serde_json::to_string_pretty(result).expect("plain structs serialize");
-    let mut out = CallToolResult::success(vec![ContentBlock::text(text)]);
-    out.structured_content = Some(json!({ "result": result }));
-    out
-}
-
-/// A tool-level error the calling model can read and act on.
-fn failure(message: impl Into<String>) -> CallToolResult {
-    CallToolResult::error(vec![ContentBlock::text(message.into())])
 }
 
 impl ServerHandler for Executor {
@@ -223,14 +227,16 @@ impl ServerHandler for Executor {
         _context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
         let mut tools = Vec::new();
-        if self.python().await.is_some() {
-            tools.push(python_tool());
+        for language in Language::ALL {
+            if self.has(language).await {
+                tools.push(language.tool());
+            }
         }
         Ok(ListToolsResult::with_all_items(tools))
     }
 
     fn get_tool(&self, name: &str) -> Option<Tool> {
-        (name == PYTHON_TOOL).then(python_tool)
+        Language::from_tool(name).map(Language::tool)
     }
 
     async fn call_tool(
@@ -238,21 +244,25 @@ impl ServerHandler for Executor {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
-        if request.name != PYTHON_TOOL {
+        let Some(language) = Language::from_tool(&request.name) else {
             return Ok(failure(format!("Unknown tool: {}", request.name)).into());
-        }
-        let args: CodeArgs =
-            match serde_json::from_value(serde_json::Value::Object(request.arguments.unwrap_or_default())) {
-                Ok(args) => args,
-                Err(e) => {
-                    return Ok(failure(format!("Invalid arguments for {PYTHON_TOOL}: {e}")).into());
-                }
-            };
+        };
+        let arguments = serde_json::Value::Object(request.arguments.unwrap_or_default());
+        let args: CodeArgs = match serde_json::from_value(arguments) {
+            Ok(args) => args,
+            Err(e) => return Ok(failure(format!("Invalid arguments for {}: {e}", request.name)).into()),
+        };
         let packages = args.packages.unwrap_or_default();
-        let run = self.run_python(&args.code, &packages);
-        // Dropping the run kills its process group.
+        let stage = Stage::default();
+        let reporter = Reporter {
+            peer: context.peer.clone(),
+            token: context.meta.get_progress_token(),
+            interval: self.inner.session.settings.progress_interval,
+        };
+        let work = reporter.report_while(self.execute(language, &args.code, &packages, &stage), &stage);
+        // Dropping the work kills its processes.
         let result = tokio::select! {
-            result = run => result,
+            result = work => result,
             () = context.ct.cancelled() => Err("the call was cancelled".to_owned()),
         };
         Ok(match result {
@@ -276,11 +286,23 @@ pub async fn serve(settings: Exec) -> anyhow::Result<()> {
         }
     };
     std::fs::create_dir_all(&workdir).with_context(|| format!("cannot create {}", workdir.display()))?;
-    let executor = Executor::new(workdir.clone(), settings);
-    // Find Python while the client is still initializing.
-    let warm = executor.clone();
-    tokio::spawn(async move { warm.python().await.is_some() });
-    info!(workdir = %workdir.display(), "code executor ready on stdio");
+    let shim = std::env::current_exe().context("cannot locate the runner binary (for `runner limit`)")?;
+    let supervisor = Supervisor::new(shim, cgroup::PidsRoot::create());
+    if !supervisor.caps_processes() {
+        warn!("EXEC_MAX_PROCESSES cannot be enforced: no writable pids cgroup, and RLIMIT_NPROC does not bind root");
+    }
+    let executor = Executor::new(workdir.clone(), settings, supervisor);
+    // Find every toolchain while the client is still initializing, and get
+    // the Python venv ready for a first install.
+    for language in Language::ALL {
+        let warm = executor.clone();
+        tokio::spawn(async move {
+            if warm.has(language).await && language == Language::Python {
+                warm.prepare_python().await;
+            }
+        });
+    }
+    info!(workdir = %workdir.display(), cgroups = executor.supervisor().uses_cgroups(), "code executor ready on stdio");
     let service = executor.clone().serve(rmcp::transport::stdio()).await.context("MCP handshake failed")?;
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
@@ -294,27 +316,4 @@ pub async fn serve(settings: Exec) -> anyhow::Result<()> {
     }
     executor.kill_everything();
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn results_are_pretty_json_in_the_templates_field_order() {
-        let result = success(&ExecResult { returncode: 3, stdout: "1".into(), stderr: String::new() });
-        let value = serde_json::to_value(&result).unwrap();
-        assert_eq!(value["content"][0]["text"], "{\n  \"returncode\": 3,\n  \"stdout\": \"1\",\n  \"stderr\": \"\"\n}");
-        assert_eq!(value["structuredContent"]["result"]["returncode"], 3);
-        assert_eq!(value["isError"], false);
-    }
-
-    #[test]
-    fn the_schema_matches_the_template() {
-        let tool = python_tool();
-        let schema = serde_json::to_value(&*tool.input_schema).unwrap();
-        assert_eq!(schema["required"], json!(["code"]));
-        assert_eq!(schema["properties"]["packages"]["anyOf"][0]["type"], "array");
-        assert_eq!(schema["title"], "code_exec_pythonArguments");
-    }
 }

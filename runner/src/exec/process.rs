@@ -1,49 +1,171 @@
 //! Running one command for the executor.
 //!
-//! Each command runs in a process group of its own with stdin closed and an
-//! environment built from scratch (see [`super::env`]). When it times out, is
-//! cancelled, or the executor exits, the whole group is killed, so nothing it
-//! forked survives. Output is bounded: past the limit only the head and the
-//! tail are kept, with a note of how many bytes were left out.
+//! Each command runs in a process group of its own with stdin closed, an
+//! environment built from scratch (see [`super::env`]), and, when it has
+//! limits, through `runner limit` ([`super::limits`]) and in a pids cgroup of
+//! its own when the machine allows one ([`super::cgroup`]). When it finishes,
+//! times out, is cancelled, or the executor exits, the whole group (and
+//! cgroup) is killed, so nothing it forked survives. Output is bounded: past
+//! the limit only the head and the tail are kept, with a note of how many
+//! bytes were left out.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
+use tokio::time::Instant;
 
-/// The process groups of commands still running, so the executor can kill
-/// them all when it exits. A std mutex: it is held for one set operation and
-/// never across an `.await`.
-#[derive(Debug, Clone, Default)]
-pub struct Groups(Arc<Mutex<HashSet<i32>>>);
+use super::cgroup::{self, CommandGroup, PidsRoot};
+use super::limits::{self, Limits, ProcessCap};
 
-impl Groups {
-    /// Kills every group still registered.
-    pub fn kill_all(&self) {
-        let groups: Vec<i32> = self.0.lock().expect("groups lock").drain().collect();
-        for pgid in groups {
-            kill_group(pgid);
+/// Starts commands with their limits and keeps track of the ones running, so
+/// that the executor can kill them all when it exits. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Supervisor {
+    inner: Arc<SupervisorInner>,
+}
+
+#[derive(Debug)]
+struct SupervisorInner {
+    /// `runner limit`; without it commands run without limits.
+    shim: Option<PathBuf>,
+    pids: Option<PidsRoot>,
+    /// Commands still running, by an id of their own. A std mutex: it is held
+    /// for one map operation and never across an `.await`.
+    running: Mutex<HashMap<u64, Running>>,
+    next: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Running {
+    pgid: i32,
+    cgroup: Option<PathBuf>,
+}
+
+impl Supervisor {
+    /// A supervisor that applies limits through `shim` (this binary) and, if
+    /// `pids` is given, caps processes with a cgroup per command.
+    pub fn new(shim: PathBuf, pids: Option<PidsRoot>) -> Self {
+        Self::build(Some(shim), pids)
+    }
+
+    /// A supervisor that ignores limits (for tests and discovery).
+    pub fn unlimited() -> Self {
+        Self::build(None, None)
+    }
+
+    fn build(shim: Option<PathBuf>, pids: Option<PidsRoot>) -> Self {
+        Supervisor {
+            inner: Arc::new(SupervisorInner { shim, pids, running: Mutex::default(), next: AtomicU64::new(0) }),
         }
+    }
+
+    /// Whether process caps hold here: a cgroup per command, or RLIMIT_NPROC
+    /// for a user it binds (it does not bind root).
+    pub fn caps_processes(&self) -> bool {
+        self.inner.pids.is_some() || !nix::unistd::geteuid().is_root()
+    }
+
+    pub fn uses_cgroups(&self) -> bool {
+        self.inner.pids.is_some()
+    }
+
+    /// Kills every command still running.
+    pub fn kill_all(&self) {
+        let running: Vec<Running> =
+            self.inner.running.lock().expect("running lock").drain().map(|(_, running)| running).collect();
+        for command in running {
+            kill_group(command.pgid);
+            if let Some(dir) = command.cgroup {
+                cgroup::kill_members(&dir);
+            }
+        }
+    }
+
+    /// Runs `job` to completion or to its deadline.
+    pub async fn run(&self, job: &Job) -> std::io::Result<Output> {
+        let started = std::time::Instant::now();
+        let (program, prefix, cgroup) = self.wrap(job)?;
+        let mut command = Command::new(program);
+        command
+            .args(prefix)
+            .args(&job.args)
+            .current_dir(&job.cwd)
+            .env_clear()
+            .envs(job.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        let mut child = command.spawn()?;
+        let pgid = i32::try_from(child.id().unwrap_or_default()).expect("pids fit in i32");
+        let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
+        let cgroup_dir = cgroup.as_ref().map(|group| group.dir().to_owned());
+        self.inner.running.lock().expect("running lock").insert(id, Running { pgid, cgroup: cgroup_dir });
+        let _guard = RunningGuard { supervisor: self.clone(), id, pgid, _cgroup: cgroup };
+        let stdout = capture(child.stdout.take(), job.max_output);
+        let stderr = capture(child.stderr.take(), job.max_output);
+        // Like `subprocess.run(capture_output=True)`: the command is over when
+        // it has exited and its output pipes have closed.
+        let finished =
+            tokio::time::timeout_at(job.deadline, async { tokio::join!(child.wait(), stdout, stderr) }).await;
+        match finished {
+            Ok((status, stdout, stderr)) => {
+                use std::os::unix::process::ExitStatusExt;
+                let status = status?;
+                let code = status.code().unwrap_or_else(|| -status.signal().unwrap_or(0));
+                tracing::debug!(program = %job.program.display(), code, elapsed = ?started.elapsed(), "command finished");
+                Ok(Output { code, stdout: stdout?, stderr: stderr?, timed_out: false })
+            }
+            Err(_) => {
+                kill_group(pgid);
+                let _ = child.wait().await;
+                Ok(Output { code: -2, stdout: String::new(), stderr: String::new(), timed_out: true })
+            }
+        }
+    }
+
+    /// The program to start, the arguments before the job's own, and the
+    /// command's cgroup if it gets one.
+    fn wrap(&self, job: &Job) -> std::io::Result<(PathBuf, Vec<OsString>, Option<CommandGroup>)> {
+        let (Some(shim), Some(limits)) = (&self.inner.shim, &job.limits) else {
+            return Ok((job.program.clone(), Vec::new(), None));
+        };
+        let (cap, cgroup) = match (limits.processes, &self.inner.pids) {
+            (None, _) => (ProcessCap::None, None),
+            (Some(max), Some(pids)) => {
+                let group = pids.command_group(max)?;
+                (ProcessCap::Cgroup(group.dir().to_owned()), Some(group))
+            }
+            (Some(max), None) => (ProcessCap::Nproc(limits::user_tasks() + max), None),
+        };
+        let mut prefix = limits::shim_args(limits, &cap);
+        prefix.push(job.program.clone().into_os_string());
+        Ok((shim.clone(), prefix, cgroup))
     }
 }
 
-/// Kills a registered group when dropped: on completion, timeout, or when the
-/// future running the command is cancelled.
-struct GroupGuard {
-    groups: Groups,
+/// Forgets a finished command and kills what is left of it: on completion,
+/// timeout, or when the future running it is dropped (cancellation).
+struct RunningGuard {
+    supervisor: Supervisor,
+    id: u64,
     pgid: i32,
+    /// Dropped after the group is killed: kills and removes the cgroup.
+    _cgroup: Option<CommandGroup>,
 }
 
-impl Drop for GroupGuard {
+impl Drop for RunningGuard {
     fn drop(&mut self) {
-        self.groups.0.lock().expect("groups lock").remove(&self.pgid);
+        self.supervisor.inner.running.lock().expect("running lock").remove(&self.id);
         kill_group(self.pgid);
     }
 }
@@ -61,8 +183,11 @@ pub struct Job {
     pub args: Vec<OsString>,
     pub cwd: PathBuf,
     pub env: Vec<(String, OsString)>,
-    pub timeout: Duration,
+    /// When the command is killed and reported as timed out.
+    pub deadline: Instant,
     pub max_output: usize,
+    /// Limits to apply; `None` for the executor's own helpers.
+    pub limits: Option<Limits>,
 }
 
 /// How a command ended.
@@ -75,40 +200,10 @@ pub struct Output {
     pub timed_out: bool,
 }
 
-/// Runs `job` to completion or timeout.
-pub async fn run(job: &Job, groups: &Groups) -> std::io::Result<Output> {
-    let mut command = Command::new(&job.program);
-    command
-        .args(&job.args)
-        .current_dir(&job.cwd)
-        .env_clear()
-        .envs(job.env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    let mut child = command.spawn()?;
-    let pgid = i32::try_from(child.id().unwrap_or_default()).expect("pids fit in i32");
-    groups.0.lock().expect("groups lock").insert(pgid);
-    let _guard = GroupGuard { groups: groups.clone(), pgid };
-    let stdout = capture(child.stdout.take(), job.max_output);
-    let stderr = capture(child.stderr.take(), job.max_output);
-    // Like `subprocess.run(capture_output=True)`: the command is over when
-    // it has exited and its output pipes have closed.
-    let finished = tokio::time::timeout(job.timeout, async { tokio::join!(child.wait(), stdout, stderr) }).await;
-    match finished {
-        Ok((status, stdout, stderr)) => {
-            use std::os::unix::process::ExitStatusExt;
-            let status = status?;
-            let code = status.code().unwrap_or_else(|| -status.signal().unwrap_or(0));
-            Ok(Output { code, stdout: stdout?, stderr: stderr?, timed_out: false })
-        }
-        Err(_) => {
-            kill_group(pgid);
-            let _ = child.wait().await;
-            Ok(Output { code: -2, stdout: String::new(), stderr: String::new(), timed_out: true })
-        }
+impl Output {
+    /// A command that did not need to run.
+    pub fn skipped() -> Output {
+        Output { code: 0, stdout: String::new(), stderr: String::new(), timed_out: false }
     }
 }
 
@@ -135,9 +230,15 @@ async fn capture<R: AsyncRead + Unpin>(pipe: Option<R>, max: usize) -> std::io::
             head.extend_from_slice(&data[..take]);
             data = &data[take..];
         }
-        tail.extend(data);
-        let excess = tail.len().saturating_sub(max - half);
-        tail.drain(..excess);
+        let room = max - half;
+        if data.len() >= room {
+            tail.clear();
+            tail.extend(&data[data.len() - room..]);
+        } else {
+            tail.extend(data);
+            let excess = tail.len().saturating_sub(room);
+            tail.drain(..excess);
+        }
     }
     let kept = head.len() + tail.len();
     let mut text = String::from_utf8_lossy(&head).into_owned();
@@ -164,6 +265,8 @@ pub fn exists(path: &Path) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn job(script: &str, timeout: Duration) -> Job {
@@ -172,15 +275,19 @@ mod tests {
             args: vec!["-c".into(), script.into()],
             cwd: std::env::temp_dir(),
             env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-            timeout,
+            deadline: Instant::now() + timeout,
             max_output: 1000,
+            limits: None,
         }
+    }
+
+    async fn run(job: &Job) -> Output {
+        Supervisor::unlimited().run(job).await.unwrap()
     }
 
     #[tokio::test]
     async fn captures_exit_code_and_both_streams() {
-        let out =
-            run(&job("echo out; echo err >&2; exit 3", Duration::from_secs(10)), &Groups::default()).await.unwrap();
+        let out = run(&job("echo out; echo err >&2; exit 3", Duration::from_secs(10))).await;
         assert_eq!(out, Output { code: 3, stdout: "out\n".into(), stderr: "err\n".into(), timed_out: false });
     }
 
@@ -198,7 +305,7 @@ mod tests {
         let pidfile = dir.path().join("grandchild");
         let script = format!("sleep 30 & echo $! > {}; sleep 30", pidfile.display());
         let started = std::time::Instant::now();
-        let out = run(&job(&script, Duration::from_millis(300)), &Groups::default()).await.unwrap();
+        let out = run(&job(&script, Duration::from_millis(300))).await;
         assert!(out.timed_out);
         assert_eq!(out.code, -2);
         assert!(started.elapsed() < Duration::from_secs(5));
@@ -212,17 +319,33 @@ mod tests {
 
     #[tokio::test]
     async fn long_output_keeps_head_and_tail() {
-        let out =
-            run(&job("yes x | head -c 5000; printf END", Duration::from_secs(10)), &Groups::default()).await.unwrap();
+        let out = run(&job("yes x | head -c 5000; printf END", Duration::from_secs(10))).await;
         assert!(out.stdout.starts_with("x\nx\n"));
         assert!(out.stdout.ends_with("END"), "{}", &out.stdout[out.stdout.len() - 20..]);
-        assert!(out.stdout.contains("bytes omitted"));
+        assert!(out.stdout.contains("[... 4003 bytes omitted ...]"), "{}", out.stdout);
         assert!(out.stdout.len() < 1100);
     }
 
     #[tokio::test]
     async fn signals_are_reported_as_negative_codes() {
-        let out = run(&job("kill -9 $$", Duration::from_secs(10)), &Groups::default()).await.unwrap();
+        let out = run(&job("kill -9 $$", Duration::from_secs(10))).await;
+        assert_eq!(out.code, -9);
+    }
+
+    #[tokio::test]
+    async fn kill_all_stops_running_commands() {
+        let supervisor = Supervisor::unlimited();
+        let running = {
+            let supervisor = supervisor.clone();
+            tokio::spawn(async move { supervisor.run(&job("sleep 30", Duration::from_secs(60))).await })
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while supervisor.inner.running.lock().unwrap().is_empty() {
+            assert!(std::time::Instant::now() < deadline, "the command never started");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        supervisor.kill_all();
+        let out = running.await.unwrap().unwrap();
         assert_eq!(out.code, -9);
     }
 }

@@ -5,117 +5,189 @@
 //! on PATH), so later runs skip shims such as pyenv's, which cost tens of
 //! milliseconds per start. The session's venv is created on the first call
 //! that asks for packages, inside the session directory, so installs never
-//! leak into another session. `uv` is used when present, `pip` otherwise.
+//! leak into another session. `uv` is used when present (it links packages
+//! from its machine-wide cache, so a repeated install takes milliseconds; it
+//! tries the cache alone first), `pip` otherwise (with its own shared cache). Code runs as `python -c`, as
+//! in the template.
 
-use std::ffi::OsString;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::PathBuf;
 
-use super::env;
-use super::process::{self, Groups, Job, Output};
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use super::Toolchain;
+use super::env::Env;
+use super::packages::Spec;
+use super::process::{self, Output, Supervisor};
+use super::progress::Stage;
+use super::session::{Session, os_args};
+use super::tools::Language;
+
+/// Written into the venv once something was installed: from then on code
+/// runs with the venv's interpreter.
+const INSTALLED_MARKER: &str = ".dynogate-installed";
+
+/// pip settings and their uv equivalents.
+const PIP_TO_UV: [(&str, &str); 3] =
+    [("PIP_CERT", "SSL_CERT_FILE"), ("PIP_INDEX_URL", "UV_INDEX_URL"), ("PIP_EXTRA_INDEX_URL", "UV_EXTRA_INDEX_URL")];
 
 /// A usable Python toolchain.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Python {
-    pub interpreter: PathBuf,
-    pub uv: Option<PathBuf>,
+    interpreter: PathBuf,
+    uv: Option<PathBuf>,
+    /// Installs into one venv must not overlap.
+    lock: Mutex<()>,
 }
 
 impl Python {
     /// Looks for `python3` and `uv`; `None` when there is no Python.
-    pub async fn discover() -> Option<Python> {
+    pub async fn discover(supervisor: &Supervisor) -> Option<Python> {
         let shim = process::find_program("python3")?;
-        let job = Job {
-            program: shim.clone(),
-            args: vec!["-c".into(), "import sys; print(sys.executable)".into()],
-            cwd: std::env::temp_dir(),
-            env: env::for_code(None),
-            timeout: Duration::from_secs(20),
-            max_output: 4096,
-        };
-        let out = process::run(&job, &Groups::default()).await.ok()?;
-        let resolved = PathBuf::from(out.stdout.trim());
-        let interpreter = if out.code == 0 && resolved.is_absolute() { resolved } else { shim };
-        tracing::debug!(interpreter = %interpreter.display(), "python found");
-        Some(Python { interpreter, uv: process::find_program("uv") })
+        let resolved = Session::probe(supervisor, &shim, &["-c", "import sys; print(sys.executable)"]).await;
+        let interpreter = resolved.map(|out| PathBuf::from(out.trim())).filter(|p| p.is_absolute()).unwrap_or(shim);
+        let uv = process::find_program("uv");
+        tracing::debug!(interpreter = %interpreter.display(), uv = ?uv, "python found");
+        Some(Python { interpreter, uv, lock: Mutex::new(()) })
     }
 
-    /// Where the session's venv lives.
-    pub fn venv_dir(workdir: &Path) -> PathBuf {
-        workdir.join(".venv")
-    }
-
-    /// The interpreter code should run with: the venv's once it exists.
-    pub fn runtime(&self, workdir: &Path) -> (PathBuf, Option<PathBuf>) {
-        let venv = Self::venv_dir(workdir);
-        let python = venv.join("bin").join("python");
-        if process::exists(&python) { (python, Some(venv)) } else { (self.interpreter.clone(), None) }
-    }
-
-    /// Creates the venv if needed and installs `packages` into it.
-    pub async fn install(
-        &self,
-        workdir: &Path,
-        packages: &[String],
-        timeout: Duration,
-        max_output: usize,
-        groups: &Groups,
-    ) -> std::io::Result<Output> {
-        let venv = Self::venv_dir(workdir);
-        let venv_python = venv.join("bin").join("python");
-        let deadline = tokio::time::Instant::now() + timeout;
-        let job = |program: &Path, args: Vec<OsString>| Job {
-            program: program.to_owned(),
-            args,
-            cwd: workdir.to_owned(),
-            env: env::for_install(),
-            timeout: deadline.saturating_duration_since(tokio::time::Instant::now()),
-            max_output,
-        };
-        if !process::exists(&venv_python) {
-            let create = match &self.uv {
-                Some(uv) => {
-                    job(uv, os(["venv", "--quiet", "--python"]).chain_path(&self.interpreter).chain_path(&venv))
-                }
-                // Without pip inside: pip installs from outside with --python, which is much faster.
-                None => job(&self.interpreter, os(["-m", "venv", "--without-pip"]).chain_path(&venv)),
-            };
-            let out = process::run(&create, groups).await?;
-            if out.code != 0 || out.timed_out {
-                return Ok(out);
-            }
+    /// The interpreter code runs with (the venv's once packages went into it) and the venv.
+    fn runtime(&self, session: &Session) -> (PathBuf, Option<PathBuf>) {
+        let venv = session.venv();
+        if process::exists(&venv.join(INSTALLED_MARKER)) {
+            (venv.join("bin").join("python"), Some(venv))
+        } else {
+            (self.interpreter.clone(), None)
         }
-        let mut install = match &self.uv {
-            Some(uv) => job(uv, os(["pip", "install", "--quiet", "--python"]).chain_path(&venv_python)),
-            None => job(
+    }
+
+    /// Makes the session's venv ahead of its first install, while the client
+    /// is still starting, and has uv look at it once: uv inspects a new
+    /// interpreter by starting it, which is most of a first install's time
+    /// when the package is already in the machine's cache. Code keeps
+    /// running with the machine's interpreter until something is installed.
+    pub async fn prepare(&self, session: &Session) {
+        let Some(uv) = &self.uv else { return };
+        let _one_at_a_time = self.lock.lock().await;
+        let deadline = session.install_deadline();
+        let env = Self::install_env(session);
+        match self.create_venv(session, env.clone(), deadline).await {
+            Ok(out) if out.code == 0 && !out.timed_out => {}
+            _ => return,
+        }
+        let python = session.venv().join("bin").join("python").into_os_string();
+        let args =
+            os_args(["pip".into(), "list".into(), "--quiet".into(), "--offline".into(), "--python".into(), python]);
+        let _ = session.run_tool(uv, args, session.root(), env, deadline).await;
+    }
+
+    /// Creates the session's venv unless it exists.
+    async fn create_venv(&self, session: &Session, env: Env, deadline: Instant) -> std::io::Result<Output> {
+        let venv = session.venv();
+        if process::exists(&venv.join("bin").join("python")) {
+            return Ok(Output::skipped());
+        }
+        let (program, args) = match &self.uv {
+            Some(uv) => (
+                uv,
+                os_args([
+                    "venv".into(),
+                    "--quiet".into(),
+                    "--python".into(),
+                    self.interpreter.clone().into_os_string(),
+                    venv.into_os_string(),
+                ]),
+            ),
+            // Without pip inside: pip installs from outside with --python, which is much faster.
+            None => (
                 &self.interpreter,
-                os(["-m", "pip", "--disable-pip-version-check", "--python"])
-                    .chain_path(&venv_python)
-                    .chain(os(["install", "--quiet"])),
+                os_args(["-m".into(), "venv".into(), "--without-pip".into(), venv.into_os_string()]),
             ),
         };
-        install.args.push("--".into());
-        install.args.extend(packages.iter().map(OsString::from));
-        process::run(&install, groups).await
+        session.run_tool(program, args, session.root(), env, deadline).await
+    }
+
+    fn install_env(session: &Session) -> Env {
+        let mut env = Env::for_install(Language::Python)
+            .set_default("UV_CACHE_DIR", session.cache("uv"))
+            .set_default("PIP_CACHE_DIR", session.cache("pip"))
+            // Use the interpreter given, never download one.
+            .set_default("UV_PYTHON_DOWNLOADS", "never");
+        // uv does not read pip's settings: carry over the ones that say where
+        // packages come from and which CA to trust, unless uv's own are set.
+        for (pip, uv) in PIP_TO_UV {
+            if let Some(value) = env.get(pip).map(ToOwned::to_owned) {
+                env = env.set_default(uv, value);
+            }
+        }
+        env
     }
 }
 
-fn os<const N: usize>(args: [&str; N]) -> Vec<OsString> {
-    args.into_iter().map(OsString::from).collect()
-}
-
-trait Chain {
-    fn chain_path(self, path: &Path) -> Self;
-    fn chain(self, more: Vec<OsString>) -> Self;
-}
-
-impl Chain for Vec<OsString> {
-    fn chain_path(mut self, path: &Path) -> Self {
-        self.push(path.as_os_str().to_owned());
-        self
+impl Toolchain for Python {
+    async fn install(&self, session: &Session, specs: &[Spec], _stage: &Stage) -> std::io::Result<Output> {
+        let _one_at_a_time = self.lock.lock().await;
+        let out = self.install_locked(session, specs).await?;
+        if out.code == 0 && !out.timed_out {
+            std::fs::write(session.venv().join(INSTALLED_MARKER), "")?;
+        }
+        Ok(out)
     }
-    fn chain(mut self, more: Vec<OsString>) -> Self {
-        self.extend(more);
-        self
+
+    async fn run(&self, session: &Session, code: &str, _stage: &Stage) -> std::io::Result<Output> {
+        let (interpreter, venv) = self.runtime(session);
+        let mut env = Env::for_code();
+        if let Some(venv) = venv {
+            env = env.prepend_path(&venv.join("bin")).set("VIRTUAL_ENV", venv);
+        }
+        session.run_code(&interpreter, os_args(["-c", code]), env).await
+    }
+}
+
+impl Python {
+    /// Creates the venv if needed and installs into it; the caller holds the lock.
+    async fn install_locked(&self, session: &Session, specs: &[Spec]) -> std::io::Result<Output> {
+        let venv = session.venv();
+        let venv_python = venv.join("bin").join("python");
+        let deadline = session.install_deadline();
+        let env = Self::install_env(session);
+        let created = self.create_venv(session, env.clone(), deadline).await?;
+        if created.code != 0 || created.timed_out {
+            return Ok(created);
+        }
+        let packages = || specs.iter().map(|spec| spec.as_str().into());
+        let Some(uv) = &self.uv else {
+            let mut args = os_args([
+                "-m".into(),
+                "pip".into(),
+                "--disable-pip-version-check".into(),
+                "--python".into(),
+                venv_python.into_os_string(),
+                "install".into(),
+                "--quiet".into(),
+                "--".into(),
+            ]);
+            args.extend(packages());
+            return session.run_tool(&self.interpreter, args, session.root(), env, deadline).await;
+        };
+        let install = |offline: bool| {
+            let mut args = os_args(["pip", "install", "--quiet"]);
+            if offline {
+                args.push("--offline".into());
+            }
+            args.extend(os_args(["--python".into(), venv_python.clone().into_os_string(), "--".into()]));
+            args.extend(packages());
+            args
+        };
+        // The machine's cache first: a package some session has installed
+        // before then takes milliseconds instead of a round trip to the index
+        // (which answers in hundreds). If the cache cannot satisfy the specs,
+        // uv says so at once and the normal install follows. So an unpinned
+        // name gets the newest version in the cache, as `npm --prefer-offline`.
+        let cached = session.run_tool(uv, install(true), session.root(), env.clone(), deadline).await?;
+        if cached.code == 0 || cached.timed_out {
+            return Ok(cached);
+        }
+        session.run_tool(uv, install(false), session.root(), env, deadline).await
     }
 }

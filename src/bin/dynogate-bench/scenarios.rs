@@ -46,7 +46,7 @@ pub fn payload(size: usize) -> String {
 /// One caller: an HTTP session or a stdio server.
 enum Caller {
     Http(Session),
-    Stdio(Mutex<StdioServer>),
+    Stdio(Box<Mutex<StdioServer>>),
 }
 
 impl Caller {
@@ -63,7 +63,7 @@ async fn callers(target: &Target, count: usize, http: &reqwest::Client) -> anyho
     for _ in 0..count {
         out.push(Arc::new(match target {
             Target::Http { url, .. } => Caller::Http(Session::open(http, url).await?),
-            Target::Floor { echo } => Caller::Stdio(Mutex::new(StdioServer::start(echo).await?)),
+            Target::Floor { echo } => Caller::Stdio(Box::new(Mutex::new(StdioServer::start(echo).await?))),
         }));
     }
     Ok(out)

@@ -1,0 +1,231 @@
+//! A pids cgroup per command, when this machine lets the executor make one.
+//!
+//! The executor makes `dynogate-exec-<pid>` under its own cgroup in the pids
+//! hierarchy (cgroup v1's `pids` controller, or v2 with `pids` available) and
+//! one child per command with `pids.max` set; `runner limit --cgroup` moves
+//! the command into it before exec. Unlike RLIMIT_NPROC this counts only that
+//! command's processes and threads, binds root too, and `cgroup.procs` lists
+//! every process the command started, even one that left its process group
+//! with `setsid`, so killing the command really kills all of it.
+//!
+//! Where cgroups are read-only (an unprivileged user, a Heroku dyno), there is
+//! no pids root and the executor falls back to RLIMIT_NPROC ([`super::limits`]).
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// How long removing a command's cgroup may keep retrying while the
+/// processes just killed are reaped.
+const REMOVE_PATIENCE: Duration = Duration::from_secs(5);
+
+/// The executor's own cgroup in the pids hierarchy, parent of one cgroup per command.
+#[derive(Debug)]
+pub struct PidsRoot {
+    dir: PathBuf,
+    next: AtomicU64,
+}
+
+impl PidsRoot {
+    /// Makes the executor's cgroup; `None` when this machine does not allow it.
+    pub fn create() -> Option<PidsRoot> {
+        let parent = locate()?;
+        let dir = parent.join(format!("dynogate-exec-{}", std::process::id()));
+        if std::fs::create_dir(&dir).is_err() && !dir.is_dir() {
+            return None;
+        }
+        // cgroup v2 only gives children a controller that the parent enables;
+        // v1 has no such file and needs nothing.
+        let _ = std::fs::write(dir.join("cgroup.subtree_control"), "+pids");
+        let root = PidsRoot { dir, next: AtomicU64::new(0) };
+        match root.command_group(1) {
+            Ok(probe) => drop(probe),
+            Err(e) => {
+                tracing::debug!("no pids cgroup for commands: {e}");
+                return None;
+            }
+        }
+        Some(root)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A new cgroup for one command, allowing at most `max` processes and threads.
+    pub fn command_group(&self, max: u64) -> io::Result<CommandGroup> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let dir = self.dir.join(format!("run-{n}"));
+        std::fs::create_dir(&dir)?;
+        let group = CommandGroup { dir };
+        std::fs::write(group.dir.join("pids.max"), max.to_string())?;
+        Ok(group)
+    }
+}
+
+impl Drop for PidsRoot {
+    fn drop(&mut self) {
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for entry in entries.flatten() {
+                if entry.path().is_dir() {
+                    kill_members(&entry.path());
+                    remove_now(&entry.path(), Duration::from_millis(500));
+                }
+            }
+        }
+        remove_now(&self.dir, Duration::from_millis(500));
+    }
+}
+
+/// One command's cgroup. Dropping it kills whatever is still in it and
+/// removes it.
+#[derive(Debug)]
+pub struct CommandGroup {
+    dir: PathBuf,
+}
+
+impl CommandGroup {
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Kills every process in the group.
+    pub fn kill(&self) {
+        kill_members(&self.dir);
+    }
+}
+
+impl Drop for CommandGroup {
+    fn drop(&mut self) {
+        self.kill();
+        if std::fs::remove_dir(&self.dir).is_ok() {
+            return;
+        }
+        // Killed processes leave the group only once they are reaped, which
+        // happens elsewhere (tokio, or init for orphans): retry for a while.
+        let dir = self.dir.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    let deadline = tokio::time::Instant::now() + REMOVE_PATIENCE;
+                    while tokio::time::Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        kill_members(&dir);
+                        if std::fs::remove_dir(&dir).is_ok() || !dir.exists() {
+                            return;
+                        }
+                    }
+                    tracing::debug!(cgroup = %dir.display(), "cgroup still busy; left for the executor's exit");
+                });
+            }
+            Err(_) => remove_now(&dir, Duration::from_millis(200)),
+        }
+    }
+}
+
+/// SIGKILLs every process listed in a cgroup until none is left (a process
+/// may fork while the list is read, so this goes round until it is empty).
+pub fn kill_members(dir: &Path) {
+    // cgroup v2 (Linux 5.14+) kills the whole group atomically.
+    if std::fs::write(dir.join("cgroup.kill"), "1").is_ok() {
+        return;
+    }
+    for _ in 0..100 {
+        let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) else { return };
+        let pids: Vec<i32> = procs.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        if pids.is_empty() {
+            return;
+        }
+        for pid in pids {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Removes an empty cgroup, retrying briefly.
+fn remove_now(dir: &Path, patience: Duration) {
+    let deadline = std::time::Instant::now() + patience;
+    while std::fs::remove_dir(dir).is_err() && dir.exists() && std::time::Instant::now() < deadline {
+        kill_members(dir);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// This process's cgroup directory in a hierarchy that has the pids controller.
+fn locate() -> Option<PathBuf> {
+    let memberships = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    find_pids_dir(&memberships, &mounts).filter(|dir| dir.is_dir())
+}
+
+/// Pure part of [`locate`]: v1's `pids` hierarchy first, else v2's unified one.
+fn find_pids_dir(memberships: &str, mounts: &str) -> Option<PathBuf> {
+    let mut v1_path = None;
+    let mut v2_path = None;
+    for line in memberships.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        if controllers.split(',').any(|c| c == "pids") {
+            v1_path = Some(path);
+        } else if controllers.is_empty() {
+            v2_path = Some(path);
+        }
+    }
+    for line in mounts.lines() {
+        // `id parent major:minor root mount-point options [optional…] - fstype source super-options`
+        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let left: Vec<&str> = left.split(' ').collect();
+        let right: Vec<&str> = right.split(' ').collect();
+        let (Some(root), Some(mount_point)) = (left.get(3), left.get(4)) else { continue };
+        let (fstype, options) = (right.first().copied(), right.get(2).copied().unwrap_or(""));
+        let path = match fstype {
+            Some("cgroup") if options.split(',').any(|o| o == "pids") => v1_path,
+            Some("cgroup2") if v1_path.is_none() => v2_path,
+            _ => None,
+        };
+        if let Some(path) = path {
+            // A mount may show only part of the hierarchy (its `root`).
+            let inside = path.strip_prefix(root).unwrap_or(path).trim_start_matches('/');
+            return Some(Path::new(mount_point).join(inside));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MOUNTS: &str = "\
+35 25 0:31 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+36 25 0:32 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+40 25 0:36 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw";
+
+    #[test]
+    fn the_v1_pids_hierarchy_wins() {
+        let memberships = "8:pids:/user/1000\n4:memory:/x\n0::/";
+        assert_eq!(find_pids_dir(memberships, MOUNTS), Some(PathBuf::from("/sys/fs/cgroup/pids/user/1000")));
+    }
+
+    #[test]
+    fn v2_alone_is_used_when_there_is_no_v1_pids() {
+        let mounts = "30 1 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate";
+        assert_eq!(
+            find_pids_dir("0::/user.slice/session-1.scope", mounts),
+            Some("/sys/fs/cgroup/user.slice/session-1.scope".into())
+        );
+    }
+
+    #[test]
+    fn a_mount_of_part_of_the_hierarchy_is_followed() {
+        let mounts = "36 25 0:32 /docker/abc /sys/fs/cgroup/pids ro - cgroup cgroup rw,pids";
+        assert_eq!(find_pids_dir("3:pids:/docker/abc/inner", mounts), Some("/sys/fs/cgroup/pids/inner".into()));
+        assert_eq!(find_pids_dir("3:cpu:/", "36 25 0:32 / /x rw - cgroup cgroup rw,cpu"), None);
+    }
+}
