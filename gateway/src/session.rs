@@ -424,6 +424,11 @@ impl Session {
         let mut heartbeat = tokio::time::interval_at(Instant::now() + self.timeouts.heartbeat, self.timeouts.heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let silence_limit = self.timeouts.heartbeat * MISSED_HEARTBEATS;
+        // One waiter for the whole loop: making a fresh one per message would
+        // lock the token's waiter list every time.
+        let ending = self.shared.ending.clone();
+        let cancelled = ending.cancelled();
+        tokio::pin!(cancelled);
 
         loop {
             let accepting = self.unacked.len() < MAX_UNACKED;
@@ -431,7 +436,7 @@ impl Session {
             let reattach_by = self.detached_since.map(|since| since + self.timeouts.reconnect_grace);
             // Unbiased: neither the client's messages nor the runner's may starve the other.
             tokio::select! {
-                () = self.shared.ending.cancelled() => return self.requested_end(),
+                () = &mut cancelled => return self.requested_end(),
                 status = &mut *exited => return EndReason::RunnerLost(format!("runner process ended: {status}")),
                 frame = recv(&mut self.link) => {
                     if let Some(reason) = self.on_frame(frame) {

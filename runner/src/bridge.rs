@@ -236,10 +236,7 @@ impl Relay {
             tokio::select! {
                 _ = term.recv() => return End::Signal,
                 _ = interrupt.recv() => return End::Signal,
-                status = server.wait(), if exited.is_none() => match status {
-                    Ok(status) => exited = Some((status, Instant::now())),
-                    Err(e) => return End::ConnectionLost(format!("cannot wait for the MCP server: {e}")),
-                },
+                status = server.wait(), if exited.is_none() => exited = Some((status, Instant::now())),
                 line = lines.recv(), if lines_open && room => match line {
                     Some(line) => self.send_line(line),
                     None => lines_open = false,

@@ -15,15 +15,18 @@ use dynogate_shared::names::{SECRET_ENV, SESSION_DIR_ENV};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::process::{ChildStdin, ChildStdout, Command};
+use tokio::sync::watch;
 use tracing::{Instrument, info, warn};
 
 use crate::config::ServerCommand;
 
 /// A running MCP server.
 pub struct Server {
-    child: Child,
     pgid: Pid,
+    /// Set once the server has exited; a task owns the child and waits for
+    /// it, so the relay's loop never polls `waitpid` on its own.
+    exit: watch::Receiver<Option<ExitStatus>>,
     stopped: bool,
     pub stdin: Option<ChildStdin>,
     pub stdout: Option<ChildStdout>,
@@ -80,13 +83,27 @@ pub fn start(command: &ServerCommand, workdir: &Path) -> anyhow::Result<Server> 
             .in_current_span(),
         );
     }
-    Ok(Server { stdin: child.stdin.take(), stdout: child.stdout.take(), child, pgid, stopped: false })
+    let (stdin, stdout) = (child.stdin.take(), child.stdout.take());
+    let (tx, exit) = watch::channel(None);
+    tokio::spawn(async move {
+        let status = child.wait().await.unwrap_or_else(|e| {
+            warn!("cannot wait for the MCP server: {e}");
+            std::os::unix::process::ExitStatusExt::from_raw(1 << 8)
+        });
+        let _ = tx.send(Some(status));
+    });
+    Ok(Server { stdin, stdout, pgid, exit, stopped: false })
 }
 
 impl Server {
-    /// Resolves when the server exits. Cancel-safe.
-    pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
-        self.child.wait().await
+    /// Resolves when the server exits. Cancel-safe and cheap to poll.
+    pub async fn wait(&mut self) -> ExitStatus {
+        let status = self.exit.wait_for(Option::is_some).await.map(|status| *status);
+        match status {
+            Ok(status) => status.expect("waited for Some"),
+            // The waiting task is gone only when the runtime is shutting down.
+            Err(_) => std::future::pending().await,
+        }
     }
 
     /// Stops the server: its stdin must already be closed (the MCP way to ask
@@ -94,8 +111,8 @@ impl Server {
     /// Kills the group even after a clean exit, for anything left behind.
     pub async fn stop(mut self, grace: Duration) -> Option<ExitStatus> {
         self.stdin = None;
-        let status = match tokio::time::timeout(grace, self.child.wait()).await {
-            Ok(status) => status.ok(),
+        let status = match tokio::time::timeout(grace, self.wait()).await {
+            Ok(status) => Some(status),
             Err(_) => {
                 warn!("MCP server still running {grace:?} after its stdin closed; killing its process group");
                 None
@@ -104,7 +121,7 @@ impl Server {
         self.kill_group();
         let status = match status {
             Some(status) => Some(status),
-            None => self.child.wait().await.ok(),
+            None => tokio::time::timeout(Duration::from_secs(5), self.wait()).await.ok(),
         };
         self.stopped = true;
         status

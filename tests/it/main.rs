@@ -10,6 +10,8 @@ mod support;
 
 /// API keys.
 mod auth;
+/// The benchmark program with tiny counts (correctness, not timing).
+mod bench_smoke;
 /// Every refused request: status code and JSON-RPC error.
 mod errors;
 /// The code executor's four languages, packages, limits, cancellation and progress.

@@ -14,7 +14,8 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
+use tokio::sync::watch;
 
 use super::{RunnerProcess, RunnerSpec, SpawnError, Spawner};
 
@@ -55,12 +56,22 @@ impl Spawner for LocalSpawner {
                 .stderr(Stdio::inherit())
                 .process_group(0)
                 .kill_on_drop(true);
-            let child =
+            let mut child =
                 command.spawn().map_err(|e| SpawnError::Start(format!("{}: {e}", self.runner_bin.display())))?;
             let pid = child.id().ok_or_else(|| SpawnError::Start("runner exited at once".into()))?;
             let pid = Pid::from_raw(i32::try_from(pid).expect("pids fit in i32"));
             tracing::debug!(%pid, "local runner started");
-            Ok(Box::new(LocalRunner { child, pgid: pid, reaped: false }) as Box<dyn RunnerProcess>)
+            // A task owns the child and waits for it, so the session's loop
+            // never polls `waitpid` itself.
+            let (tx, exit) = watch::channel(None);
+            tokio::spawn(async move {
+                let how = match child.wait().await {
+                    Ok(status) => describe_status(status),
+                    Err(e) => format!("cannot wait for it: {e}"),
+                };
+                let _ = tx.send(Some(how));
+            });
+            Ok(Box::new(LocalRunner { pgid: pid, exit }) as Box<dyn RunnerProcess>)
         }
         .boxed()
     }
@@ -68,9 +79,9 @@ impl Spawner for LocalSpawner {
 
 /// A `runner --local` child, leader of its own process group.
 struct LocalRunner {
-    child: Child,
     pgid: Pid,
-    reaped: bool,
+    /// How the runner ended, once it has.
+    exit: watch::Receiver<Option<String>>,
 }
 
 impl LocalRunner {
@@ -82,6 +93,15 @@ impl LocalRunner {
             Err(e) => tracing::warn!(pgid = %self.pgid, "cannot kill runner process group: {e}"),
         }
     }
+
+    async fn wait(&mut self) -> String {
+        let how = self.exit.wait_for(Option::is_some).await.map(|how| how.clone());
+        match how {
+            Ok(how) => how.expect("waited for Some"),
+            // The waiting task is gone only when the runtime is shutting down.
+            Err(_) => std::future::pending().await,
+        }
+    }
 }
 
 impl RunnerProcess for LocalRunner {
@@ -90,31 +110,16 @@ impl RunnerProcess for LocalRunner {
     }
 
     fn exited(&mut self) -> BoxFuture<'_, String> {
-        async move {
-            match self.child.wait().await {
-                Ok(status) => {
-                    self.reaped = true;
-                    describe_status(status)
-                }
-                Err(e) => {
-                    // Waiting failed: report it, and never resolve again.
-                    tracing::warn!("cannot wait for local runner: {e}");
-                    std::future::pending::<()>().await;
-                    unreachable!()
-                }
-            }
-        }
-        .boxed()
+        self.wait().boxed()
     }
 
     fn stop(mut self: Box<Self>, grace: Duration) -> BoxFuture<'static, ()> {
         async move {
-            if !self.reaped && tokio::time::timeout(grace, self.child.wait()).await.is_err() {
+            if tokio::time::timeout(grace, self.wait()).await.is_err() {
                 tracing::warn!(pgid = %self.pgid, "runner did not stop within {grace:?}; killing its process group");
             }
             self.kill_group();
-            let _ = self.child.wait().await;
-            self.reaped = true;
+            let _ = tokio::time::timeout(Duration::from_secs(5), self.wait()).await;
         }
         .boxed()
     }
@@ -122,7 +127,7 @@ impl RunnerProcess for LocalRunner {
 
 impl Drop for LocalRunner {
     fn drop(&mut self) {
-        if !self.reaped {
+        if self.exit.borrow().is_none() {
             self.kill_group();
         }
     }

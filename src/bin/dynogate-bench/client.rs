@@ -50,12 +50,16 @@ impl Session {
         Ok(session)
     }
 
-    /// Calls `echo` with `text` and checks the answer.
+    /// Calls `echo` with `text` and checks the answer. The request is
+    /// formatted and the answer read without building JSON trees, so the
+    /// load generator spends as little of the machine as it can.
     pub async fn echo(&self, id: u64, text: &str) -> anyhow::Result<()> {
-        let request = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
-            "params": {"name": "echo", "arguments": {"text": text}}});
-        let (_, answer) = self.post(&request).await?;
-        check_echo(&answer, id, text)
+        let quoted = serde_json::to_string(text)?;
+        let request = format!(
+            r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"echo","arguments":{{"text":{quoted}}}}}}}"#
+        );
+        let (content_type, body) = self.exchange(request).await?;
+        check_echo_fast(&content_type, &body, id, text)
     }
 
     pub async fn close(&self) -> anyhow::Result<()> {
@@ -67,17 +71,34 @@ impl Session {
         Ok(())
     }
 
-    async fn post(&self, body: &Value) -> anyhow::Result<(HeaderMap, Value)> {
+    /// POSTs a body; returns the answer's content type and text.
+    async fn exchange(&self, body: String) -> anyhow::Result<(String, String)> {
+        let response = self.request(body).send().await?;
+        let status = response.status();
+        let content_type =
+            response.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        let text = response.text().await?;
+        if !status.is_success() {
+            bail!("HTTP {status}: {text}");
+        }
+        Ok((content_type, text))
+    }
+
+    fn request(&self, body: String) -> reqwest::RequestBuilder {
         let mut request = self
             .http
             .post(&self.url)
             .header("accept", HeaderValue::from_static("application/json, text/event-stream"))
             .header("content-type", "application/json")
-            .body(body.to_string());
+            .body(body);
         if let Some(id) = &self.id {
             request = request.header("mcp-session-id", id).header("mcp-protocol-version", &self.version);
         }
-        let response = request.send().await?;
+        request
+    }
+
+    async fn post(&self, body: &Value) -> anyhow::Result<(HeaderMap, Value)> {
+        let response = self.request(body.to_string()).send().await?;
         let status = response.status();
         let headers = response.headers().clone();
         let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
@@ -90,6 +111,49 @@ impl Session {
         }
         Ok((headers, message_of(&content_type, &text)?))
     }
+}
+
+/// The fields of an echo answer, read without building a JSON tree.
+#[derive(serde::Deserialize)]
+struct Answer<'a> {
+    id: Option<u64>,
+    #[serde(borrow)]
+    result: Option<EchoResult<'a>>,
+    #[serde(default)]
+    error: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(serde::Deserialize)]
+struct EchoResult<'a> {
+    #[serde(borrow)]
+    content: Vec<Content<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct Content<'a> {
+    #[serde(borrow)]
+    text: std::borrow::Cow<'a, str>,
+}
+
+/// [`check_echo`] on a raw answer body (JSON, or SSE whose last event is the answer).
+pub fn check_echo_fast(content_type: &str, body: &str, id: u64, text: &str) -> anyhow::Result<()> {
+    let json = if content_type.starts_with("text/event-stream") {
+        return check_echo(&message_of(content_type, body)?, id, text);
+    } else {
+        body
+    };
+    let answer: Answer<'_> = serde_json::from_str(json)?;
+    if answer.id != Some(id) {
+        bail!("answer for id {:?} where {id} was asked", answer.id);
+    }
+    if answer.error.is_some() {
+        bail!("error answer: {json}");
+    }
+    let echoed = answer.result.and_then(|r| r.content.into_iter().next()).context("no text in the answer")?.text;
+    if echoed != text {
+        bail!("echo mismatch: sent {} bytes, got {} bytes back", text.len(), echoed.len());
+    }
+    Ok(())
 }
 
 /// Checks an echo answer: right id, no error, same text.
@@ -117,6 +181,17 @@ mod tests {
         assert_eq!(json["id"], 1);
         let sse = message_of("text/event-stream", "id: 1-0\ndata: \n\nevent: message\ndata: {\"id\":2}\n\n").unwrap();
         assert_eq!(sse["id"], 2);
+    }
+
+    #[test]
+    fn raw_echo_answers_are_checked() {
+        let body =
+            r#"{"jsonrpc":"2.0","id":3,"result":{"content":[{"type":"text","text":"h\u00e9"}],"isError":false}}"#;
+        assert!(check_echo_fast("application/json", body, 3, "hé").is_ok());
+        assert!(check_echo_fast("application/json", body, 4, "hé").is_err());
+        assert!(check_echo_fast("application/json", body, 3, "he").is_err());
+        let error = r#"{"jsonrpc":"2.0","id":3,"error":{"code":-32003,"message":"gone"}}"#;
+        assert!(check_echo_fast("application/json", error, 3, "hé").is_err());
     }
 
     #[test]

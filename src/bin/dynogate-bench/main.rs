@@ -5,7 +5,7 @@
 //!
 //! - [`client`]: a minimal MCP client over streamable HTTP.
 //! - [`floor`]: the same calls over plain stdio, no gateway.
-//! - [`scenarios`]: `sessions`, `calls`, `payload`, `idle`.
+//! - [`scenarios`]: `sessions`, `calls`, `payload`, `idle`, and `http` (the HTTP stack alone).
 //! - [`stats`]: percentiles and the report; [`procs`]: memory from /proc.
 
 mod client;
@@ -86,6 +86,15 @@ enum Scenario {
         #[arg(long, default_value_t = 50)]
         count: u64,
     },
+    /// Plain HTTP round trips (e.g. to the gateway's /healthz): the cost of
+    /// the HTTP client and server stack alone, to read other figures against.
+    Http {
+        /// The URL to GET.
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 5000)]
+        count: u64,
+    },
     /// Hold N sessions open; report gateway and runner memory.
     Idle {
         #[command(flatten)]
@@ -112,6 +121,7 @@ fn main() -> anyhow::Result<()> {
                 scenarios::calls(&at.target()?, sessions, concurrency.max(1), calls, size).await
             }
             Scenario::Payload { at, size, count } => scenarios::payload_echo(&at.target()?, count, size).await,
+            Scenario::Http { url, count } => scenarios::http_round_trips(&url, count).await,
             Scenario::Idle { at, count, gateway_pid } => {
                 let (url, name) = at.url()?;
                 scenarios::idle(&url, &name, count, gateway_pid).await

@@ -292,3 +292,23 @@ async fn close(callers: Vec<Arc<Caller>>) {
         }
     }
 }
+
+/// `http`: GETs of one URL, one at a time.
+pub async fn http_round_trips(url: &str, count: u64) -> anyhow::Result<()> {
+    let http = http_client(1)?;
+    http.get(url).send().await?.bytes().await?;
+    let mut samples = Samples::default();
+    let started = Instant::now();
+    for _ in 0..count {
+        let begun = Instant::now();
+        match http.get(url).send().await {
+            Ok(response) if response.status().is_success() => {
+                response.bytes().await?;
+                samples.record(begun.elapsed());
+            }
+            _ => samples.errors += 1,
+        }
+    }
+    report("http", "get", samples.summary(started.elapsed()));
+    Ok(())
+}
