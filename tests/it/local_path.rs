@@ -58,23 +58,6 @@ async fn unknown_tools_and_bad_arguments_are_tool_errors_the_model_can_read() {
 }
 
 #[tokio::test]
-async fn injected_package_options_are_refused() {
-    let gateway = Gateway::start();
-    let http = gateway.http();
-    let (session, _) = http.initialize().await;
-    let reply = http
-        .call(
-            &session,
-            1,
-            "code_exec_python",
-            json!({"code": "print(1)", "packages": ["--index-url=https://evil.example"]}),
-        )
-        .await;
-    assert_eq!(reply.json["result"]["isError"], true);
-    assert!(reply.json["result"]["content"][0]["text"].as_str().unwrap().contains("options are not allowed"));
-}
-
-#[tokio::test]
 async fn executed_code_sees_no_secret() {
     let gateway = Gateway::with(Options::default().api_key("the-client-key").env("HEROKU_API_KEY", "heroku-secret"));
     let http = gateway.http();
@@ -93,18 +76,4 @@ async fn executed_code_sees_no_secret() {
     for secret in ["the-client-key", "heroku-secret", SECRET, "RUNNER_TOKEN", "API_KEY", "RENDEZVOUS_SECRET"] {
         assert!(!printed.contains(secret), "{secret} visible to executed code:\n{printed}");
     }
-}
-
-#[tokio::test]
-async fn a_timeout_returns_the_templates_result() {
-    let gateway = Gateway::with(Options::default().env("EXEC_RUN_TIMEOUT", "1s"));
-    let http = gateway.http();
-    let (session, _) = http.initialize().await;
-    let started = std::time::Instant::now();
-    let reply = http.call(&session, 1, "code_exec_python", json!({"code": "import time; time.sleep(20)"})).await;
-    assert!(started.elapsed() < std::time::Duration::from_secs(10));
-    assert_eq!(
-        exec_result(&reply.json),
-        json!({"returncode": -2, "stdout": "", "stderr": "Error: Execution timed out"})
-    );
 }

@@ -113,10 +113,7 @@ pub async fn calls(
             })
         })
         .collect();
-    let mut samples = Samples::default();
-    for worker in workers {
-        samples.merge(worker.await?);
-    }
+    let mut samples = gather(workers).await?;
     let mut summary = samples.summary(started.elapsed());
     summary["sessions"] = json!(sessions);
     summary["concurrency"] = json!(concurrency);
@@ -188,10 +185,7 @@ pub async fn sessions(url: &str, name: &str, count: u64, concurrency: usize) -> 
             })
         })
         .collect();
-    let mut samples = Samples::default();
-    for worker in workers {
-        samples.merge(worker.await?);
-    }
+    let mut samples = gather(workers).await?;
     let mut summary = samples.summary(started.elapsed());
     summary["concurrency"] = json!(concurrency);
     report("sessions", name, summary);
@@ -283,6 +277,15 @@ async fn collect_one(
             }
         }
     }
+}
+
+/// The samples of every worker, together.
+async fn gather(workers: Vec<tokio::task::JoinHandle<Samples>>) -> anyhow::Result<Samples> {
+    let mut samples = Samples::default();
+    for worker in workers {
+        samples.merge(worker.await?);
+    }
+    Ok(samples)
 }
 
 async fn close(callers: Vec<Arc<Caller>>) {
