@@ -100,6 +100,18 @@ impl McpError {
     }
 }
 
+impl From<crate::session::SendError> for McpError {
+    fn from(error: crate::session::SendError) -> Self {
+        match error {
+            crate::session::SendError::Gone => McpError::UnknownSession,
+            crate::session::SendError::Busy => McpError::Overloaded {
+                message: "the session's MCP server is behind on its messages; retry shortly".into(),
+                retry_after_secs: 2,
+            },
+        }
+    }
+}
+
 impl IntoResponse for McpError {
     fn into_response(self) -> Response {
         let id = match &self {

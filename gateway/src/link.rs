@@ -54,6 +54,7 @@ pub struct Link {
     outgoing: mpsc::UnboundedSender<Outgoing>,
     incoming: BoxStream<'static, Result<Incoming, LinkError>>,
     queued: Arc<AtomicUsize>,
+    writer: Option<tokio::task::AbortHandle>,
 }
 
 /// The writer's side: frames the session queued, in order.
@@ -68,7 +69,21 @@ impl Link {
     pub fn new(incoming: BoxStream<'static, Result<Incoming, LinkError>>) -> (Self, Outbox) {
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
-        (Self { outgoing: tx, incoming, queued: queued.clone() }, Outbox { rx, queued })
+        (Self { outgoing: tx, incoming, queued: queued.clone(), writer: None }, Outbox { rx, queued })
+    }
+
+    /// The task writing this link's frames, so an abandoned link can stop it.
+    pub fn set_writer(&mut self, writer: tokio::task::AbortHandle) {
+        self.writer = Some(writer);
+    }
+
+    /// Gives up on a connection believed dead: stops its writer at once
+    /// (on a half-open socket it could block until the kernel gives up).
+    /// A link dropped without this lets its writer finish what was queued.
+    pub fn abandon(self) {
+        if let Some(writer) = &self.writer {
+            writer.abort();
+        }
     }
 
     /// Queues a frame. Returns `false` when the writer is gone (the socket

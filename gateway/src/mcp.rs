@@ -78,10 +78,7 @@ async fn handle_post(state: AppState, headers: HeaderMap, body: Body) -> Result<
             refuse_while_draining(&state)?;
             let stream = handle.streams().open(1);
             let call = Call { id, progress_token, payload: body, is_initialize: false, stream: stream.clone() };
-            handle
-                .send(Command::Call(call), state.config.timeouts.request)
-                .await
-                .map_err(|_| McpError::UnknownSession)?;
+            submit(&state, &handle, &stream, Command::Call(call)).await?;
             let priming = Priming::for_version(handle.protocol_version());
             Ok(reply::respond(
                 handle.streams(),
@@ -148,7 +145,7 @@ async fn initialize(
     let handle = create_session(&state, Transport::Streamable)?;
     let stream = handle.streams().open(1);
     let call = Call { id, progress_token, payload: body, is_initialize: true, stream: stream.clone() };
-    handle.send(Command::Call(call), state.config.timeouts.request).await.map_err(|_| McpError::UnknownSession)?;
+    submit(&state, &handle, &stream, Command::Call(call)).await?;
     let mut headers = HeaderMap::new();
     headers.insert(SESSION_HEADER, HeaderValue::from_str(handle.id()).expect("hex ids are valid header values"));
     // The revision is not agreed yet; a comment opens a stream every client reads.
@@ -182,7 +179,6 @@ async fn batch(state: AppState, headers: &HeaderMap, session: Option<&str>, body
         refuse_while_draining(&state)?;
     }
     let stream = handle.streams().open(requests);
-    let wait = state.config.timeouts.request;
     for (element, kind) in elements.into_iter().zip(kinds) {
         let payload = body.slice_ref(element.get().as_bytes());
         let command = match kind {
@@ -192,7 +188,7 @@ async fn batch(state: AppState, headers: &HeaderMap, session: Option<&str>, body
             Kind::Notification { cancelled, .. } => Command::Notify { payload, cancelled },
             Kind::Response { .. } => Command::Notify { payload, cancelled: None },
         };
-        handle.send(command, wait).await.map_err(|_| McpError::UnknownSession)?;
+        submit(&state, &handle, &stream, command).await?;
     }
     if requests == 0 {
         handle.streams().forget(stream.id());
@@ -217,11 +213,23 @@ pub(crate) async fn notify(
     payload: Bytes,
     cancelled: Option<RequestId>,
 ) -> Result<Response, McpError> {
-    handle
-        .send(Command::Notify { payload, cancelled }, state.config.timeouts.request)
-        .await
-        .map_err(|_| McpError::UnknownSession)?;
+    handle.send(Command::Notify { payload, cancelled }, state.config.timeouts.request).await.map_err(McpError::from)?;
     Ok(StatusCode::ACCEPTED.into_response())
+}
+
+/// Hands a command to its session; if that fails, the answer's stream is
+/// forgotten (nothing will ever complete it).
+async fn submit(
+    state: &AppState,
+    handle: &SessionHandle,
+    stream: &EventStream,
+    command: Command,
+) -> Result<(), McpError> {
+    let sent = handle.send(command, state.config.timeouts.request).await;
+    if sent.is_err() {
+        handle.streams().forget(stream.id());
+    }
+    Ok(sent?)
 }
 
 /// While draining, requests on live sessions are refused so the drain ends.
@@ -317,16 +325,24 @@ pub(crate) fn peek_error(error: PeekError) -> McpError {
     }
 }
 
-/// Reads the body, refusing more than `limit` bytes.
+/// Reads the body, refusing more than `limit` bytes, and anything that is not
+/// UTF-8 (JSON must be; and a message the runner's socket could not carry
+/// must not get a sequence number).
 pub(crate) async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, McpError> {
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(McpError::TooLarge { limit });
     }
-    // Without a declared length the limit is enforced while reading; a
-    // failure here is either that or a client that vanished mid-body.
-    axum::body::to_bytes(body, limit).await.map_err(|_| McpError::TooLarge { limit })
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| match declared {
+        // Within a declared length, a failure is the client going away.
+        Some(_) => McpError::InvalidRequest("the request body could not be read".into()),
+        None => McpError::TooLarge { limit },
+    })?;
+    if std::str::from_utf8(&bytes).is_err() {
+        return Err(McpError::Parse("the body is not UTF-8".into()));
+    }
+    Ok(bytes)
 }
 
 /// Whether the `Accept` header admits `wanted` (wildcards count, `q=0` does not).

@@ -109,22 +109,27 @@ async fn handshake(mut socket: WebSocket, handle: SessionHandle, slot: RunnerSlo
             info!(%runner_version, received, "runner connected");
             (None, received)
         }
-        Some(Control::Hello { protocol, .. }) => (Some(version_mismatch(PROTOCOL_VERSION, protocol)), 0),
-        _ => (Some(format!("no hello frame within {}s", HELLO_TIMEOUT.as_secs())), 0),
+        Some(Control::Hello { protocol, .. }) => (Some((version_mismatch(PROTOCOL_VERSION, protocol), true)), 0),
+        _ => (Some((format!("no hello frame within {}s", HELLO_TIMEOUT.as_secs()), false)), 0),
     };
-    if let Some(reason) = refusal {
+    if let Some((reason, fatal)) = refusal {
         warn!("runner refused: {reason}");
         let reject = Control::Reject { reason: reason.clone() };
         let _ = socket.send(Message::Binary(reject.encode().into())).await;
         let _ = socket.close().await;
-        let _ = handle.send(Command::RunnerRefused { reason }, wait).await;
+        // A runner of another version will never do; a socket that failed
+        // before saying hello may be a blip in a redial, which may try again
+        // (dropping the slot frees it).
+        if fatal {
+            let _ = handle.send(Command::RunnerRefused { reason }, wait).await;
+        }
         return;
     }
     // The session sends the welcome: it knows how much it has received.
     let (sink, stream) = socket.split();
     let incoming = stream.filter_map(|message| std::future::ready(incoming(message))).boxed();
-    let (link, outbox) = Link::new(incoming);
-    tokio::spawn(write(sink, outbox).in_current_span());
+    let (mut link, outbox) = Link::new(incoming);
+    link.set_writer(tokio::spawn(write(sink, outbox).in_current_span()).abort_handle());
     // If the session ended meanwhile, the link is dropped here, its writer
     // stops, and the socket closes.
     let _ = handle.send(Command::Attach { link, slot, received }, wait).await;

@@ -174,6 +174,12 @@ async fn sweep(state: AppState, interval: std::time::Duration) {
 pub fn main() -> anyhow::Result<()> {
     let config = Args::parse().validate()?;
     init_tracing();
+    // Runners' code runs as the same user on a laptop: keep it out of this
+    // process's environment (API_KEY, RENDEZVOUS_SECRET) and memory. Holds
+    // for unprivileged users; root can read anything.
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        tracing::warn!("cannot make the gateway non-dumpable: {e}");
+    }
     // The one TLS backend compiled in (ring); installing it up front makes
     // every client (Platform API, and anything later) agree on it.
     let _ = rustls::crypto::ring::default_provider().install_default();

@@ -44,9 +44,11 @@ use crate::spawn::{RunnerSpec, Spawner};
 use crate::streams::{EventStream, Streams};
 use crate::token::RunnerTokens;
 
-/// Frames sent to the runner and not yet acknowledged, beyond which the
-/// session stops taking client messages until the runner catches up.
+/// Frames sent to the runner and not yet acknowledged (by count and by
+/// size), beyond which the session stops taking client messages until the
+/// runner catches up.
 const MAX_UNACKED: usize = 1024;
+const MAX_UNACKED_BYTES: usize = 16 * 1024 * 1024;
 /// A runner silent for this many heartbeats is considered gone.
 const MISSED_HEARTBEATS: u32 = 3;
 /// Acknowledge at once after this many unacknowledged frames…
@@ -67,14 +69,6 @@ pub struct Call {
     pub is_initialize: bool,
     /// Where the answer (and notifications about the request) go.
     pub stream: Arc<EventStream>,
-}
-
-impl Call {
-    /// Answers this call with an error without troubling the runner.
-    fn fail(&self, code: i64, message: &str) {
-        let json = error_body(Some(&self.id), code, message, None);
-        self.stream.push(json.into(), true);
-    }
 }
 
 /// What handlers ask of a session.
@@ -99,6 +93,15 @@ pub enum Command {
     /// Someone dialed with a valid token while a runner is connected: check
     /// that the connected one is still there.
     Probe,
+}
+
+impl Command {
+    /// Commands about the runner travel apart from the client's messages:
+    /// those wait while the runner is behind, and a runner coming back is
+    /// exactly what lets it catch up.
+    fn is_runners(&self) -> bool {
+        matches!(self, Command::Attach { .. } | Command::RunnerRefused { .. } | Command::Probe)
+    }
 }
 
 /// Why a session ended; decides what waiting clients are told.
@@ -156,10 +159,16 @@ impl std::fmt::Display for EndReason {
     }
 }
 
-/// The session has ended; the caller should answer 404.
+/// Why a command did not reach its session.
 #[derive(Debug, thiserror::Error)]
-#[error("session ended")]
-pub struct SessionGone;
+pub enum SendError {
+    /// The session has ended; the caller should answer 404.
+    #[error("session ended")]
+    Gone,
+    /// The session took nothing for the whole wait: its runner is behind.
+    #[error("session busy")]
+    Busy,
+}
 
 /// Proof that one runner socket holds the session's runner slot. Dropping it
 /// frees the slot.
@@ -186,6 +195,8 @@ struct Shared {
     id: String,
     transport: Transport,
     commands: mpsc::Sender<Command>,
+    /// Attach, refusals and probes; see [`Command::is_runners`].
+    runner_commands: mpsc::Sender<Command>,
     runner_attached: AtomicBool,
     protocol_version: OnceLock<String>,
     /// Unique ids of the runner tokens still accepted. A std mutex: held for
@@ -236,24 +247,18 @@ impl SessionHandle {
     }
 
     /// Passes a command to the session task, waiting at most `wait` for room.
-    pub async fn send(&self, command: Command, wait: Duration) -> Result<(), SessionGone> {
-        match self.shared.commands.send_timeout(command, wait).await {
+    pub async fn send(&self, command: Command, wait: Duration) -> Result<(), SendError> {
+        let channel = if command.is_runners() { &self.shared.runner_commands } else { &self.shared.commands };
+        match channel.send_timeout(command, wait).await {
             Ok(()) => Ok(()),
-            Err(mpsc::error::SendTimeoutError::Closed(_)) => Err(SessionGone),
-            Err(mpsc::error::SendTimeoutError::Timeout(command)) => {
-                // The session is alive but saturated; answer the request with
-                // an error rather than dropping it on the floor.
-                if let Command::Call(call) = command {
-                    call.fail(code::REQUEST_TIMEOUT, "the session is too busy to take this request; retry later");
-                }
-                Ok(())
-            }
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => Err(SendError::Gone),
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => Err(SendError::Busy),
         }
     }
 
     /// Asks the session to check its runner, without waiting.
     pub fn probe(&self) {
-        let _ = self.shared.commands.try_send(Command::Probe);
+        let _ = self.shared.runner_commands.try_send(Command::Probe);
     }
 
     /// Claims the runner slot for a connecting socket; `None` when a runner is
@@ -303,6 +308,7 @@ struct Pending {
 pub struct Session {
     shared: Arc<Shared>,
     commands: mpsc::Receiver<Command>,
+    runner_commands: mpsc::Receiver<Command>,
     spawner: Arc<dyn Spawner>,
     spec: RunnerSpec,
     tokens: RunnerTokens,
@@ -313,6 +319,7 @@ pub struct Session {
     detached_since: Option<Instant>,
     /// Frames to the runner not yet acknowledged; the first has number `acked + 1`.
     unacked: VecDeque<Bytes>,
+    unacked_bytes: usize,
     acked: u64,
     /// Frames received from the runner, and how many of them we acknowledged.
     received: u64,
@@ -333,10 +340,12 @@ impl Session {
     /// session table, then calls [`Session::start`].
     pub fn new(params: SessionParams) -> (Self, SessionHandle) {
         let (tx, rx) = mpsc::channel(64);
+        let (runner_tx, runner_rx) = mpsc::channel(8);
         let shared = Arc::new(Shared {
             id: params.id,
             transport: params.transport,
             commands: tx,
+            runner_commands: runner_tx,
             runner_attached: AtomicBool::new(false),
             protocol_version: OnceLock::new(),
             tokens: Mutex::new(VecDeque::from([params.token_id])),
@@ -350,6 +359,7 @@ impl Session {
         let session = Session {
             shared: shared.clone(),
             commands: rx,
+            runner_commands: runner_rx,
             spawner: params.spawner,
             spec: params.spec,
             tokens: params.tokens,
@@ -359,6 +369,7 @@ impl Session {
             ever_attached: false,
             detached_since: None,
             unacked: VecDeque::new(),
+            unacked_bytes: 0,
             acked: 0,
             received: 0,
             ack_sent: 0,
@@ -431,7 +442,7 @@ impl Session {
         tokio::pin!(cancelled);
 
         loop {
-            let accepting = self.unacked.len() < MAX_UNACKED;
+            let accepting = self.unacked.len() < MAX_UNACKED && self.unacked_bytes < MAX_UNACKED_BYTES;
             let attached = self.link.is_some();
             let reattach_by = self.detached_since.map(|since| since + self.timeouts.reconnect_grace);
             // Unbiased: neither the client's messages nor the runner's may starve the other.
@@ -450,6 +461,11 @@ impl Session {
                 command = self.commands.recv(), if accepting => {
                     // The handle in `shared` keeps a sender alive, so `None` cannot happen.
                     let Some(command) = command else { return EndReason::Shutdown };
+                    if let Some(reason) = self.command(command) {
+                        return reason;
+                    }
+                }
+                Some(command) = self.runner_commands.recv() => {
                     if let Some(reason) = self.command(command) {
                         return reason;
                     }
@@ -485,10 +501,12 @@ impl Session {
                 }
                 () = &mut idle => {
                     let quiet_since = self.last_request + self.timeouts.idle;
-                    if self.pending.is_empty() && Instant::now() >= quiet_since {
+                    let now = Instant::now();
+                    if self.pending.is_empty() && now >= quiet_since {
                         return EndReason::Idle(self.timeouts.idle);
                     }
-                    idle.as_mut().reset(quiet_since.max(Instant::now() + Duration::from_millis(10)));
+                    // Busy sessions look again a full idle period later.
+                    idle.as_mut().reset(if now < quiet_since { quiet_since } else { now + self.timeouts.idle });
                 }
             }
             if self.received - self.ack_sent >= ACK_EVERY {
@@ -532,7 +550,9 @@ impl Session {
 
     /// Drops the runner's socket and waits (bounded) for it to dial again.
     fn detach(&mut self, why: &str) {
-        if self.link.take().is_some() {
+        if let Some((link, _slot)) = self.link.take() {
+            // A half-open socket could keep its writer blocked for minutes.
+            link.abandon();
             warn!(
                 "runner connection lost ({why}); waiting up to {:?} for it to reconnect",
                 self.timeouts.reconnect_grace
@@ -544,7 +564,9 @@ impl Session {
 
     /// The runner has everything up to `received`: forget those frames.
     fn acknowledged(&mut self, received: u64) {
-        while self.acked < received && self.unacked.pop_front().is_some() {
+        while self.acked < received {
+            let Some(frame) = self.unacked.pop_front() else { break };
+            self.unacked_bytes -= frame.len();
             self.acked += 1;
         }
     }
@@ -717,6 +739,7 @@ impl Session {
 
     /// Sends a JSON-RPC message, keeping it until the runner acknowledges it.
     fn send_message(&mut self, payload: Bytes) {
+        self.unacked_bytes += payload.len();
         self.unacked.push_back(payload.clone());
         self.send(Outgoing::Message(payload));
     }
@@ -733,6 +756,7 @@ impl Session {
     fn teardown(&mut self, reason: &EndReason) {
         self.sessions.remove(&self.shared.id);
         self.commands.close();
+        self.runner_commands.close();
         let (code, message) = reason.client_error();
         let pending: Vec<Pending> = self.pending.drain().map(|(_, p)| p).collect();
         for pending in pending {

@@ -77,10 +77,7 @@ async fn handle_message(
             refuse_while_draining(&state)?;
             let stream = handle.streams().standalone().clone();
             let call = Call { id, progress_token, payload: body, is_initialize: method == "initialize", stream };
-            handle
-                .send(Command::Call(call), state.config.timeouts.request)
-                .await
-                .map_err(|_| McpError::UnknownSession)?;
+            handle.send(Command::Call(call), state.config.timeouts.request).await.map_err(McpError::from)?;
             Ok((StatusCode::ACCEPTED, "Accepted").into_response())
         }
         Kind::Notification { cancelled, .. } => notify(&state, &handle, body, cancelled).await,

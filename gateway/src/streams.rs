@@ -109,8 +109,17 @@ impl EventStream {
                 return false;
             }
             if state.events.len() >= state.cap {
-                // Notifications go first; responses are never dropped.
-                match state.events.iter().position(|e| !e.last) {
+                // What a reader already has goes first, then notifications.
+                // A POST's stream never drops a response; the GET stream (on
+                // the older transport it carries responses too) stays bounded.
+                let handed = state.handed;
+                let victim = state
+                    .events
+                    .iter()
+                    .position(|e| e.n <= handed)
+                    .or_else(|| state.events.iter().position(|e| !e.last))
+                    .or_else(|| state.awaiting.is_none().then_some(0));
+                match victim {
                     Some(i) => {
                         state.events.remove(i);
                     }
@@ -359,6 +368,20 @@ mod tests {
         assert!(events.len() <= REPLY_EVENTS + 16);
         assert_eq!(events.last().unwrap().json, b("answer"));
         assert!(!stream.can_resume_after(0), "the oldest events are gone");
+    }
+
+    #[tokio::test]
+    async fn the_get_stream_stays_bounded_even_with_only_responses() {
+        let streams = Streams::default();
+        let standalone = streams.standalone().clone();
+        for _ in 0..STANDALONE_EVENTS * 2 {
+            standalone.push(b("answer"), true);
+        }
+        standalone.push(b("notification"), false);
+        let mut reader = standalone.cursor(None);
+        let Batch::Events(events) = standalone.read(&mut reader, NOW).await else { panic!() };
+        assert_eq!(events.len(), STANDALONE_EVENTS);
+        assert_eq!(events.last().unwrap().json, b("notification"), "the newest message is kept");
     }
 
     #[tokio::test]

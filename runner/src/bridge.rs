@@ -79,14 +79,15 @@ struct Link {
     frames: mpsc::UnboundedSender<Message>,
     stream: SplitStream<Socket>,
     last_heard: Instant,
+    writer: tokio::task::AbortHandle,
 }
 
 impl Link {
     fn open(socket: Socket) -> Self {
         let (sink, stream) = socket.split();
         let (frames, queue) = mpsc::unbounded_channel();
-        tokio::spawn(write(sink, queue).in_current_span());
-        Link { frames, stream, last_heard: Instant::now() }
+        let writer = tokio::spawn(write(sink, queue).in_current_span()).abort_handle();
+        Link { frames, stream, last_heard: Instant::now(), writer }
     }
 
     fn send(&self, message: Message) {
@@ -232,7 +233,9 @@ impl Relay {
                 }
             }
             let room = self.unacked.len() < MAX_UNACKED && self.unacked_bytes < MAX_UNACKED_BYTES;
-            let drain_deadline = exited.map(|(_, at)| at + DRAIN_TIMEOUT);
+            // Armed only until it passes: a passed deadline would fire on every turn.
+            let drain_deadline =
+                exited.map(|(_, at)| at + DRAIN_TIMEOUT).filter(|deadline| lines_open && Instant::now() < *deadline);
             tokio::select! {
                 _ = term.recv() => return End::Signal,
                 _ = interrupt.recv() => return End::Signal,
@@ -353,9 +356,9 @@ impl Relay {
 
     /// Drops the socket and starts dialing again.
     fn detach(&mut self, why: &str) {
-        if self.link.take().is_none() {
-            return;
-        }
+        let Some(link) = self.link.take() else { return };
+        // A half-open socket could keep its writer blocked for minutes.
+        link.writer.abort();
         let window = self.dial.reconnect_window;
         warn!("connection to the gateway lost ({why}); dialing again for up to {window:?}");
         let give_up_at = Instant::now() + window;

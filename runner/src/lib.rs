@@ -51,6 +51,7 @@ pub fn main() -> anyhow::Result<()> {
         }
         Some(config::Command::Limit(_)) => unreachable!("handled above"),
         None => {
+            forbid_inspection();
             let dial = args.dial.validate()?;
             // One thread: a runner serves one session, so there is nothing to
             // spread across cores, hand-offs between its tasks stay cheap (no
@@ -65,6 +66,16 @@ pub fn main() -> anyhow::Result<()> {
             runtime.shutdown_timeout(std::time::Duration::from_millis(100));
             std::process::exit(code)
         }
+    }
+}
+
+/// Makes this process non-dumpable, so processes of the same user (the code
+/// the executor runs) cannot read its `/proc/<pid>/environ` or memory, where
+/// the runner's token is, and on Heroku every config var of the app. This
+/// holds for unprivileged users (as on dynos); root can read anything.
+pub fn forbid_inspection() {
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        tracing::warn!("cannot make the runner non-dumpable: {e}");
     }
 }
 

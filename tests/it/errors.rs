@@ -145,3 +145,27 @@ async fn an_rmcp_client_that_probes_first_falls_back_to_initialize() {
     let tools = client.list_all_tools().await.unwrap();
     assert!(tools.iter().any(|t| t.name == "echo"));
 }
+
+#[tokio::test]
+async fn a_body_that_is_not_utf8_is_a_parse_error_and_the_session_goes_on() {
+    let gateway = Gateway::with(Options::default().echo());
+    let http = gateway.http();
+    let (session, _) = http.initialize().await;
+    let mut body =
+        br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"#.to_vec();
+    body.extend_from_slice(b"\"\xff\xfe\"}}}");
+    let response = http
+        .request(reqwest::Method::POST)
+        .header("accept", ACCEPT_BOTH)
+        .header("content-type", "application/json")
+        .header("mcp-session-id", &session)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let reply = read(response).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert_eq!(reply.error_code(), -32700);
+    let ok = http.call(&session, 2, "echo", json!({"text": "fine"})).await;
+    assert_eq!(ok.json["result"]["content"][0]["text"], "fine");
+}

@@ -331,3 +331,28 @@ async fn a_runner_that_lost_its_state_ends_the_session() {
     assert_eq!(parse(&call.next().await)["error"]["code"], code::RUNNER_LOST);
     h.handle.finished().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_runner_can_come_back_even_when_the_window_is_full() {
+    let h = start(timeouts());
+    let (_outbox, runner) = h.attach(0).await;
+    drop(runner);
+    // While the runner is away, the client fills the window and the queue
+    // behind it, until the session says it is busy.
+    let mut busy = false;
+    for i in 0..MAX_UNACKED + 200 {
+        let notify = Command::Notify { payload: format!(r#"{{"n":{i}}}"#).into(), cancelled: None };
+        if let Err(e) = h.handle.send(notify, Duration::from_millis(100)).await {
+            assert!(matches!(e, SendError::Busy));
+            busy = true;
+            break;
+        }
+    }
+    assert!(busy, "the window never filled");
+    // The runner's return is still taken, and it gets everything.
+    let (link, mut outbox, _runner) = channel_link();
+    let slot = claim(&h).await;
+    h.handle.send(Command::Attach { link, slot, received: 0 }, Duration::from_secs(1)).await.unwrap();
+    let Some(Outgoing::Control(Control::Welcome { .. })) = outbox.next().await else { panic!("welcome") };
+    assert_eq!(Harness::forwarded(&mut outbox).await["n"], 0);
+}

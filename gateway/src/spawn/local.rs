@@ -12,12 +12,16 @@ use std::time::Duration;
 use dynogate_shared::names::{SECRET_ENV, TOKEN_ENV};
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
-use nix::sys::signal::{Signal, killpg};
+use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use tokio::process::Command;
 use tokio::sync::watch;
 
 use super::{RunnerProcess, RunnerSpec, SpawnError, Spawner};
+
+/// How long a runner gets after SIGTERM: enough to stop its MCP server
+/// (the runner allows it two seconds) and clean up.
+const TERM_GRACE: Duration = Duration::from_secs(4);
 
 /// Starts `runner --local` processes.
 #[derive(Debug, Clone)]
@@ -115,8 +119,14 @@ impl RunnerProcess for LocalRunner {
 
     fn stop(mut self: Box<Self>, grace: Duration) -> BoxFuture<'static, ()> {
         async move {
+            // It was told to shut down over its socket (if it has one); then
+            // SIGTERM, which makes it stop its MCP server and remove the
+            // session directory; only then SIGKILL, which would leave both.
             if tokio::time::timeout(grace, self.wait()).await.is_err() {
-                tracing::warn!(pgid = %self.pgid, "runner did not stop within {grace:?}; killing its process group");
+                let _ = kill(self.pgid, Signal::SIGTERM);
+                if tokio::time::timeout(TERM_GRACE, self.wait()).await.is_err() {
+                    tracing::warn!(pgid = %self.pgid, "runner still running after SIGTERM; killing its process group");
+                }
             }
             self.kill_group();
             let _ = tokio::time::timeout(Duration::from_secs(5), self.wait()).await;
