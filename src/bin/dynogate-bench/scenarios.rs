@@ -56,6 +56,18 @@ impl Caller {
             Caller::Stdio(server) => server.lock().await.echo(id, text).await,
         }
     }
+
+    /// One echo, its latency recorded (or its failure counted and shown).
+    async fn timed_echo(&self, id: u64, text: &str, samples: &mut Samples) {
+        let begun = Instant::now();
+        match self.echo(id, text).await {
+            Ok(()) => samples.record(begun.elapsed()),
+            Err(e) => {
+                eprintln!("call {id}: {e:#}");
+                samples.errors += 1;
+            }
+        }
+    }
 }
 
 async fn callers(target: &Target, count: usize, http: &reqwest::Client) -> anyhow::Result<Vec<Arc<Caller>>> {
@@ -101,14 +113,7 @@ pub async fn calls(
                     if id > total {
                         return samples;
                     }
-                    let begun = Instant::now();
-                    match caller.echo(id, &text).await {
-                        Ok(()) => samples.record(begun.elapsed()),
-                        Err(e) => {
-                            eprintln!("call {id}: {e:#}");
-                            samples.errors += 1;
-                        }
-                    }
+                    caller.timed_echo(id, &text, &mut samples).await;
                 }
             })
         })
@@ -135,14 +140,7 @@ pub async fn payload_echo(target: &Target, count: u64, size: usize) -> anyhow::R
     let mut samples = Samples::default();
     let started = Instant::now();
     for id in 1..=count {
-        let begun = Instant::now();
-        match caller.echo(id, &text).await {
-            Ok(()) => samples.record(begun.elapsed()),
-            Err(e) => {
-                eprintln!("call {id}: {e:#}");
-                samples.errors += 1;
-            }
-        }
+        caller.timed_echo(id, &text, &mut samples).await;
     }
     let mut summary = samples.summary(started.elapsed());
     summary["size"] = json!(size);
