@@ -1,15 +1,17 @@
 //! An MCP client over streamable HTTP, as thin as possible, that checks every
 //! answer: the right id, no error, and the echoed text equal to what was sent.
 
+use std::sync::Arc;
+
 use anyhow::{Context, bail};
-use reqwest::header::{HeaderMap, HeaderValue};
 use serde_json::{Value, json};
+
+use crate::wire::{Endpoint, Method, Reply};
 
 /// One MCP session.
 #[derive(Clone)]
 pub struct Session {
-    http: reqwest::Client,
-    url: String,
+    endpoint: Arc<Endpoint>,
     pub id: Option<String>,
     version: String,
 }
@@ -34,19 +36,20 @@ pub fn message_of(content_type: &str, body: &str) -> anyhow::Result<Value> {
 
 impl Session {
     /// `initialize` and `notifications/initialized`.
-    pub async fn open(http: &reqwest::Client, url: &str) -> anyhow::Result<Session> {
-        let mut session = Session { http: http.clone(), url: url.to_owned(), id: None, version: "2025-06-18".into() };
+    pub async fn open(endpoint: &Arc<Endpoint>) -> anyhow::Result<Session> {
+        let mut session = Session { endpoint: endpoint.clone(), id: None, version: "2025-06-18".into() };
         let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
             "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "dynogate-bench", "version": "1"}}});
-        let (headers, answer) = session.post(&init).await?;
+        let reply = session.post(init.to_string()).await?;
+        session.id = reply.session_id.clone();
+        let answer = message_of(&reply.content_type, text_of(&reply)?)?;
         if answer["id"] != 0 || answer.get("result").is_none() {
             bail!("initialize failed: {answer}");
         }
-        session.id = headers.get("mcp-session-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
         if let Some(version) = answer["result"]["protocolVersion"].as_str() {
             session.version = version.to_owned();
         }
-        session.post(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"})).await?;
+        session.post(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}).to_string()).await?;
         Ok(session)
     }
 
@@ -58,59 +61,33 @@ impl Session {
         let request = format!(
             r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"echo","arguments":{{"text":{quoted}}}}}}}"#
         );
-        let (content_type, body) = self.exchange(request).await?;
-        check_echo_fast(&content_type, &body, id, text)
+        let reply = self.post(request).await?;
+        check_echo_fast(&reply.content_type, text_of(&reply)?, id, text)
     }
 
     pub async fn close(&self) -> anyhow::Result<()> {
-        let mut request = self.http.delete(&self.url);
-        if let Some(id) = &self.id {
-            request = request.header("mcp-session-id", id);
-        }
-        request.send().await?;
+        let headers: Vec<(&str, &str)> = self.id.iter().map(|id| ("mcp-session-id", id.as_str())).collect();
+        self.endpoint.send(Method::DELETE, None, &headers).await?;
         Ok(())
     }
 
-    /// POSTs a body; returns the answer's content type and text.
-    async fn exchange(&self, body: String) -> anyhow::Result<(String, String)> {
-        let response = self.request(body).send().await?;
-        let status = response.status();
-        let content_type =
-            response.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-        let text = response.text().await?;
-        if !status.is_success() {
-            bail!("HTTP {status}: {text}");
-        }
-        Ok((content_type, text))
-    }
-
-    fn request(&self, body: String) -> reqwest::RequestBuilder {
-        let mut request = self
-            .http
-            .post(&self.url)
-            .header("accept", HeaderValue::from_static("application/json, text/event-stream"))
-            .header("content-type", "application/json")
-            .body(body);
+    /// POSTs a body; fails on an HTTP error status.
+    async fn post(&self, body: String) -> anyhow::Result<Reply> {
+        let mut headers = vec![("accept", "application/json, text/event-stream"), ("content-type", "application/json")];
         if let Some(id) = &self.id {
-            request = request.header("mcp-session-id", id).header("mcp-protocol-version", &self.version);
+            headers.push(("mcp-session-id", id));
+            headers.push(("mcp-protocol-version", &self.version));
         }
-        request
+        let reply = self.endpoint.send(Method::POST, Some(body), &headers).await?;
+        if !(200..300).contains(&reply.status) {
+            bail!("HTTP {}: {}", reply.status, String::from_utf8_lossy(&reply.body));
+        }
+        Ok(reply)
     }
+}
 
-    async fn post(&self, body: &Value) -> anyhow::Result<(HeaderMap, Value)> {
-        let response = self.request(body.to_string()).send().await?;
-        let status = response.status();
-        let headers = response.headers().clone();
-        let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-        let text = response.text().await?;
-        if status.as_u16() == 202 {
-            return Ok((headers, Value::Null));
-        }
-        if !status.is_success() {
-            bail!("HTTP {status}: {text}");
-        }
-        Ok((headers, message_of(&content_type, &text)?))
-    }
+fn text_of(reply: &Reply) -> anyhow::Result<&str> {
+    std::str::from_utf8(&reply.body).context("an answer that is not UTF-8")
 }
 
 /// The fields of an echo answer, read without building a JSON tree.

@@ -13,6 +13,7 @@ mod floor;
 mod procs;
 mod scenarios;
 mod stats;
+mod wire;
 
 use clap::{Args, Parser, Subcommand};
 use scenarios::Target;
@@ -110,7 +111,7 @@ enum Scenario {
 fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Runtime::new()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async move {
         match cli.scenario {
             Scenario::Sessions { at, count, concurrency } => {

@@ -12,6 +12,7 @@ use tokio::sync::Mutex;
 use crate::client::Session;
 use crate::floor::StdioServer;
 use crate::stats::{Samples, report};
+use crate::wire::{Endpoint, Method};
 
 /// Where calls go.
 #[derive(Debug, Clone)]
@@ -29,13 +30,10 @@ impl Target {
     }
 }
 
-pub fn http_client(connections: usize) -> anyhow::Result<reqwest::Client> {
-    Ok(reqwest::Client::builder()
-        .http1_only()
-        .tcp_nodelay(true)
-        .pool_max_idle_per_host(connections.max(1))
-        .timeout(Duration::from_secs(120))
-        .build()?)
+/// Connections to `url`, shared by every session of a run (as one HTTP
+/// client's pool would be).
+fn endpoint(url: &str) -> anyhow::Result<Arc<Endpoint>> {
+    Ok(Arc::new(Endpoint::new(url)?))
 }
 
 /// Text of `size` bytes that survives JSON escaping unchanged.
@@ -70,13 +68,20 @@ impl Caller {
     }
 }
 
-async fn callers(target: &Target, count: usize, http: &reqwest::Client) -> anyhow::Result<Vec<Arc<Caller>>> {
+async fn callers(target: &Target, count: usize) -> anyhow::Result<Vec<Arc<Caller>>> {
     let mut out = Vec::with_capacity(count);
-    for _ in 0..count {
-        out.push(Arc::new(match target {
-            Target::Http { url, .. } => Caller::Http(Session::open(http, url).await?),
-            Target::Floor { echo } => Caller::Stdio(Box::new(Mutex::new(StdioServer::start(echo).await?))),
-        }));
+    match target {
+        Target::Http { url, .. } => {
+            let endpoint = endpoint(url)?;
+            for _ in 0..count {
+                out.push(Arc::new(Caller::Http(Session::open(&endpoint).await?)));
+            }
+        }
+        Target::Floor { echo } => {
+            for _ in 0..count {
+                out.push(Arc::new(Caller::Stdio(Box::new(Mutex::new(StdioServer::start(echo).await?)))));
+            }
+        }
     }
     Ok(out)
 }
@@ -92,8 +97,7 @@ pub async fn calls(
     size: usize,
 ) -> anyhow::Result<()> {
     let sessions = if matches!(target, Target::Floor { .. }) { concurrency } else { sessions.max(1) };
-    let http = http_client(concurrency)?;
-    let callers = callers(target, sessions, &http).await?;
+    let callers = callers(target, sessions).await?;
     let text = Arc::new(payload(size));
     // Warm-up: connections, pages, caches.
     for (i, caller) in callers.iter().enumerate() {
@@ -133,8 +137,7 @@ pub async fn calls(
 
 /// `payload`: `count` sequential echoes of one `size`-byte text.
 pub async fn payload_echo(target: &Target, count: u64, size: usize) -> anyhow::Result<()> {
-    let http = http_client(1)?;
-    let caller = callers(target, 1, &http).await?.remove(0);
+    let caller = callers(target, 1).await?.remove(0);
     let text = payload(size);
     caller.echo(1_000_000, &text).await.context("warm-up")?;
     let mut samples = Samples::default();
@@ -156,19 +159,19 @@ pub async fn payload_echo(target: &Target, count: u64, size: usize) -> anyhow::R
 /// spawned, dialed back, server started and initialized), `count` of them,
 /// `concurrency` at a time; each is deleted after.
 pub async fn sessions(url: &str, name: &str, count: u64, concurrency: usize) -> anyhow::Result<()> {
-    let http = http_client(concurrency)?;
+    let endpoint = endpoint(url)?;
     // Warm-up: the first spawn pays for cold page caches.
-    Session::open(&http, url).await?.close().await?;
+    Session::open(&endpoint).await?.close().await?;
     let next = Arc::new(AtomicU64::new(1));
     let started = Instant::now();
     let workers: Vec<_> = (0..concurrency)
         .map(|_| {
-            let (http, url, next) = (http.clone(), url.to_owned(), next.clone());
+            let (endpoint, next) = (endpoint.clone(), next.clone());
             tokio::spawn(async move {
                 let mut samples = Samples::default();
                 while next.fetch_add(1, Ordering::Relaxed) <= count {
                     let begun = Instant::now();
-                    match Session::open(&http, &url).await {
+                    match Session::open(&endpoint).await {
                         Ok(session) => {
                             samples.record(begun.elapsed());
                             let _ = session.close().await;
@@ -197,8 +200,8 @@ pub async fn sessions(url: &str, name: &str, count: u64, concurrency: usize) -> 
 /// growth per session, and each runner's RSS (its MCP server excluded).
 pub async fn idle(url: &str, name: &str, count: usize, gateway_pid: Option<i32>) -> anyhow::Result<()> {
     use crate::procs::{children, rss};
-    let http = http_client(32)?;
-    Session::open(&http, url).await?.close().await?;
+    let endpoint = endpoint(url)?;
+    Session::open(&endpoint).await?.close().await?;
     let before = gateway_pid.and_then(rss);
     let opened = Arc::new(Mutex::new(Vec::with_capacity(count)));
     let mut errors = 0u64;
@@ -206,10 +209,10 @@ pub async fn idle(url: &str, name: &str, count: usize, gateway_pid: Option<i32>)
     let started = Instant::now();
     let mut pending = futures_util::stream::FuturesUnordered::new();
     for _ in 0..count {
-        let (http, url) = (http.clone(), url.to_owned());
+        let endpoint = endpoint.clone();
         pending.push(async move {
             let begun = Instant::now();
-            (Session::open(&http, &url).await, begun.elapsed())
+            (Session::open(&endpoint).await, begun.elapsed())
         });
         // Open 32 at a time.
         if pending.len() >= 32 {
@@ -296,17 +299,14 @@ async fn close(callers: Vec<Arc<Caller>>) {
 
 /// `http`: GETs of one URL, one at a time.
 pub async fn http_round_trips(url: &str, count: u64) -> anyhow::Result<()> {
-    let http = http_client(1)?;
-    http.get(url).send().await?.bytes().await?;
+    let endpoint = endpoint(url)?;
+    endpoint.send(Method::GET, None, &[]).await?;
     let mut samples = Samples::default();
     let started = Instant::now();
     for _ in 0..count {
         let begun = Instant::now();
-        match http.get(url).send().await {
-            Ok(response) if response.status().is_success() => {
-                response.bytes().await?;
-                samples.record(begun.elapsed());
-            }
+        match endpoint.send(Method::GET, None, &[]).await {
+            Ok(reply) if (200..300).contains(&reply.status) => samples.record(begun.elapsed()),
             _ => samples.errors += 1,
         }
     }
