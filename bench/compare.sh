@@ -68,6 +68,21 @@ run payload --url "$url/mcp" --count "$n_payload"
 run sessions --url "$url/mcp" --count "$n_sessions"
 run idle --url "$url/mcp" --count "$n_idle" --gateway-pid "$gateway_pid"
 
+stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+stop "$gateway_pid"
+
+# The same gateway on one runtime thread (WORKER_THREADS=1): what hand-offs
+# between the runtime's threads cost each call on this machine.
+echo "== dynogate, one worker thread" >&2
+gateway_out=$(mktemp)
+PORT=0 RUNNER_COMMAND="$echo_server" WORKER_THREADS=1 RUST_LOG=warn "$bin/gateway" > "$gateway_out" &
+pids+=($!)
+for _ in $(seq 100); do grep -q listening "$gateway_out" && break; sleep 0.1; done
+url="$(awk '{print $NF}' "$gateway_out" | head -1)"
+run calls --url "$url/mcp" --name dynogate-1t --calls "$n_calls"
+run calls --url "$url/mcp" --name dynogate-1t --sessions 8 --concurrency 16 --calls "$n_conc"
+stop "${pids[-1]}"
+
 echo "== supergateway" >&2
 port=$(free_port)
 (cd bench && exec node_modules/.bin/supergateway --stdio "$echo_server" --outputTransport streamableHttp \

@@ -19,8 +19,9 @@ def main(path):
     def rate(row):
         return "–" if row is None else f"{row['per_second']:,.0f}"
 
-    targets = ["floor", "dynogate", "supergateway", "mcp-proxy"]
-    print("| figure | " + " | ".join(targets) + " |")
+    targets = ["floor", "dynogate", "dynogate-1t", "supergateway", "mcp-proxy"]
+    headers = {"dynogate-1t": "dynogate, 1 thread"}
+    print("| figure | " + " | ".join(headers.get(t, t) for t in targets) + " |")
     print("|---|" + "---:|" * len(targets))
     lines = [
         ("call, concurrency 1: p50 µs", lambda t: us(find("calls", t, concurrency=1))),
@@ -49,6 +50,11 @@ def main(path):
         print(f"- A bare HTTP round trip (GET /healthz, same client and server stack): p50 {http['p50_us']} µs.")
     if ours16 and sg16:
         print(f"- Throughput at concurrency 16: {ours16['per_second'] / sg16['per_second']:.1f}× supergateway's.")
+    ours1t1, ours1t16 = find("calls", "dynogate-1t", concurrency=1), find("calls", "dynogate-1t", concurrency=16)
+    if floor1 and ours1t1:
+        print(f"- With WORKER_THREADS=1: {ours1t1['p50_us'] - floor1['p50_us']} µs over the floor at concurrency 1 (p50).")
+    if ours1t16 and sg16:
+        print(f"- With WORKER_THREADS=1: throughput at concurrency 16 {ours1t16['per_second'] / sg16['per_second']:.1f}× supergateway's.")
     if ours16 and mp16:
         print(f"- Throughput at concurrency 16: {ours16['per_second'] / mp16['per_second']:.1f}× mcp-proxy's.")
     if floor_big and ours_big:

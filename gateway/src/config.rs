@@ -135,6 +135,12 @@ pub struct Args {
     /// Interval of WebSocket pings to runners and of SSE keepalive comments (at most 25s).
     #[arg(long, env = "HEARTBEAT_INTERVAL", default_value = "20s", value_parser = dynogate_shared::duration::parse)]
     pub heartbeat: Duration,
+
+    /// Threads serving requests (default: one per CPU). With local runners
+    /// on a small machine, fewer threads leave the cores to the runners and
+    /// their servers, and spare each call hand-offs between threads.
+    #[arg(long, env = "WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub worker_threads: Option<u16>,
 }
 
 /// Which spawner starts runners.
@@ -174,6 +180,8 @@ pub struct Config {
     pub timeouts: Timeouts,
     /// Extra browser origins allowed (`*` allows any).
     pub allowed_origins: Vec<String>,
+    /// Async runtime threads; `None` for one per CPU.
+    pub worker_threads: Option<usize>,
 }
 
 /// Size and count limits.
@@ -320,6 +328,7 @@ impl Args {
                 .map(|o| o.trim().trim_end_matches('/').to_owned())
                 .filter(|o| !o.is_empty())
                 .collect(),
+            worker_threads: self.worker_threads.map(usize::from),
         })
     }
 }
@@ -429,6 +438,13 @@ mod tests {
             "https://app-123.herokuapp.com/"
         );
         assert!(args(&[&base[..], &["--dyno-ttl", "25h", "--gateway-url", "https://x"]].concat()).validate().is_err());
+    }
+
+    #[test]
+    fn worker_threads_default_to_the_runtime_and_zero_is_refused() {
+        assert_eq!(args(&[]).validate().unwrap().worker_threads, None);
+        assert_eq!(args(&["--worker-threads", "1"]).validate().unwrap().worker_threads, Some(1));
+        assert!(Args::try_parse_from(["gateway", "--worker-threads", "0"]).is_err());
     }
 
     #[test]

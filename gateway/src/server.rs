@@ -183,7 +183,11 @@ pub fn main() -> anyhow::Result<()> {
     // The one TLS backend compiled in (ring); installing it up front makes
     // every client (Platform API, and anything later) agree on it.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = config.worker_threads {
+        runtime.worker_threads(threads);
+    }
+    let runtime = runtime.enable_all().build().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let listener =
             TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
