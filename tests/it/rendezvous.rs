@@ -144,3 +144,63 @@ async fn a_runner_that_never_dials_back_ends_in_a_clear_error_and_is_killed() {
     let later = gateway.http().post_raw(Some(&session), r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#, &[]).await;
     assert_eq!(later.status, StatusCode::NOT_FOUND);
 }
+
+/// Socket inodes among a process's open files.
+fn socket_inodes(pid: i32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| {
+            fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+                .filter_map(|target| {
+                    let target = target.to_string_lossy().into_owned();
+                    Some(target.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Inodes listed in one of `/proc/net/{unix,tcp,tcp6}` (the inode column).
+fn inodes_in(table: &str, column: usize) -> Vec<String> {
+    let text = std::fs::read_to_string(format!("/proc/net/{table}")).unwrap_or_default();
+    text.lines().skip(1).filter_map(|line| line.split_whitespace().nth(column).map(str::to_owned)).collect()
+}
+
+#[tokio::test]
+async fn local_runners_dial_a_private_unix_socket_that_checks_tokens_like_the_port() {
+    let gateway = Gateway::with(Options::default().echo());
+    let http = gateway.http();
+    let (session, _) = http.initialize().await;
+    let runner = runner_pids(&session)[0];
+    let path = std::path::PathBuf::from(
+        environ_of(runner).remove("RUNNER_RENDEZVOUS_SOCKET").expect("the runner was given the gateway's socket"),
+    );
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    assert!(std::fs::metadata(&path).unwrap().file_type().is_socket());
+    let dir_mode = std::fs::metadata(path.parent().unwrap()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(dir_mode, 0o700, "only the gateway's user may reach the socket");
+
+    // The runner's connection is a Unix socket, and it holds no TCP socket.
+    let ours = socket_inodes(runner);
+    let unix = inodes_in("unix", 6);
+    let tcp: Vec<String> = [inodes_in("tcp", 9), inodes_in("tcp6", 9)].concat();
+    assert!(ours.iter().any(|inode| unix.contains(inode)), "runner sockets {ours:?} include no Unix socket");
+    assert!(!ours.iter().any(|inode| tcp.contains(inode)), "the runner holds a TCP socket");
+    let reply = http.call(&session, 2, "echo", json!({"text": "over the socket"})).await;
+    assert_eq!(reply.json["result"]["content"][0]["text"], "over the socket");
+
+    // Same checks as the TCP rendezvous: a made-up token is refused there too.
+    let forged = mint("another-secret-another-secret-another-secret", &session, 60);
+    let mut request = format!("ws://localhost/rendezvous?session={session}").into_client_request().unwrap();
+    request.headers_mut().insert("authorization", format!("Bearer {forged}").parse().unwrap());
+    let stream = tokio::net::UnixStream::connect(&path).await.unwrap();
+    match tokio_tungstenite::client_async(request, stream).await {
+        Err(WsError::Http(response)) => assert_eq!(response.status(), StatusCode::UNAUTHORIZED),
+        other => panic!("a forged token over the Unix socket was not refused: {:?}", other.map(|_| ())),
+    }
+    let reply = http.call(&session, 3, "echo", json!({"text": "undisturbed"})).await;
+    assert_eq!(reply.json["result"]["content"][0]["text"], "undisturbed");
+
+    let dir = path.parent().unwrap().to_owned();
+    drop(gateway);
+    eventually("the socket's directory is removed when the gateway stops", || !dir.exists()).await;
+}
