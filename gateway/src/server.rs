@@ -59,46 +59,12 @@ async fn request_span(request: Request, next: Next) -> Response {
     next.run(request).instrument(span).await
 }
 
-/// Only the rendezvous, for runners on this machine (see [`runner_socket`]).
-fn rendezvous_app(state: AppState) -> Router {
-    Router::new()
-        .route(dynogate_shared::names::RENDEZVOUS_PATH, get(rendezvous::accept))
-        .layer(middleware::from_fn(request_span))
-        .with_state(state)
-}
-
-/// A Unix socket for local runners to dial instead of the TCP port, in a
-/// new directory only this user can enter (removed when the guard drops).
-/// Runners then pay less per frame than over loopback TCP. Only when runners
-/// would dial the gateway's own port: a `GATEWAY_URL` set by the operator
-/// (a proxy, say) is dialed as given.
-fn runner_socket(config: &Config) -> Option<(tempfile::TempDir, tokio::net::UnixListener)> {
-    if config.spawner != SpawnerKind::Local || config.gateway_url.is_some() {
-        return None;
-    }
-    use std::os::unix::fs::PermissionsExt;
-    let bound = tempfile::Builder::new()
-        .prefix("dynogate-")
-        .permissions(std::fs::Permissions::from_mode(0o700))
-        .tempdir()
-        .and_then(|dir| tokio::net::UnixListener::bind(dir.path().join("rendezvous.sock")).map(|l| (dir, l)));
-    match bound {
-        Ok(bound) => Some(bound),
-        Err(e) => {
-            warn!("runners will dial over TCP: cannot listen on a Unix socket: {e}");
-            None
-        }
-    }
-}
-
 /// Serves on `listener` until `drain` fires (SIGTERM), then drains: no new
 /// sessions or requests, requests in flight get up to `DRAIN_TIMEOUT` to
 /// finish, then every session ends (runners told to stop, dynos stopped).
 pub async fn serve(config: Config, listener: TcpListener, drain: CancellationToken) -> anyhow::Result<()> {
     let bound = listener.local_addr().context("listener has no address")?;
-    let local_socket = runner_socket(&config);
-    let socket_path = local_socket.as_ref().map(|(dir, _)| dir.path().join("rendezvous.sock"));
-    let spawner = build_spawner(&config, socket_path)?;
+    let spawner = build_spawner(&config)?;
     // A token must outlive the wait for a runner's first dial or its redial,
     // plus slack; sessions hand their runner a fresh one well before expiry.
     let token_ttl = config.timeouts.dial_back.max(config.timeouts.reconnect_grace) + std::time::Duration::from_secs(60);
@@ -129,18 +95,6 @@ pub async fn serve(config: Config, listener: TcpListener, drain: CancellationTok
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!("cannot set TCP_NODELAY: {e}");
         }
-    });
-    // Runners may redial while requests drain: their socket takes new
-    // connections until the sessions end.
-    let _socket_dir = local_socket.map(|(dir, unix)| {
-        let server =
-            axum::serve(unix, rendezvous_app(state.clone())).with_graceful_shutdown(shutdown.clone().cancelled_owned());
-        tokio::spawn(async move {
-            if let Err(e) = server.await {
-                warn!("the runners' Unix socket failed: {e}");
-            }
-        });
-        dir
     });
     // New connections stop with the drain; open ones (and their streams) go on.
     let server = axum::serve(listener, app(state)).with_graceful_shutdown(drain.clone().cancelled_owned());
@@ -179,7 +133,7 @@ pub async fn serve(config: Config, listener: TcpListener, drain: CancellationTok
     }
 }
 
-fn build_spawner(config: &Config, runner_socket: Option<std::path::PathBuf>) -> anyhow::Result<Arc<dyn Spawner>> {
+fn build_spawner(config: &Config) -> anyhow::Result<Arc<dyn Spawner>> {
     Ok(match (config.spawner, &config.heroku) {
         (SpawnerKind::Heroku, Some(heroku)) => {
             let api = Api::new(
@@ -198,7 +152,7 @@ fn build_spawner(config: &Config, runner_socket: Option<std::path::PathBuf>) -> 
             };
             Arc::new(HerokuSpawner::new(api, settings))
         }
-        _ => Arc::new(LocalSpawner::new(config.runner_bin.clone(), config.runner_command.clone(), runner_socket)),
+        _ => Arc::new(LocalSpawner::new(config.runner_bin.clone(), config.runner_command.clone())),
     })
 }
 

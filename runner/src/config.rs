@@ -52,11 +52,6 @@ pub struct DialArgs {
     #[arg(long, env = "RUNNER_SESSION")]
     pub session: Option<String>,
 
-    /// A Unix socket where the gateway's rendezvous also listens (set by the
-    /// local spawner): dial it instead of the URL's host and port.
-    #[arg(long, env = "RUNNER_RENDEZVOUS_SOCKET")]
-    pub rendezvous_socket: Option<PathBuf>,
-
     /// The stdio MCP server to bridge, as a shell command (default: `runner exec`).
     #[arg(long = "command", env = "RUNNER_COMMAND")]
     pub shell_command: Option<String>,
@@ -85,8 +80,6 @@ pub struct DialArgs {
 pub struct Dial {
     pub local: bool,
     pub rendezvous: Url,
-    /// Dial this Unix socket instead of the URL's host and port.
-    pub socket: Option<PathBuf>,
     pub session: String,
     pub token: Secret,
     pub server: ServerCommand,
@@ -129,7 +122,6 @@ impl DialArgs {
         Ok(Dial {
             local: self.local,
             rendezvous: rendezvous_url(&gateway, &session)?,
-            socket: self.rendezvous_socket,
             session,
             token,
             server,

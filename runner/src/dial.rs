@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use dynogate_shared::{Control, PROTOCOL_VERSION, Secret};
 use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode, header};
@@ -23,9 +24,8 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tracing::{debug, info};
 
 use crate::config::Dial;
-use crate::transport::Transport;
 
-pub type Socket = WebSocketStream<MaybeTlsStream<Transport>>;
+pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Largest message either side accepts; matches the gateway.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -101,13 +101,7 @@ async fn connect_once(dial: &Dial, token: &Secret, received: u64) -> Result<(Soc
         .read_buffer_size(16 * 1024)
         .max_message_size(Some(MAX_MESSAGE_BYTES))
         .max_frame_size(Some(MAX_MESSAGE_BYTES));
-    let transport = match &dial.socket {
-        Some(path) => Transport::unix(path).await,
-        None => Transport::tcp(&dial.rendezvous).await,
-    }
-    .map_err(|e| DialError::Unreachable(e.to_string()))?;
-    let mut socket = match tokio_tungstenite::client_async_tls_with_config(request, transport, Some(config), None).await
-    {
+    let mut socket = match tokio_tungstenite::connect_async_with_config(request, Some(config), true).await {
         Ok((socket, _)) => socket,
         Err(WsError::Http(response)) if response.status() == StatusCode::UNAUTHORIZED => {
             return Err(DialError::Refused(

@@ -7,8 +7,7 @@
 //!
 //! Modules:
 //! - [`config`]: command line and environment.
-//! - [`dial`]: connecting to the gateway and the hello/welcome handshake,
-//!   over a [`transport`] (TCP, or a Unix socket to a gateway on this machine).
+//! - [`dial`]: connecting to the gateway and the hello/welcome handshake.
 //! - [`child`]: starting and stopping the bridged MCP server.
 //! - [`lines`]: newline-delimited framing on the child's stdout.
 //! - [`procfile`]: `RUNNER_COMMAND` naming a Procfile process type.
@@ -24,7 +23,6 @@ pub mod exec;
 pub mod lines;
 pub mod procfile;
 pub mod size;
-pub mod transport;
 
 use anyhow::Context;
 use clap::Parser;

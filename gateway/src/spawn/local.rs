@@ -22,21 +22,17 @@ use super::{RunnerProcess, RunnerSpec, SpawnError, Spawner};
 /// How long a runner gets after SIGTERM: enough to stop its MCP server
 /// (the runner allows it two seconds) and clean up.
 const TERM_GRACE: Duration = Duration::from_secs(4);
-/// Where the runner reads the path of the gateway's Unix socket.
-const RENDEZVOUS_SOCKET_ENV: &str = "RUNNER_RENDEZVOUS_SOCKET";
 
 /// Starts `runner --local` processes.
 #[derive(Debug, Clone)]
 pub struct LocalSpawner {
     runner_bin: PathBuf,
     runner_command: Option<String>,
-    /// The gateway's Unix socket for runners, when it has one.
-    rendezvous_socket: Option<PathBuf>,
 }
 
 impl LocalSpawner {
-    pub fn new(runner_bin: PathBuf, runner_command: Option<String>, rendezvous_socket: Option<PathBuf>) -> Self {
-        Self { runner_bin, runner_command, rendezvous_socket }
+    pub fn new(runner_bin: PathBuf, runner_command: Option<String>) -> Self {
+        Self { runner_bin, runner_command }
     }
 }
 
@@ -57,10 +53,6 @@ impl Spawner for LocalSpawner {
             match &self.runner_command {
                 Some(shell) => command.env("RUNNER_COMMAND", shell),
                 None => command.env_remove("RUNNER_COMMAND"),
-            };
-            match &self.rendezvous_socket {
-                Some(path) => command.env(RENDEZVOUS_SOCKET_ENV, path),
-                None => command.env_remove(RENDEZVOUS_SOCKET_ENV),
             };
             command
                 .stdin(Stdio::null())
