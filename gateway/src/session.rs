@@ -656,6 +656,19 @@ impl Session {
                     );
                     return None;
                 }
+                // Progress is routed by token: a token shared by two requests
+                // in flight could not say which one it is about (the spec
+                // requires tokens unique across active requests).
+                if let Some(token) = &call.progress_token
+                    && let Some(holder) = self.progress.get(token)
+                {
+                    let message = format!(
+                        "progress token {token} is already used by request {holder} in flight in this session; \
+                         progress tokens must be unique across active requests"
+                    );
+                    self.fail(&call, code::INVALID_PARAMS, &message);
+                    return None;
+                }
                 let id = call.id.clone();
                 let payload = call.payload.clone();
                 if let Some(token) = &call.progress_token {

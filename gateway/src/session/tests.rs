@@ -223,6 +223,33 @@ async fn a_duplicate_request_id_is_refused_and_the_first_still_answered() {
     assert!(parse(&first.next().await)["result"].is_object());
 }
 
+#[tokio::test]
+async fn a_progress_token_in_use_is_refused_and_the_first_request_keeps_its_progress() {
+    let h = start(timeouts());
+    let (mut outbox, runner) = h.attach(0).await;
+    let mut first = h.call("1", Some(r#""p""#)).await;
+    let mut clash = h.call("2", Some(r#""p""#)).await;
+    let refusal = parse(&clash.next().await);
+    assert_eq!(refusal["id"], 2);
+    assert_eq!(refusal["error"]["code"], code::INVALID_PARAMS);
+    assert!(refusal["error"]["message"].as_str().unwrap().contains("already used by request 1"), "{refusal}");
+    assert_eq!(Harness::forwarded(&mut outbox).await["id"], 1, "only the first request reached the runner");
+    runner
+        .send(message(
+            r#"{"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":"p","progress":1}}"#,
+        ))
+        .unwrap();
+    runner.send(message(r#"{"jsonrpc":"2.0","id":1,"result":{}}"#)).unwrap();
+    assert_eq!(parse(&first.next().await)["params"]["progress"], 1);
+    assert!(first.next().await.last);
+
+    // Once the first is answered, the token is free again.
+    let mut again = h.call("3", Some(r#""p""#)).await;
+    assert_eq!(Harness::forwarded(&mut outbox).await["id"], 3);
+    runner.send(message(r#"{"jsonrpc":"2.0","id":3,"result":{}}"#)).unwrap();
+    assert!(parse(&again.next().await)["result"].is_object());
+}
+
 #[tokio::test(start_paused = true)]
 async fn without_a_dial_back_waiting_calls_fail_and_the_runner_is_stopped() {
     let h = start(timeouts());
