@@ -37,6 +37,7 @@ use crate::child::{self, Server};
 use crate::config::Dial;
 use crate::dial::{self, DialError, MAX_MESSAGE_BYTES, Socket, Welcome};
 use crate::lines::{Line, LineReader};
+use crate::workdir::Workdir;
 
 /// A gateway silent for this many heartbeats is considered gone.
 const MISSED_HEARTBEATS: u32 = 3;
@@ -126,10 +127,7 @@ pub async fn run(dial: Dial) -> anyhow::Result<i32> {
         let (socket, welcome) = dial::connect(&dial, &dial.token, 0, Instant::now() + FIRST_DIAL, false)
             .await
             .context("cannot join the session")?;
-        let workdir = tempfile::Builder::new()
-            .prefix("dynogate-session-")
-            .tempdir()
-            .context("cannot create the session directory")?;
+        let workdir = Workdir::open(dial.session_dir.as_deref())?;
         let link = Link::open(socket);
         let mut server = match child::start(&dial.server, workdir.path()) {
             Ok(server) => server,
@@ -193,7 +191,7 @@ pub async fn run(dial: Dial) -> anyhow::Result<i32> {
         if let Some(link) = relay.link.take() {
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, closed(link)).await;
         }
-        if let Err(e) = workdir.close() {
+        if let Err(e) = workdir.remove() {
             warn!("cannot remove the session directory: {e}");
         }
         Ok(code)

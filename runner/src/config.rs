@@ -52,6 +52,11 @@ pub struct DialArgs {
     #[arg(long, env = "RUNNER_SESSION")]
     pub session: Option<String>,
 
+    /// The session's directory (made private, removed at the end); default:
+    /// a new temporary directory. The local spawner sets it.
+    #[arg(long, env = "RUNNER_SESSION_DIR")]
+    pub session_dir: Option<PathBuf>,
+
     /// The stdio MCP server to bridge, as a shell command (default: `runner exec`).
     #[arg(long = "command", env = "RUNNER_COMMAND")]
     pub shell_command: Option<String>,
@@ -80,6 +85,8 @@ pub struct DialArgs {
 pub struct Dial {
     pub local: bool,
     pub rendezvous: Url,
+    /// Where the session's directory goes, when the spawner chose.
+    pub session_dir: Option<PathBuf>,
     pub session: String,
     pub token: Secret,
     pub server: ServerCommand,
@@ -122,6 +129,7 @@ impl DialArgs {
         Ok(Dial {
             local: self.local,
             rendezvous: rendezvous_url(&gateway, &session)?,
+            session_dir: self.session_dir,
             session,
             token,
             server,

@@ -14,6 +14,7 @@
 //! - [`bridge`]: the relay loop between socket and child.
 //! - [`exec`]: the code executor (and `runner limit`, its resource-limit shim).
 //! - [`size`]: byte sizes in config vars.
+//! - [`workdir`]: the session's private directory.
 
 pub mod bridge;
 pub mod child;
@@ -23,6 +24,7 @@ pub mod exec;
 pub mod lines;
 pub mod procfile;
 pub mod size;
+pub mod workdir;
 
 use anyhow::Context;
 use clap::Parser;

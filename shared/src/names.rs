@@ -14,6 +14,11 @@ pub const TOKEN_ENV: &str = "RUNNER_TOKEN";
 /// where its session's private directory is.
 pub const SESSION_DIR_ENV: &str = "DYNOGATE_SESSION_DIR";
 
+/// Environment variable through which the local spawner gives a runner the
+/// session directory it made, so the gateway can remove it whatever
+/// happens to the runner.
+pub const RUNNER_SESSION_DIR_ENV: &str = "RUNNER_SESSION_DIR";
+
 /// Environment variables that hold secrets of the gateway or the runner.
 /// A runner removes them from the environment of the MCP server it starts
 /// (on Heroku every dyno receives every config var), and the local spawner

@@ -17,7 +17,7 @@ async fn killing_the_runner_mid_call_fails_the_call_fast_and_ends_the_session() 
     let call = tokio::spawn({
         let (http, session) = (http.clone(), session.clone());
         async move {
-            let code = format!("import time\n{marker} = 1\ntime.sleep(60)");
+            let code = format!("import time\nopen('left_behind', 'w').write('x')\n{marker} = 1\ntime.sleep(60)");
             let reply = http.call(&session, 1, "code_exec_python", json!({"code": code})).await;
             (reply, Instant::now())
         }
@@ -34,6 +34,8 @@ async fn killing_the_runner_mid_call_fails_the_call_fast_and_ends_the_session() 
         .await;
         found.unwrap()
     };
+    let workdir = std::path::PathBuf::from(environ_of(runner).remove("RUNNER_SESSION_DIR").expect("a session dir"));
+    eventually("the code writes in the session's directory", || workdir.join("left_behind").is_file()).await;
     let killed_at = Instant::now();
     kill(Pid::from_raw(runner), Signal::SIGKILL).unwrap();
     let (reply, answered_at) = call.await.unwrap();
@@ -45,6 +47,7 @@ async fn killing_the_runner_mid_call_fails_the_call_fast_and_ends_the_session() 
     let after = http.post_raw(Some(&session), r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#, &[]).await;
     assert_eq!(after.status, StatusCode::NOT_FOUND);
     eventually("the orphaned code is killed", || gone(python)).await;
+    eventually("the killed runner's session directory is removed", || !workdir.exists()).await;
 }
 
 #[tokio::test]

@@ -4,12 +4,15 @@
 //! kills the runner and whatever it left in its group, and nothing else. The
 //! runner inherits the gateway's environment minus every secret in
 //! [`SECRET_ENV`]; its token comes in [`TOKEN_ENV`], never on the command line.
+//! The spawner makes the session's directory and removes it once the runner
+//! has exited, however it ended (a runner killed outright leaves it behind).
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use dynogate_shared::names::{SECRET_ENV, TOKEN_ENV};
+use dynogate_shared::names::{RUNNER_SESSION_DIR_ENV, SECRET_ENV, TOKEN_ENV};
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use nix::sys::signal::{Signal, kill, killpg};
@@ -39,6 +42,11 @@ impl LocalSpawner {
 impl Spawner for LocalSpawner {
     fn spawn(&self, spec: RunnerSpec) -> BoxFuture<'_, Result<Box<dyn RunnerProcess>, SpawnError>> {
         async move {
+            let workdir = tempfile::Builder::new()
+                .prefix("dynogate-session-")
+                .permissions(std::fs::Permissions::from_mode(0o700))
+                .tempdir()
+                .map_err(|e| SpawnError::Start(format!("cannot create the session directory: {e}")))?;
             let mut command = Command::new(&self.runner_bin);
             command
                 .arg("--local")
@@ -49,7 +57,7 @@ impl Spawner for LocalSpawner {
             for name in SECRET_ENV {
                 command.env_remove(name);
             }
-            command.env(TOKEN_ENV, spec.token.expose());
+            command.env(TOKEN_ENV, spec.token.expose()).env(RUNNER_SESSION_DIR_ENV, workdir.path());
             match &self.runner_command {
                 Some(shell) => command.env("RUNNER_COMMAND", shell),
                 None => command.env_remove("RUNNER_COMMAND"),
@@ -60,6 +68,7 @@ impl Spawner for LocalSpawner {
                 .stderr(Stdio::inherit())
                 .process_group(0)
                 .kill_on_drop(true);
+            // On failure the directory is dropped, which removes it.
             let mut child =
                 command.spawn().map_err(|e| SpawnError::Start(format!("{}: {e}", self.runner_bin.display())))?;
             let pid = child.id().ok_or_else(|| SpawnError::Start("runner exited at once".into()))?;
@@ -74,6 +83,14 @@ impl Spawner for LocalSpawner {
                     Err(e) => format!("cannot wait for it: {e}"),
                 };
                 let _ = tx.send(Some(how));
+                // Usually the runner removed it already; removing a tree can
+                // take a while, so it happens off the runtime's threads.
+                let removed = tokio::task::spawn_blocking(move || workdir.close()).await;
+                if let Ok(Err(e)) = removed
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::warn!(%pid, "cannot remove the session directory: {e}");
+                }
             });
             Ok(Box::new(LocalRunner { pgid: pid, exit }) as Box<dyn RunnerProcess>)
         }
