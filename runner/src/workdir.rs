@@ -10,7 +10,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 
 /// A session directory, readable by this user only.
 #[derive(Debug)]
@@ -26,6 +26,15 @@ impl Workdir {
         let private = std::fs::Permissions::from_mode(0o700);
         match given {
             Some(path) => {
+                // It is removed, with everything in it, when the session ends:
+                // never adopt a directory that already holds something.
+                if std::fs::read_dir(path).is_ok_and(|mut entries| entries.next().is_some()) {
+                    bail!(
+                        "the session directory {} is not empty; it must be new or empty, since it is removed when \
+                         the session ends",
+                        path.display()
+                    );
+                }
                 std::fs::create_dir_all(path)
                     .and_then(|()| std::fs::set_permissions(path, private))
                     .with_context(|| format!("cannot use {} as the session directory", path.display()))?;
@@ -81,5 +90,14 @@ mod tests {
         assert!(!given.exists());
         // Already gone (the gateway got there first) is fine.
         Workdir::Given(given).remove().unwrap();
+    }
+
+    #[test]
+    fn a_directory_with_something_in_it_is_never_adopted() {
+        let parent = tempfile::tempdir().unwrap();
+        std::fs::write(parent.path().join("precious"), "x").unwrap();
+        let err = Workdir::open(Some(parent.path())).unwrap_err().to_string();
+        assert!(err.contains("not empty"), "{err}");
+        assert!(parent.path().join("precious").exists());
     }
 }

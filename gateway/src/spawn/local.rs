@@ -5,7 +5,7 @@
 //! runner inherits the gateway's environment minus every secret in
 //! [`SECRET_ENV`]; its token comes in [`TOKEN_ENV`], never on the command line.
 //! The spawner makes the session's directory and removes it once the runner
-//! has exited, however it ended (a runner killed outright leaves it behind).
+//! has exited, however it ended: a runner killed outright cannot remove it.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
