@@ -137,8 +137,8 @@ pub struct Args {
     pub heartbeat: Duration,
 
     /// Threads serving requests (default: one per CPU). With local runners
-    /// on a small machine, fewer threads leave the cores to the runners and
-    /// their servers, and spare each call hand-offs between threads.
+    /// on a small machine, one thread spares each call the hand-offs between
+    /// threads (lower latency) at some cost in peak throughput.
     #[arg(long, env = "WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     pub worker_threads: Option<u16>,
 }
