@@ -73,12 +73,7 @@ impl Node {
 impl Toolchain for Node {
     async fn install(&self, session: &Session, specs: &[Spec], _stage: &Stage) -> std::io::Result<Output> {
         let Some(npm) = &self.npm else {
-            return Ok(Output {
-                code: 127,
-                stdout: String::new(),
-                stderr: "npm is not installed on this machine".into(),
-                timed_out: false,
-            });
+            return Ok(Output::not_installed("npm"));
         };
         let _one_at_a_time = self.lock.lock().await;
         if Self::all_installed(session, specs) {

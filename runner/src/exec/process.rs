@@ -205,6 +205,17 @@ impl Output {
     pub fn skipped() -> Output {
         Output { code: 0, stdout: String::new(), stderr: String::new(), timed_out: false }
     }
+
+    /// A command that could not run because its program is missing (the
+    /// shell's exit code for "command not found").
+    pub fn not_installed(program: &str) -> Output {
+        Output {
+            code: 127,
+            stdout: String::new(),
+            stderr: format!("{program} is not installed on this machine"),
+            timed_out: false,
+        }
+    }
 }
 
 /// Reads a pipe to its end, keeping at most `max` bytes: the first and last

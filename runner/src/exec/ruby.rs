@@ -77,12 +77,7 @@ impl Ruby {
 impl Toolchain for Ruby {
     async fn install(&self, session: &Session, specs: &[Spec], _stage: &Stage) -> std::io::Result<Output> {
         let Some(gem) = &self.gem else {
-            return Ok(Output {
-                code: 127,
-                stdout: String::new(),
-                stderr: "gem is not installed on this machine".into(),
-                timed_out: false,
-            });
+            return Ok(Output::not_installed("gem"));
         };
         let _one_at_a_time = self.lock.lock().await;
         let home = Self::prepare_gem_home(session)?;
