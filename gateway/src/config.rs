@@ -96,6 +96,17 @@ pub struct Args {
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
 
+    /// Bytes of messages one SSE stream keeps for its reader and for
+    /// resumption (at least 16 MiB, the largest message); past it, what a
+    /// reader already has goes first, then notifications.
+    #[arg(long, env = "STREAM_BUFFER_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub stream_buffer_bytes: usize,
+
+    /// Bytes of messages the gateway keeps across all sessions; past it,
+    /// events kept only for resumption are dropped first.
+    #[arg(long, env = "BUFFER_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub buffer_bytes: usize,
+
     /// Most sessions alive at once; the next `initialize` gets 503.
     #[arg(long, env = "MAX_SESSIONS", default_value_t = 50)]
     pub max_sessions: usize,
@@ -188,6 +199,8 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_body_bytes: usize,
+    pub stream_buffer_bytes: usize,
+    pub buffer_bytes: usize,
     pub max_sessions: usize,
 }
 
@@ -310,7 +323,12 @@ impl Args {
             runner_bin,
             heroku,
             runner_command: self.runner_command.filter(|c| !c.trim().is_empty()),
-            limits: Limits { max_body_bytes: self.max_body_bytes, max_sessions: self.max_sessions },
+            limits: Limits {
+                max_body_bytes: self.max_body_bytes,
+                stream_buffer_bytes: self.stream_buffer_bytes.max(dynogate_shared::window::MAX_MESSAGE_BYTES),
+                buffer_bytes: self.buffer_bytes,
+                max_sessions: self.max_sessions,
+            },
             timeouts: Timeouts {
                 dial_back: self.dial_back_timeout,
                 idle: self.idle_timeout,

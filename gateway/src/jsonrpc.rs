@@ -3,7 +3,10 @@
 //! The relay carries payloads as the bytes their author wrote. To route a
 //! message it needs only its kind, its `id`, its `method`, and a progress
 //! token or cancelled request id; [`peek`] reads those and nothing else.
-//! [`error_body`] builds the gateway's own error responses.
+//! [`check_client`] refuses, before anything is forwarded, what a server
+//! could not answer in a way the gateway can route back (no `"jsonrpc"`,
+//! nesting deeper than a server's parser goes); [`error_body`] builds the
+//! gateway's own error responses.
 
 use serde::Deserialize;
 use serde::de::IgnoredAny;
@@ -27,8 +30,6 @@ pub mod code {
     pub const REQUEST_TIMEOUT: i64 = -32004;
     /// Server-defined: the gateway cannot take more sessions right now.
     pub const OVERLOADED: i64 = -32005;
-    /// Server-defined: the client cancelled the request.
-    pub const REQUEST_CANCELLED: i64 = -32007;
     /// MCP 2026-07-28: unsupported protocol version.
     pub const UNSUPPORTED_PROTOCOL_VERSION: i64 = -32022;
 }
@@ -40,9 +41,13 @@ pub struct RequestId(Box<str>);
 
 impl RequestId {
     fn from_raw(raw: &RawValue) -> Option<Self> {
-        // Normalise whitespace and number spelling only; strings keep their escapes.
+        // Normalise whitespace only; strings keep their escapes. Numbers must
+        // be integers that fit 64 bits: `1.5`, `-0`, `1e2` or `2^100` come
+        // back from servers spelled differently (or not at all), and their
+        // answers could never be matched to the request.
         match serde_json::from_str::<Value>(raw.get()).ok()? {
-            v @ (Value::String(_) | Value::Number(_)) => Some(Self(v.to_string().into())),
+            v @ Value::String(_) => Some(Self(v.to_string().into())),
+            Value::Number(n) if n.is_i64() || n.is_u64() => Some(Self(n.to_string().into())),
             _ => None,
         }
     }
@@ -68,16 +73,29 @@ impl std::fmt::Display for RequestId {
 /// What kind of message a payload is, with the fields routing needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
-    Request { id: RequestId, method: String, progress_token: Option<RequestId> },
-    Notification { method: String, cancelled: Option<RequestId> },
-    Response { id: RequestId, is_error: bool },
+    Request {
+        id: RequestId,
+        method: String,
+        progress_token: Option<RequestId>,
+    },
+    Notification {
+        method: String,
+        cancelled: Option<RequestId>,
+    },
+    Response {
+        id: RequestId,
+        is_error: bool,
+    },
+    /// An error response with a null id: its author could not read the id
+    /// of the request it refuses (a parse error, an invalid request).
+    OrphanError,
 }
 
 impl Kind {
     pub fn method(&self) -> Option<&str> {
         match self {
             Kind::Request { method, .. } | Kind::Notification { method, .. } => Some(method),
-            Kind::Response { .. } => None,
+            Kind::Response { .. } | Kind::OrphanError => None,
         }
     }
 }
@@ -89,6 +107,64 @@ pub enum PeekError {
     Parse(String),
     #[error("invalid request: {0}")]
     Invalid(&'static str),
+}
+
+/// Deepest nesting of arrays and objects a client message may have. Below
+/// the 128 levels at which common JSON parsers (serde_json's default) give
+/// up, so whatever the gateway forwards, the server can read.
+pub const MAX_DEPTH: usize = 100;
+
+/// What a client message must be, beyond [`peek`], before it is forwarded:
+/// marked `"jsonrpc": "2.0"` and nested at most [`MAX_DEPTH`] levels. A
+/// server answers such a message with an error whose id is null, which could
+/// not be matched to the request; the gateway answers it at once instead.
+pub fn check_client(payload: &[u8]) -> Result<(), PeekError> {
+    if depth(payload) > MAX_DEPTH {
+        return Err(PeekError::Invalid("the message is nested more than 100 levels deep"));
+    }
+    #[derive(Deserialize)]
+    struct Version<'a> {
+        #[serde(borrow, default)]
+        jsonrpc: Option<&'a RawValue>,
+    }
+    match serde_json::from_slice::<Version<'_>>(payload) {
+        Ok(Version { jsonrpc: Some(v) }) if v.get() == r#""2.0""# => Ok(()),
+        Ok(_) => Err(PeekError::Invalid(r#"the message must have "jsonrpc": "2.0""#)),
+        Err(e) => Err(PeekError::Parse(e.to_string())),
+    }
+}
+
+/// [`peek`] for a message from a client: also [`check_client`].
+pub fn peek_client(payload: &[u8]) -> Result<Kind, PeekError> {
+    let kind = peek(payload)?;
+    check_client(payload)?;
+    Ok(kind)
+}
+
+/// The deepest nesting of arrays and objects in `payload` (strings skipped).
+fn depth(payload: &[u8]) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in payload {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 impl PeekError {
@@ -166,6 +242,7 @@ pub fn peek(payload: &[u8]) -> Result<Kind, PeekError> {
         (None, Some(id)) if envelope.result.is_some() || envelope.error.is_some() => {
             Ok(Kind::Response { id, is_error: envelope.error.is_some() })
         }
+        (None, None) if envelope.error.is_some() => Ok(Kind::OrphanError),
         (None, _) => Err(PeekError::Invalid("a message needs a method, or an id with a result or error")),
     }
 }
@@ -204,6 +281,16 @@ pub fn negotiated_version(payload: &[u8]) -> Option<String> {
         result: R,
     }
     serde_json::from_slice::<M>(payload).ok().map(|m| m.result.protocol_version)
+}
+
+/// The `error` object of a response, as its author wrote it.
+pub fn error_object(payload: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct E<'a> {
+        #[serde(borrow)]
+        error: &'a RawValue,
+    }
+    serde_json::from_slice::<E<'_>>(payload).ok().map(|e| e.error.get().to_owned())
 }
 
 /// A JSON-RPC error response as a compact string. `id` is `None` when the
@@ -277,6 +364,43 @@ mod tests {
             let err = peek(text.as_bytes()).unwrap_err();
             assert_eq!(err.code(), *want, "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn ids_must_be_strings_or_64_bit_integers() {
+        for good in ["1", "-7", "0", "18446744073709551615", "-9223372036854775808", r#""1.5""#] {
+            let text = format!(r#"{{"jsonrpc":"2.0","id":{good},"method":"x"}}"#);
+            assert!(peek(text.as_bytes()).is_ok(), "{good}");
+        }
+        for bad in ["1.5", "-0", "1e2", "1.0", "1267650600228229401496703205376", "true", "[1]"] {
+            let text = format!(r#"{{"jsonrpc":"2.0","id":{bad},"method":"x"}}"#);
+            assert_eq!(peek(text.as_bytes()).unwrap_err().code(), code::INVALID_REQUEST, "{bad}");
+        }
+    }
+
+    #[test]
+    fn client_messages_need_the_version_and_a_sane_depth() {
+        let deep = |n: usize| {
+            format!(r#"{{"jsonrpc":"2.0","id":1,"method":"x","params":{{"a":{}1{}}}}}"#, "[".repeat(n), "]".repeat(n))
+        };
+        let cases: &[(&str, Option<i64>)] = &[
+            (r#"{"jsonrpc":"2.0","id":1,"method":"x"}"#, None),
+            (r#"{"id":1,"method":"x"}"#, Some(code::INVALID_REQUEST)),
+            (r#"{"jsonrpc":"1.0","id":1,"method":"x"}"#, Some(code::INVALID_REQUEST)),
+            (r#"{"jsonrpc":2.0,"id":1,"method":"x"}"#, Some(code::INVALID_REQUEST)),
+            (r#"{"jsonrpc":"2.0","id":1,"method":"x","params":{"s":"[[[[{{{{\"]]"}}"#, None),
+        ];
+        for (text, want) in cases {
+            assert_eq!(check_client(text.as_bytes()).err().map(|e| e.code()), *want, "{text}");
+        }
+        assert!(check_client(deep(MAX_DEPTH - 3).as_bytes()).is_ok());
+        assert_eq!(check_client(deep(200).as_bytes()).unwrap_err().code(), code::INVALID_REQUEST);
+    }
+
+    #[test]
+    fn an_error_with_a_null_id_is_an_orphan() {
+        let kind = peek(br#"{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"Parse error"}}"#).unwrap();
+        assert_eq!(kind, Kind::OrphanError);
     }
 
     #[test]

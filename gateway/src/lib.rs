@@ -6,7 +6,8 @@
 //! - [`auth`]: the API key and `Origin` checks.
 //! - [`mcp`]: streamable HTTP (`/mcp`), built on [`jsonrpc`] (routing fields
 //!   only), [`reply`] (JSON or SSE answers) and [`error`] (what clients see).
-//! - [`sse`]: the older HTTP+SSE transport (`/sse`, `/messages/`).
+//! - [`sse`]: the older HTTP+SSE transport (`/sse`, `/messages/`); [`sse_encode`]:
+//!   the SSE bytes of both transports.
 //! - [`sessions`] and [`session`]: the session table and each session's task;
 //!   [`streams`]: resumable SSE streams.
 //! - [`rendezvous`] and [`link`]: where runners dial back, and the frames
@@ -27,6 +28,7 @@ pub mod session;
 pub mod sessions;
 pub mod spawn;
 pub mod sse;
+pub mod sse_encode;
 pub mod streams;
 pub mod token;
 
@@ -63,6 +65,8 @@ pub struct Shared {
     pub sessions: sessions::Sessions,
     pub spawner: Arc<dyn spawn::Spawner>,
     pub tokens: token::RunnerTokens,
+    /// Bytes of events kept across all sessions.
+    pub budget: streams::Budget,
     /// Base URL runners dial back to; `None` when a public URL is needed and
     /// was not configured (sessions are then refused with the fix).
     pub runner_url: Option<Url>,

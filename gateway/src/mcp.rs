@@ -52,7 +52,7 @@ async fn handle_post(state: AppState, headers: HeaderMap, body: Body) -> Result<
     if jsonrpc::first_byte(&body) == Some(b'[') {
         return batch(state, &headers, session, body).await;
     }
-    let kind = jsonrpc::peek(&body).map_err(peek_error)?;
+    let kind = jsonrpc::peek_client(&body).map_err(peek_error)?;
     let Some(session) = session else {
         return match kind {
             Kind::Request { id, method, progress_token } if method == "initialize" => {
@@ -92,7 +92,7 @@ async fn handle_post(state: AppState, headers: HeaderMap, body: Body) -> Result<
             .await)
         }
         Kind::Notification { cancelled, .. } => notify(&state, &handle, body, cancelled).await,
-        Kind::Response { .. } => notify(&state, &handle, body, None).await,
+        Kind::Response { .. } | Kind::OrphanError => notify(&state, &handle, body, None).await,
     }
 }
 
@@ -125,6 +125,7 @@ pub(crate) fn create_session(state: &AppState, transport: Transport) -> Result<S
         spawner: state.spawner.clone(),
         sessions: state.sessions.clone(),
         timeouts: state.config.timeouts.clone(),
+        budget: state.budget.clone(),
         shutdown: state.shutdown.clone(),
     });
     // In the table before the task starts, so its runner can find it and its
@@ -169,7 +170,7 @@ async fn batch(state: AppState, headers: &HeaderMap, session: Option<&str>, body
     }
     let kinds = elements
         .iter()
-        .map(|element| jsonrpc::peek(element.get().as_bytes()).map_err(peek_error))
+        .map(|element| jsonrpc::peek_client(element.get().as_bytes()).map_err(peek_error))
         .collect::<Result<Vec<_>, _>>()?;
     if kinds.iter().any(|k| k.method() == Some("initialize")) {
         return Err(McpError::InvalidRequest("initialize cannot be part of a batch".into()));
@@ -186,7 +187,7 @@ async fn batch(state: AppState, headers: &HeaderMap, session: Option<&str>, body
                 Command::Call(Call { id, progress_token, payload, is_initialize: false, stream: stream.clone() })
             }
             Kind::Notification { cancelled, .. } => Command::Notify { payload, cancelled },
-            Kind::Response { .. } => Command::Notify { payload, cancelled: None },
+            Kind::Response { .. } | Kind::OrphanError => Command::Notify { payload, cancelled: None },
         };
         submit(&state, &handle, &stream, command).await?;
     }
@@ -286,7 +287,7 @@ pub(crate) async fn end_and_wait(state: &AppState, handle: &SessionHandle, reaso
     handle.end(reason);
     let bound = state.config.timeouts.runner_stop_grace + Duration::from_secs(5);
     if tokio::time::timeout(bound, handle.finished()).await.is_err() {
-        tracing::warn!(session = %handle.id(), "session teardown still running after {bound:?}");
+        tracing::warn!(session = %crate::sessions::log_id(handle.id()), ?bound, "session teardown still running");
     }
 }
 

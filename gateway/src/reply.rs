@@ -8,7 +8,8 @@
 //! resumed), carries each message as an `event: message` with the id
 //! `<stream>-<n>`, sends a keepalive comment whenever it has been quiet for a
 //! heartbeat (Heroku's router cuts connections silent for 55 s), and ends
-//! after the last response. The SSE framing lives here and nowhere else.
+//! after the last response. The bytes of SSE itself are written by
+//! [`crate::sse_encode`], shared with the older transport.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +20,8 @@ use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::time::Instant;
 
-use crate::streams::{Batch, Event, EventStream, Streams};
+use crate::sse_encode;
+use crate::streams::{Batch, Event, EventStream, Reader, Streams};
 
 /// Whether the client sent one message or a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,50 +152,41 @@ fn async_stream(
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> {
     struct State {
         stream: Arc<EventStream>,
-        generation: Option<crate::streams::Cursor>,
+        reader: Option<Reader>,
         after: Option<u64>,
         keepalive: Duration,
         priming: Option<Priming>,
     }
-    let state = State { stream, generation: None, after, keepalive, priming: Some(priming) };
+    let state = State { stream, reader: None, after, keepalive, priming: Some(priming) };
     futures_util::stream::unfold(state, |mut s| async move {
-        let cursor = s.generation.get_or_insert_with(|| s.stream.cursor(s.after));
+        // The reader is made on the first poll, so a response that is never
+        // sent never takes the stream from an earlier reader.
+        let reader = s.reader.get_or_insert_with(|| Reader::new(s.stream.clone(), s.after));
         if let Some(priming) = s.priming.take() {
             let first = match priming {
-                Priming::Event => Bytes::from(format!("id: {}\ndata: \n\n", s.stream.event_id(cursor.position()))),
-                Priming::Comment => Bytes::from_static(b": stream open\n\n"),
+                Priming::Event => sse_encode::priming(&reader.stream().event_id(reader.position())),
+                Priming::Comment => sse_encode::comment("stream open"),
             };
             return Some((Ok(first), s));
         }
-        let chunk = match s.stream.read(cursor, s.keepalive).await {
+        let chunk = match reader.read(s.keepalive).await {
             Batch::Events(events) => {
                 let mut out = BytesMut::new();
                 for event in &events {
-                    encode(&s.stream, event, &mut out);
+                    encode(reader.stream(), event, &mut out);
                 }
                 out.freeze()
             }
-            Batch::Quiet => Bytes::from_static(b": keepalive\n\n"),
+            Batch::Quiet => sse_encode::comment("keepalive"),
             Batch::Ended | Batch::Replaced => return None,
         };
         Some((Ok(chunk), s))
     })
 }
 
-/// One SSE `message` event with its id. JSON never needs raw line breaks, but
-/// a payload that has them still arrives intact: each line becomes its own
-/// `data:` field, which SSE joins back with `\n`.
+/// One SSE `message` event with its resumable id.
 fn encode(stream: &EventStream, event: &Event, out: &mut BytesMut) {
-    out.reserve(event.json.len() + 48);
-    out.put_slice(b"id: ");
-    out.put_slice(stream.event_id(event.n).as_bytes());
-    out.put_slice(b"\nevent: message\n");
-    for line in event.json.split(|&b| b == b'\n') {
-        out.put_slice(b"data: ");
-        out.put_slice(line.strip_suffix(b"\r").unwrap_or(line));
-        out.put_u8(b'\n');
-    }
-    out.put_u8(b'\n');
+    sse_encode::event(out, Some(&stream.event_id(event.n)), "message", &event.json);
 }
 
 #[cfg(test)]

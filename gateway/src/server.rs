@@ -74,6 +74,7 @@ pub async fn serve(config: Config, listener: TcpListener, drain: CancellationTok
         sessions: crate::sessions::Sessions::new(config.limits.max_sessions),
         spawner,
         tokens: crate::token::RunnerTokens::new(&config.rendezvous_secret, token_ttl),
+        budget: crate::streams::Budget::new(config.limits.buffer_bytes, config.limits.stream_buffer_bytes),
         draining: drain.clone(),
         shutdown: CancellationToken::new(),
         tracker: TaskTracker::new(),

@@ -85,6 +85,13 @@ impl Sessions {
 
 /// A fresh random identifier: 128 bits from the OS, as 32 hex digits
 /// (visible ASCII, as MCP requires of session ids).
+/// How a session id appears in logs: a prefix, enough to tell sessions
+/// apart. The whole id is a bearer secret (it reaches the session's answers),
+/// so a log reader must not learn it.
+pub fn log_id(id: &str) -> &str {
+    id.get(..8).unwrap_or("?")
+}
+
 pub fn random_id() -> String {
     let mut bytes = [0u8; 16];
     getrandom::fill(&mut bytes).expect("the OS random source is available");

@@ -16,7 +16,7 @@ use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 
 use crate::AppState;
@@ -24,7 +24,8 @@ use crate::error::McpError;
 use crate::jsonrpc::{self, Kind};
 use crate::mcp::{accepts, check_content_type, create_session, notify, peek_error, read_body, refuse_while_draining};
 use crate::session::{Call, Command, EndReason, SessionHandle, Transport};
-use crate::streams::{Batch, EventStream};
+use crate::sse_encode;
+use crate::streams::{Batch, EventStream, Reader};
 
 #[derive(Debug, Deserialize)]
 pub struct MessagesQuery {
@@ -40,9 +41,10 @@ pub async fn open(State(state): State<AppState>, headers: HeaderMap) -> Response
         Ok(handle) => handle,
         Err(e) => return e.into_response(),
     };
-    let endpoint = format!("event: endpoint\ndata: /messages/?session_id={}\n\n", handle.id());
+    let mut endpoint = BytesMut::new();
+    sse_encode::event(&mut endpoint, None, "endpoint", format!("/messages/?session_id={}", handle.id()).as_bytes());
     let stream = handle.streams().standalone().clone();
-    let body = events(handle, stream, Bytes::from(endpoint), state.config.timeouts.heartbeat);
+    let body = events(handle, stream, endpoint.freeze(), state.config.timeouts.heartbeat);
     let mut response = (StatusCode::OK, Body::from_stream(body)).into_response();
     let h = response.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
@@ -72,7 +74,7 @@ async fn handle_message(
         state.sessions.get(&id).filter(|h| h.transport() == Transport::LegacySse).ok_or(McpError::UnknownSession)?;
     check_content_type(&headers)?;
     let body = read_body(body, &headers, state.config.limits.max_body_bytes).await?;
-    match jsonrpc::peek(&body).map_err(peek_error)? {
+    match jsonrpc::peek_client(&body).map_err(peek_error)? {
         Kind::Request { id, method, progress_token } => {
             refuse_while_draining(&state)?;
             let stream = handle.streams().standalone().clone();
@@ -81,7 +83,7 @@ async fn handle_message(
             Ok((StatusCode::ACCEPTED, "Accepted").into_response())
         }
         Kind::Notification { cancelled, .. } => notify(&state, &handle, body, cancelled).await,
-        Kind::Response { .. } => notify(&state, &handle, body, None).await,
+        Kind::Response { .. } | Kind::OrphanError => notify(&state, &handle, body, None).await,
     }
 }
 
@@ -101,29 +103,23 @@ fn events(
     endpoint: Bytes,
     keepalive: Duration,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> {
-    let cursor = stream.cursor(None);
-    let state = (EndOnDrop(handle), stream, cursor, Some(endpoint), keepalive);
-    futures_util::stream::unfold(state, |(guard, stream, mut cursor, endpoint, keepalive)| async move {
+    let reader = Reader::new(stream, None);
+    let state = (EndOnDrop(handle), reader, Some(endpoint), keepalive);
+    futures_util::stream::unfold(state, |(guard, mut reader, endpoint, keepalive)| async move {
         if let Some(endpoint) = endpoint {
-            return Some((Ok(endpoint), (guard, stream, cursor, None, keepalive)));
+            return Some((Ok(endpoint), (guard, reader, None, keepalive)));
         }
-        let chunk = match stream.read(&mut cursor, keepalive).await {
+        let chunk = match reader.read(keepalive).await {
             Batch::Events(events) => {
                 let mut out = BytesMut::new();
                 for event in events {
-                    out.put_slice(b"event: message\n");
-                    for line in event.json.split(|&b| b == b'\n') {
-                        out.put_slice(b"data: ");
-                        out.put_slice(line);
-                        out.put_u8(b'\n');
-                    }
-                    out.put_u8(b'\n');
+                    sse_encode::event(&mut out, None, "message", &event.json);
                 }
                 out.freeze()
             }
-            Batch::Quiet => Bytes::from_static(b": keepalive\n\n"),
+            Batch::Quiet => sse_encode::comment("keepalive"),
             Batch::Ended | Batch::Replaced => return None,
         };
-        Some((Ok(chunk), (guard, stream, cursor, None, keepalive)))
+        Some((Ok(chunk), (guard, reader, None, keepalive)))
     })
 }

@@ -9,13 +9,20 @@
 //!
 //! Stream 0 is the session's GET stream (messages that belong to no request;
 //! on the older HTTP+SSE transport, everything). Other streams carry one POST's
-//! answer and end after its last response. Memory is bounded: each stream
-//! keeps a fixed number of events (progress notifications are dropped first,
-//! responses never), and finished streams are retained for a while, up to a
-//! fixed count, for late resumptions.
+//! answer and end after its last response.
+//!
+//! Memory is bounded in bytes as well as in events, per stream, per session
+//! and for the whole gateway ([`Budget`]). When a stream is full, what a
+//! reader was already given goes first (it is kept only for resumption),
+//! then notifications; a POST's stream never drops the response it exists
+//! for, and the GET stream, which nobody may be reading, drops its oldest.
+//! Finished streams are retained for a while for late resumptions, up to a
+//! count and a byte total per session, and are the first to go when the
+//! gateway as a whole is over its budget. A resume that needs an event that
+//! was dropped is refused (the client then re-sends its request).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,6 +38,52 @@ pub const REPLY_EVENTS: usize = 256;
 const RETAINED_STREAMS: usize = 256;
 /// How long a finished stream stays resumable.
 const RETAIN_FOR: Duration = Duration::from_secs(300);
+/// Most bytes handed to one HTTP write: a reader that fell behind catches up
+/// in chunks, so a client that stops reading pins at most one chunk in the
+/// connection's buffers.
+const READ_CHUNK_BYTES: usize = 1024 * 1024;
+
+/// Bytes of events the gateway keeps, across every stream of every session.
+/// Cheap to clone; all clones share one count.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    used: Arc<AtomicUsize>,
+    /// Above this, resumable-only data (events already read, finished
+    /// streams) is dropped as soon as anything new is kept.
+    gateway: usize,
+    /// Bytes one stream keeps before it drops events.
+    pub stream: usize,
+    /// Bytes of finished streams a session retains for resumption.
+    pub retained: usize,
+}
+
+impl Budget {
+    pub fn new(gateway: usize, stream: usize) -> Self {
+        Self { used: Arc::default(), gateway, stream, retained: stream }
+    }
+
+    /// No practical limit, for tests.
+    pub fn unlimited() -> Self {
+        Self::new(usize::MAX / 2, usize::MAX / 2)
+    }
+
+    /// Bytes kept now, gateway-wide.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn over(&self) -> bool {
+        self.used() > self.gateway
+    }
+
+    fn add(&self, bytes: usize) {
+        self.used.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn sub(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
 
 /// One message on a stream.
 #[derive(Debug, Clone)]
@@ -56,6 +109,8 @@ pub enum Batch {
 #[derive(Debug)]
 struct State {
     events: VecDeque<Event>,
+    /// Bytes of `events`.
+    bytes: usize,
     next: u64,
     cap: usize,
     /// Responses still expected; `None` for the GET stream.
@@ -65,6 +120,30 @@ struct State {
     reader: u64,
     /// Highest event number handed to any reader.
     handed: u64,
+    /// Whether a reader is attached now (an HTTP response is streaming it).
+    reading: bool,
+}
+
+impl State {
+    /// The event to drop to make room, if any may go: what a reader already
+    /// has, then notifications; on the GET stream anything, oldest first.
+    fn victim(&self, resumable_only: bool) -> Option<usize> {
+        let handed = self.handed;
+        let first = self.events.iter().position(|e| e.n <= handed);
+        if resumable_only {
+            return first;
+        }
+        first
+            .or_else(|| self.events.iter().position(|e| !e.last))
+            .or_else(|| self.awaiting.is_none().then_some(0).filter(|_| !self.events.is_empty()))
+    }
+
+    fn drop_event(&mut self, i: usize, budget: &Budget) {
+        if let Some(event) = self.events.remove(i) {
+            self.bytes -= event.json.len();
+            budget.sub(event.json.len());
+        }
+    }
 }
 
 /// A resumable sequence of messages.
@@ -73,22 +152,33 @@ pub struct EventStream {
     id: u64,
     state: Mutex<State>,
     changed: Notify,
+    budget: Budget,
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        let bytes = self.state.get_mut().map(|s| s.bytes).unwrap_or_default();
+        self.budget.sub(bytes);
+    }
 }
 
 impl EventStream {
-    fn new(id: u64, cap: usize, awaiting: Option<usize>) -> Arc<Self> {
+    fn new(id: u64, cap: usize, awaiting: Option<usize>, budget: Budget) -> Arc<Self> {
         Arc::new(Self {
             id,
             state: Mutex::new(State {
                 events: VecDeque::new(),
+                bytes: 0,
                 next: 1,
                 cap,
                 awaiting,
                 closed: false,
                 reader: 0,
                 handed: 0,
+                reading: false,
             }),
             changed: Notify::new(),
+            budget,
         })
     }
 
@@ -108,27 +198,29 @@ impl EventStream {
             if state.closed {
                 return false;
             }
-            if state.events.len() >= state.cap {
-                // What a reader already has goes first, then notifications.
-                // A POST's stream never drops a response; the GET stream (on
-                // the older transport it carries responses too) stays bounded.
-                let handed = state.handed;
-                let victim = state
-                    .events
-                    .iter()
-                    .position(|e| e.n <= handed)
-                    .or_else(|| state.events.iter().position(|e| !e.last))
-                    .or_else(|| state.awaiting.is_none().then_some(0));
-                match victim {
-                    Some(i) => {
-                        state.events.remove(i);
+            let size = json.len();
+            loop {
+                let full = state.events.len() >= state.cap || state.bytes + size > self.budget.stream;
+                let resumable_only = !full && self.budget.over();
+                if !full && !resumable_only {
+                    break;
+                }
+                match state.victim(resumable_only) {
+                    Some(i) => state.drop_event(i, &self.budget),
+                    None if resumable_only => break,
+                    // A POST's stream keeps its response whatever it costs
+                    // (one message, bounded by the message size limit).
+                    None if last && state.awaiting.is_some() => break,
+                    None => {
+                        tracing::debug!(stream = self.id, bytes = size, "stream full; dropped a message");
+                        return false;
                     }
-                    None if !last => return false,
-                    None => {}
                 }
             }
             let n = state.next;
             state.next += 1;
+            state.bytes += size;
+            self.budget.add(size);
             state.events.push_back(Event { n, json, last });
             if last && let Some(awaiting) = state.awaiting.as_mut() {
                 *awaiting = awaiting.saturating_sub(1);
@@ -137,6 +229,41 @@ impl EventStream {
         };
         self.changed.notify_waiters();
         complete
+    }
+
+    /// One response this stream was waiting for will never come (its request
+    /// was cancelled): the stream ends without it. Returns true when this
+    /// completes the stream.
+    pub fn give_up_one(&self) -> bool {
+        let complete = {
+            let mut state = self.state.lock().expect("stream lock");
+            match state.awaiting.as_mut() {
+                Some(awaiting) => {
+                    *awaiting = awaiting.saturating_sub(1);
+                    *awaiting == 0
+                }
+                None => false,
+            }
+        };
+        self.changed.notify_waiters();
+        complete
+    }
+
+    /// Whether an HTTP response is streaming this stream right now.
+    pub fn has_reader(&self) -> bool {
+        self.state.lock().expect("stream lock").reading
+    }
+
+    /// Drops what readers were already given (kept only for resumption).
+    fn shed_resumable(&self) {
+        let mut state = self.state.lock().expect("stream lock");
+        while let Some(i) = state.victim(true) {
+            state.drop_event(i, &self.budget);
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.state.lock().expect("stream lock").bytes
     }
 
     /// Ends the stream for good (its session ended).
@@ -151,6 +278,7 @@ impl EventStream {
     pub fn cursor(&self, after: Option<u64>) -> Cursor {
         let mut state = self.state.lock().expect("stream lock");
         state.reader += 1;
+        state.reading = true;
         let cursor = Cursor { generation: state.reader, after: after.unwrap_or(state.handed) };
         drop(state);
         self.changed.notify_waiters();
@@ -169,7 +297,18 @@ impl EventStream {
                 if state.reader != cursor.generation {
                     return Batch::Replaced;
                 }
-                let fresh: Vec<Event> = state.events.iter().filter(|e| e.n > cursor.after).cloned().collect();
+                let mut size = 0;
+                let fresh: Vec<Event> = state
+                    .events
+                    .iter()
+                    .filter(|e| e.n > cursor.after)
+                    .take_while(|e| {
+                        let first = size == 0;
+                        size += e.json.len().max(1);
+                        first || size <= READ_CHUNK_BYTES
+                    })
+                    .cloned()
+                    .collect();
                 if let Some(last) = fresh.last() {
                     cursor.after = last.n;
                     state.handed = state.handed.max(last.n);
@@ -186,10 +325,53 @@ impl EventStream {
         }
     }
 
+    /// The reader of `cursor` went away (its HTTP response ended).
+    pub fn release(&self, cursor: &Cursor) {
+        let mut state = self.state.lock().expect("stream lock");
+        if state.reader == cursor.generation {
+            state.reading = false;
+        }
+    }
+
     /// Whether an event after `after` is still held (so resuming loses nothing).
     pub fn can_resume_after(&self, after: u64) -> bool {
         let state = self.state.lock().expect("stream lock");
         after < state.next && state.events.front().is_none_or(|first| first.n <= after + 1)
+    }
+}
+
+/// A stream's current reader, for as long as an HTTP response streams it:
+/// dropping it (the response ended) tells the stream nobody is reading.
+#[derive(Debug)]
+pub struct Reader {
+    stream: Arc<EventStream>,
+    cursor: Cursor,
+}
+
+impl Reader {
+    /// Becomes `stream`'s reader after event `after` (see [`EventStream::cursor`]).
+    pub fn new(stream: Arc<EventStream>, after: Option<u64>) -> Self {
+        let cursor = stream.cursor(after);
+        Self { stream, cursor }
+    }
+
+    pub async fn read(&mut self, quiet: Duration) -> Batch {
+        self.stream.read(&mut self.cursor, quiet).await
+    }
+
+    pub fn stream(&self) -> &EventStream {
+        &self.stream
+    }
+
+    /// The last event number this reader has been given.
+    pub fn position(&self) -> u64 {
+        self.cursor.after
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.stream.release(&self.cursor);
     }
 }
 
@@ -213,25 +395,33 @@ pub struct Streams {
     standalone: Arc<EventStream>,
     next_id: AtomicU64,
     registry: Mutex<Registry>,
+    budget: Budget,
 }
 
 #[derive(Debug, Default)]
 struct Registry {
     live: HashMap<u64, Arc<EventStream>>,
     finished: VecDeque<(Instant, Arc<EventStream>)>,
+    /// Bytes of `finished` (as they were when each finished).
+    retained_bytes: usize,
 }
 
 impl Default for Streams {
     fn default() -> Self {
-        Self {
-            standalone: EventStream::new(0, STANDALONE_EVENTS, None),
-            next_id: AtomicU64::new(1),
-            registry: Mutex::default(),
-        }
+        Self::new(Budget::unlimited())
     }
 }
 
 impl Streams {
+    pub fn new(budget: Budget) -> Self {
+        Self {
+            standalone: EventStream::new(0, STANDALONE_EVENTS, None, budget.clone()),
+            next_id: AtomicU64::new(1),
+            registry: Mutex::default(),
+            budget,
+        }
+    }
+
     /// The GET stream.
     pub fn standalone(&self) -> &Arc<EventStream> {
         &self.standalone
@@ -240,22 +430,36 @@ impl Streams {
     /// A new stream for an answer made of `responses` responses.
     pub fn open(&self, responses: usize) -> Arc<EventStream> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let stream = EventStream::new(id, REPLY_EVENTS.max(responses + 16), Some(responses));
+        let stream = EventStream::new(id, REPLY_EVENTS.max(responses + 16), Some(responses), self.budget.clone());
         self.registry.lock().expect("registry lock").live.insert(id, stream.clone());
         stream
     }
 
-    /// Moves a complete stream to the finished list, evicting old ones.
+    /// Moves a complete stream to the finished list, evicting old ones: past
+    /// their time, beyond the count or the session's byte total, and all of
+    /// them when the gateway is over its budget.
     pub fn finish(&self, id: u64) {
         let mut registry = self.registry.lock().expect("registry lock");
         if let Some(stream) = registry.live.remove(&id) {
             let now = Instant::now();
+            registry.retained_bytes += stream.bytes();
             registry.finished.push_back((now, stream));
-            while registry.finished.len() > RETAINED_STREAMS
-                || registry.finished.front().is_some_and(|(at, _)| now.duration_since(*at) > RETAIN_FOR)
-            {
+            while let Some((at, oldest)) = registry.finished.front() {
+                let evict = registry.finished.len() > RETAINED_STREAMS
+                    || now.duration_since(*at) > RETAIN_FOR
+                    || registry.retained_bytes > self.budget.retained
+                    || self.budget.over();
+                if !evict {
+                    break;
+                }
+                let bytes = oldest.bytes();
+                registry.retained_bytes = registry.retained_bytes.saturating_sub(bytes);
                 registry.finished.pop_front();
             }
+        }
+        drop(registry);
+        if self.budget.over() {
+            self.standalone.shed_resumable();
         }
     }
 
@@ -263,7 +467,11 @@ impl Streams {
     pub fn forget(&self, id: u64) {
         let mut registry = self.registry.lock().expect("registry lock");
         registry.live.remove(&id);
-        registry.finished.retain(|(_, s)| s.id() != id);
+        if let Some(i) = registry.finished.iter().position(|(_, s)| s.id() == id) {
+            let bytes = registry.finished[i].1.bytes();
+            registry.retained_bytes = registry.retained_bytes.saturating_sub(bytes);
+            registry.finished.remove(i);
+        }
     }
 
     /// The stream a `Last-Event-ID` names.

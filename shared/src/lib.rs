@@ -9,6 +9,8 @@
 //! - [`secret`]: a string wrapper whose `Debug` and `Display` never show it.
 //! - [`duration`]: durations as written in config vars.
 //! - [`names`]: header, query and environment names both sides must agree on.
+//! - [`window`]: the replay window and acknowledgements, the same rules on
+//!   both sides of the socket.
 //!
 //! Nothing here opens a socket or a file: both binaries (and tests) link it.
 
@@ -17,6 +19,7 @@ pub mod frame;
 pub mod names;
 pub mod secret;
 pub mod token;
+pub mod window;
 
 pub use frame::{Control, Frame};
 pub use secret::Secret;

@@ -11,6 +11,7 @@ use crate::config::Timeouts;
 use crate::link::{LinkError, Outbox, channel_link};
 use crate::spawn::{RunnerProcess, SpawnError};
 use crate::streams::{Batch, Event};
+use dynogate_shared::window::MAX_UNACKED;
 
 /// Counts starts and stops; its runners never exit on their own.
 #[derive(Default)]
@@ -80,6 +81,7 @@ fn start(timeouts: Timeouts) -> Harness {
         spawner: Arc::new(spawner),
         sessions: sessions.clone(),
         timeouts,
+        budget: crate::streams::Budget::unlimited(),
         shutdown: CancellationToken::new(),
     });
     sessions.insert(sessions.reserve().unwrap(), handle.clone());
@@ -190,9 +192,10 @@ async fn responses_find_their_request_by_id_whatever_the_order() {
 }
 
 #[tokio::test]
-async fn progress_follows_its_token_and_strays_wait_for_a_get_stream() {
+async fn progress_follows_its_token_and_strays_go_to_a_read_get_stream() {
     let h = start(timeouts());
     let (mut outbox, runner) = h.attach(0).await;
+    let mut stream = Answer::new(h.handle.streams().standalone().clone());
     let mut call = h.call("1", Some(r#""p""#)).await;
     Harness::forwarded(&mut outbox).await;
     runner
@@ -206,9 +209,62 @@ async fn progress_follows_its_token_and_strays_wait_for_a_get_stream() {
     assert!(!progress.last);
     assert_eq!(parse(&progress)["params"]["progress"], 1);
     assert!(call.next().await.last);
-
-    let mut stream = Answer::new(h.handle.streams().standalone().clone());
     assert_eq!(parse(&stream.next().await)["params"]["data"], "stray");
+}
+
+#[tokio::test]
+async fn without_a_get_reader_server_messages_ride_the_only_call_in_flight() {
+    let h = start(timeouts());
+    let (mut outbox, runner) = h.attach(0).await;
+    let mut call = h.call("1", None).await;
+    Harness::forwarded(&mut outbox).await;
+    let sampling = r#"{"jsonrpc":"2.0","id":"s1","method":"sampling/createMessage","params":{}}"#;
+    runner.send(message(sampling)).unwrap();
+    let asked = call.next().await;
+    assert!(!asked.last);
+    assert_eq!(parse(&asked)["method"], "sampling/createMessage");
+    runner.send(message(r#"{"jsonrpc":"2.0","id":1,"result":{}}"#)).unwrap();
+    assert!(call.next().await.last);
+
+    // Two calls in flight: which one it is about cannot be told, so it goes
+    // to the GET stream, where a later GET finds it.
+    let mut a = h.call("2", None).await;
+    let _b = h.call("3", None).await;
+    Harness::forwarded(&mut outbox).await;
+    Harness::forwarded(&mut outbox).await;
+    runner.send(message(r#"{"jsonrpc":"2.0","method":"notifications/message","params":{"data":"two"}}"#)).unwrap();
+    runner.send(message(r#"{"jsonrpc":"2.0","id":2,"result":{}}"#)).unwrap();
+    assert!(a.next().await.last, "the notification did not go on call 2's stream");
+    let mut get = Answer::new(h.handle.streams().standalone().clone());
+    assert_eq!(parse(&get.next().await)["params"]["data"], "two");
+}
+
+#[tokio::test]
+async fn an_error_with_a_null_id_answers_the_only_request_in_flight() {
+    let h = start(timeouts());
+    let (mut outbox, runner) = h.attach(0).await;
+    let mut call = h.call("9", None).await;
+    Harness::forwarded(&mut outbox).await;
+    runner.send(message(r#"{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"Parse error"}}"#)).unwrap();
+    let answer = call.next().await;
+    assert!(answer.last);
+    assert_eq!(parse(&answer)["id"], 9);
+    assert_eq!(parse(&answer)["error"]["code"], -32700);
+}
+
+#[tokio::test]
+async fn a_cancelled_request_gets_no_response_and_its_stream_ends() {
+    let h = start(timeouts());
+    let (mut outbox, runner) = h.attach(0).await;
+    let mut call = h.call("4", None).await;
+    Harness::forwarded(&mut outbox).await;
+    let cancel = r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":4}}"#;
+    let cancelled = Some(RequestId::for_tests("4"));
+    h.handle.send(Command::Notify { payload: cancel.into(), cancelled }, Duration::from_secs(1)).await.unwrap();
+    Harness::forwarded(&mut outbox).await;
+    runner.send(message(r#"{"jsonrpc":"2.0","id":4,"result":{}}"#)).unwrap();
+    assert!(matches!(call.stream.read(&mut call.cursor, Duration::from_secs(5)).await, Batch::Ended));
+    assert_eq!(h.handle.in_flight(), 0);
 }
 
 #[tokio::test]
@@ -355,7 +411,11 @@ async fn a_runner_that_lost_its_state_ends_the_session() {
     let (link, _outbox, _runner) = channel_link();
     let slot = claim(&h).await;
     h.handle.send(Command::Attach { link, slot, received: 0 }, Duration::from_secs(1)).await.unwrap();
-    assert_eq!(parse(&call.next().await)["error"]["code"], code::RUNNER_LOST);
+    let mut answer = call.next().await;
+    while !answer.last {
+        answer = call.next().await;
+    }
+    assert_eq!(parse(&answer)["error"]["code"], code::RUNNER_LOST);
     h.handle.finished().await;
 }
 

@@ -6,8 +6,11 @@
 //! 1. **Starting**: ask the spawner for a runner, then wait (bounded by the
 //!    dial-back timeout) for it to connect. Messages from the client queue up.
 //! 2. **Live**: relay. Each client request waits on its own stream keyed by
-//!    JSON-RPC id; progress notifications follow their request's progress
-//!    token; everything else from the server goes to the GET stream.
+//!    JSON-RPC id ([`in_flight`]); progress notifications follow their
+//!    request's progress token; other messages from the server go to the GET
+//!    stream, or, when no client reads that and exactly one request is in
+//!    flight, on that request's stream (where a direct connection would have
+//!    sent them).
 //! 3. **Detached** (the runner's socket dropped without a goodbye): requests
 //!    stay in flight and new ones queue, for up to the reconnect grace; when
 //!    the runner dials again, both sides resend what the other has not
@@ -15,46 +18,41 @@
 //! 4. **Ending** (DELETE, idle timeout, runner or MCP server gone, dial-back
 //!    timeout, no reconnect in time, gateway shutdown): leave the session
 //!    table first so the id answers 404, answer every waiting request with a
-//!    JSON-RPC error naming the cause, tell the runner to shut down, and stop
-//!    its process.
+//!    JSON-RPC error naming the cause ([`end`]), tell the runner to shut
+//!    down, and stop its process.
 //!
-//! No lock is shared with handlers except the streams' own short ones:
-//! handlers send [`Command`]s; the task is the only owner of its state.
+//! The replay window and acknowledgements are the shared protocol's
+//! ([`dynogate_shared::window`]), the same rules the runner runs. No lock is
+//! shared with handlers except the streams' own short ones: handlers send
+//! [`Command`]s; the task is the only owner of its state.
 
-use std::collections::{HashMap, VecDeque};
+mod end;
+mod in_flight;
+
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use dynogate_shared::window::{ACK_DELAY, AckClock, MISSED_HEARTBEATS, SendWindow};
 use dynogate_shared::{Control, PROTOCOL_VERSION};
-use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::time::{DelayQueue, delay_queue};
 use tracing::{Instrument, debug, info, warn};
 
+pub use self::end::EndReason;
+use self::in_flight::InFlight;
 use crate::config::Timeouts;
 use crate::jsonrpc::{self, Kind, RequestId, code, error_body};
 use crate::link::{Incoming, Link, LinkError, Outgoing};
-use crate::sessions::Sessions;
+use crate::sessions::{Sessions, log_id};
 use crate::spawn::{RunnerSpec, Spawner};
-use crate::streams::{EventStream, Streams};
+use crate::streams::{Budget, EventStream, Streams};
 use crate::token::RunnerTokens;
 
-/// Frames sent to the runner and not yet acknowledged (by count and by
-/// size), beyond which the session stops taking client messages until the
-/// runner catches up.
-const MAX_UNACKED: usize = 1024;
-const MAX_UNACKED_BYTES: usize = 16 * 1024 * 1024;
-/// A runner silent for this many heartbeats is considered gone.
-const MISSED_HEARTBEATS: u32 = 3;
-/// Acknowledge at once after this many unacknowledged frames…
-const ACK_EVERY: u64 = 32;
-/// …and otherwise this soon after the first one.
-const ACK_DELAY: Duration = Duration::from_millis(50);
 /// How long a connected runner has to answer a ping after someone else
 /// dialed with a valid token (its old socket may be half-open).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -101,61 +99,6 @@ impl Command {
     /// exactly what lets it catch up.
     fn is_runners(&self) -> bool {
         matches!(self, Command::Attach { .. } | Command::RunnerRefused { .. } | Command::Probe)
-    }
-}
-
-/// Why a session ended; decides what waiting clients are told.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EndReason {
-    Deleted,
-    ClientGone,
-    Idle(Duration),
-    SpawnFailed(String),
-    DialBackTimeout(Duration),
-    RunnerRefused(String),
-    RunnerLost(String),
-    ServerExited(String),
-    InitializeFailed,
-    Shutdown,
-}
-
-impl EndReason {
-    /// JSON-RPC code and message for requests that were waiting.
-    pub fn client_error(&self) -> (i64, String) {
-        match self {
-            EndReason::Deleted => (code::RUNNER_LOST, "the session was deleted".into()),
-            EndReason::ClientGone => (code::RUNNER_LOST, "the session's SSE connection closed".into()),
-            EndReason::Idle(after) => {
-                (code::RUNNER_LOST, format!("the session ended after {}s without requests", after.as_secs()))
-            }
-            EndReason::SpawnFailed(cause) => (code::RUNNER_UNAVAILABLE, format!("{cause}; the session has ended")),
-            EndReason::DialBackTimeout(after) => (
-                code::RUNNER_UNAVAILABLE,
-                format!(
-                    "the session's runner did not dial back within {}s (dial-back timeout); the session has ended",
-                    after.as_secs_f64()
-                ),
-            ),
-            EndReason::RunnerRefused(why) => {
-                (code::RUNNER_UNAVAILABLE, format!("the session's runner was refused: {why}; the session has ended"))
-            }
-            EndReason::RunnerLost(why) => {
-                (code::RUNNER_LOST, format!("the session's runner went away ({why}); the session has ended"))
-            }
-            EndReason::ServerExited(how) => {
-                (code::RUNNER_LOST, format!("the session's MCP server exited ({how}); the session has ended"))
-            }
-            EndReason::InitializeFailed => {
-                (code::RUNNER_LOST, "the MCP server refused initialize; the session has ended".into())
-            }
-            EndReason::Shutdown => (code::RUNNER_LOST, "the gateway is shutting down; the session has ended".into()),
-        }
-    }
-}
-
-impl std::fmt::Display for EndReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.client_error().1)
     }
 }
 
@@ -294,14 +237,10 @@ pub struct SessionParams {
     pub spawner: Arc<dyn Spawner>,
     pub sessions: Sessions,
     pub timeouts: Timeouts,
+    /// The gateway's byte budget for kept events.
+    pub budget: Budget,
     /// The gateway's shutdown; the session ends when it fires.
     pub shutdown: CancellationToken,
-}
-
-/// A request waiting for its answer.
-struct Pending {
-    call: Call,
-    deadline: delay_queue::Key,
 }
 
 /// The session task's state.
@@ -317,17 +256,11 @@ pub struct Session {
     link: Option<(Link, RunnerSlot)>,
     ever_attached: bool,
     detached_since: Option<Instant>,
-    /// Frames to the runner not yet acknowledged; the first has number `acked + 1`.
-    unacked: VecDeque<Bytes>,
-    unacked_bytes: usize,
-    acked: u64,
-    /// Frames received from the runner, and how many of them we acknowledged.
-    received: u64,
-    ack_sent: u64,
-    pending: HashMap<RequestId, Pending>,
-    /// Progress token → request id.
-    progress: HashMap<RequestId, RequestId>,
-    deadlines: DelayQueue<RequestId>,
+    /// Frames to the runner, kept until acknowledged.
+    window: SendWindow<Bytes>,
+    /// Frames from the runner, and when to acknowledge them.
+    clock: AckClock,
+    in_flight: InFlight,
     last_request: Instant,
     last_heard: Instant,
     token_minted: Instant,
@@ -349,7 +282,7 @@ impl Session {
             runner_attached: AtomicBool::new(false),
             protocol_version: OnceLock::new(),
             tokens: Mutex::new(VecDeque::from([params.token_id])),
-            streams: Streams::default(),
+            streams: Streams::new(params.budget),
             in_flight: AtomicUsize::new(0),
             ending: params.shutdown.child_token(),
             end_reason: Mutex::new(None),
@@ -368,14 +301,9 @@ impl Session {
             link: None,
             ever_attached: false,
             detached_since: None,
-            unacked: VecDeque::new(),
-            unacked_bytes: 0,
-            acked: 0,
-            received: 0,
-            ack_sent: 0,
-            pending: HashMap::new(),
-            progress: HashMap::new(),
-            deadlines: DelayQueue::new(),
+            window: SendWindow::default(),
+            clock: AckClock::default(),
+            in_flight: InFlight::default(),
             last_request: now,
             last_heard: now,
             token_minted: now,
@@ -386,7 +314,7 @@ impl Session {
 
     /// Runs the session's task on `tracker`.
     pub fn start(self, tracker: &tokio_util::task::TaskTracker) {
-        let span = tracing::info_span!(parent: None, "session", session = %self.shared.id);
+        let span = tracing::info_span!(parent: None, "session", session = %log_id(&self.shared.id));
         tracker.spawn(self.run().instrument(span));
     }
 
@@ -442,7 +370,7 @@ impl Session {
         tokio::pin!(cancelled);
 
         loop {
-            let accepting = self.unacked.len() < MAX_UNACKED && self.unacked_bytes < MAX_UNACKED_BYTES;
+            let accepting = self.window.has_room();
             let attached = self.link.is_some();
             let reattach_by = self.detached_since.map(|since| since + self.timeouts.reconnect_grace);
             // Unbiased: neither the client's messages nor the runner's may starve the other.
@@ -453,7 +381,7 @@ impl Session {
                     if let Some(reason) = self.on_frame(frame) {
                         return reason;
                     }
-                    if self.received > self.ack_sent && !ack_armed {
+                    if self.clock.owed(self.clock.received()) && !ack_armed {
                         ack.as_mut().reset(Instant::now() + ACK_DELAY);
                         ack_armed = true;
                     }
@@ -470,7 +398,7 @@ impl Session {
                         return reason;
                     }
                 }
-                Some(expired) = self.deadlines.next() => self.time_out(expired.into_inner()),
+                Some(expired) = self.in_flight.next_expired() => self.time_out(expired),
                 () = &mut ack, if ack_armed => {
                     ack_armed = false;
                     self.send_ack();
@@ -502,14 +430,14 @@ impl Session {
                 () = &mut idle => {
                     let quiet_since = self.last_request + self.timeouts.idle;
                     let now = Instant::now();
-                    if self.pending.is_empty() && now >= quiet_since {
+                    if self.in_flight.is_empty() && now >= quiet_since {
                         return EndReason::Idle(self.timeouts.idle);
                     }
                     // Busy sessions look again a full idle period later.
                     idle.as_mut().reset(if now < quiet_since { quiet_since } else { now + self.timeouts.idle });
                 }
             }
-            if self.received - self.ack_sent >= ACK_EVERY {
+            if self.clock.due(self.clock.received()) {
                 self.send_ack();
             }
         }
@@ -521,13 +449,13 @@ impl Session {
         self.last_heard = Instant::now();
         match frame {
             Some(Ok(Incoming::Message(json))) => {
-                self.received += 1;
+                self.clock.receive();
                 self.route(json)
             }
             Some(Ok(Incoming::Alive)) => None,
             Some(Ok(Incoming::Control(Control::Ack { received }))) => {
-                self.acknowledged(received);
-                None
+                // An ack for frames never sent is a broken runner.
+                self.window.acknowledge(received).err().map(|e| EndReason::RunnerLost(e.to_string()))
             }
             Some(Ok(Incoming::Control(Control::ChildExited { code, signal }))) => {
                 Some(EndReason::ServerExited(dynogate_shared::frame::describe_exit(code, signal)))
@@ -553,28 +481,17 @@ impl Session {
         if let Some((link, _slot)) = self.link.take() {
             // A half-open socket could keep its writer blocked for minutes.
             link.abandon();
-            warn!(
-                "runner connection lost ({why}); waiting up to {:?} for it to reconnect",
-                self.timeouts.reconnect_grace
-            );
+            warn!(why, grace = ?self.timeouts.reconnect_grace, "runner connection lost; waiting for it to reconnect");
             self.detached_since = Some(Instant::now());
             self.probe = None;
         }
     }
 
-    /// The runner has everything up to `received`: forget those frames.
-    fn acknowledged(&mut self, received: u64) {
-        while self.acked < received {
-            let Some(frame) = self.unacked.pop_front() else { break };
-            self.unacked_bytes -= frame.len();
-            self.acked += 1;
-        }
-    }
-
     fn send_ack(&mut self) {
-        if self.received > self.ack_sent && self.link.is_some() {
-            self.ack_sent = self.received;
-            self.send(Outgoing::Control(Control::Ack { received: self.received }));
+        if self.link.is_some()
+            && let Some(received) = self.clock.take(self.clock.received())
+        {
+            self.send(Outgoing::Control(Control::Ack { received }));
         }
     }
 
@@ -593,43 +510,75 @@ impl Session {
     fn route(&mut self, json: Bytes) -> Option<EndReason> {
         match jsonrpc::peek(&json) {
             Ok(Kind::Response { id, is_error }) => {
-                let Some(pending) = self.pending.remove(&id) else {
+                let Some(call) = self.in_flight.take(&id) else {
                     debug!(%id, "response to no waiting request (answered, cancelled or timed out)");
                     return None;
                 };
-                self.shared.in_flight.store(self.pending.len(), Ordering::Release);
-                self.deadlines.remove(&pending.deadline);
-                if let Some(token) = &pending.call.progress_token {
-                    self.progress.remove(token);
-                }
+                self.publish_in_flight();
                 let mut end = None;
-                if pending.call.is_initialize {
+                if call.is_initialize {
                     if is_error {
                         end = Some(EndReason::InitializeFailed);
                     } else if let Some(version) = jsonrpc::negotiated_version(&json) {
                         let _ = self.shared.protocol_version.set(version);
                     }
                 }
-                self.answer(&pending.call, json);
+                self.answer(&call, json);
+                end
+            }
+            Ok(Kind::OrphanError) => {
+                // The server could not read some request's id. With one
+                // request in flight that request is the one; otherwise the
+                // error goes where unattributed messages go.
+                let Some(id) = self.in_flight.sole().map(|call| call.id.clone()) else {
+                    warn!("the MCP server sent an error with a null id while several requests are in flight");
+                    self.shared.streams.standalone().push(json, false);
+                    return None;
+                };
+                let call = self.in_flight.take(&id).expect("the sole request is in flight");
+                self.publish_in_flight();
+                let error = jsonrpc::error_object(&json).unwrap_or_default();
+                let answer = format!(r#"{{"jsonrpc":"2.0","id":{},"error":{error}}}"#, id.as_json());
+                let end = call.is_initialize.then_some(EndReason::InitializeFailed);
+                self.answer(&call, answer.into());
                 end
             }
             Ok(Kind::Notification { method, .. }) if method == "notifications/progress" => {
                 let stream = jsonrpc::progress_token_of_notification(&json)
-                    .and_then(|token| self.progress.get(&token))
-                    .and_then(|id| self.pending.get(id))
-                    .map(|pending| pending.call.stream.clone());
+                    .and_then(|token| self.in_flight.progress_stream(&token))
+                    .cloned();
                 stream.as_ref().unwrap_or(self.shared.streams.standalone()).push(json, false);
                 None
             }
             Ok(_) => {
-                self.shared.streams.standalone().push(json, false);
+                self.unattributed_target().push(json, false);
                 None
             }
             Err(e) => {
-                warn!("MCP server sent something that is not JSON-RPC; dropped: {e}");
+                warn!(error = %e, "the MCP server sent something that is not JSON-RPC; dropped");
                 None
             }
         }
+    }
+
+    /// Where a server message that names no request goes: the GET stream;
+    /// but when no client is reading that and exactly one request is in
+    /// flight, that request's own stream, which its client is reading (MCP
+    /// lets a client never open a GET stream, and a direct connection would
+    /// deliver a sampling request made during a call on the call's stream).
+    fn unattributed_target(&self) -> &Arc<EventStream> {
+        let standalone = self.shared.streams.standalone();
+        if self.shared.transport == Transport::Streamable
+            && !standalone.has_reader()
+            && let Some(call) = self.in_flight.sole()
+        {
+            return &call.stream;
+        }
+        standalone
+    }
+
+    fn publish_in_flight(&self) {
+        self.shared.in_flight.store(self.in_flight.len(), Ordering::Release);
     }
 
     /// Delivers a call's final answer.
@@ -648,48 +597,26 @@ impl Session {
         match command {
             Command::Call(call) => {
                 self.last_request = Instant::now();
-                if self.pending.contains_key(&call.id) {
-                    self.fail(
-                        &call,
-                        code::INVALID_REQUEST,
-                        "a request with this id is already in flight in this session",
-                    );
-                    return None;
-                }
-                // Progress is routed by token: a token shared by two requests
-                // in flight could not say which one it is about (the spec
-                // requires tokens unique across active requests).
-                if let Some(token) = &call.progress_token
-                    && let Some(holder) = self.progress.get(token)
-                {
-                    let message = format!(
-                        "progress token {token} is already used by request {holder} in flight in this session; \
-                         progress tokens must be unique across active requests"
-                    );
-                    self.fail(&call, code::INVALID_PARAMS, &message);
-                    return None;
-                }
-                let id = call.id.clone();
                 let payload = call.payload.clone();
-                if let Some(token) = &call.progress_token {
-                    self.progress.insert(token.clone(), id.clone());
+                if let Err(refused) = self.in_flight.admit(call, self.timeouts.request) {
+                    self.fail(&refused.call, refused.code, &refused.message);
+                    return None;
                 }
-                let deadline = self.deadlines.insert(id.clone(), self.timeouts.request);
-                self.pending.insert(id, Pending { call, deadline });
-                self.shared.in_flight.store(self.pending.len(), Ordering::Release);
+                self.publish_in_flight();
                 self.send_message(payload);
             }
             Command::Notify { payload, cancelled } => {
                 self.last_request = Instant::now();
                 if let Some(id) = cancelled
-                    && let Some(pending) = self.pending.remove(&id)
+                    && let Some(call) = self.in_flight.take(&id)
                 {
-                    self.shared.in_flight.store(self.pending.len(), Ordering::Release);
-                    self.deadlines.remove(&pending.deadline);
-                    if let Some(token) = &pending.call.progress_token {
-                        self.progress.remove(token);
+                    // MCP: a cancelled request gets no response. Its stream
+                    // just ends (a late answer from the server is dropped).
+                    self.publish_in_flight();
+                    debug!(%id, "request cancelled by the client");
+                    if call.stream.give_up_one() {
+                        self.shared.streams.finish(call.stream.id());
                     }
-                    self.fail(&pending.call, code::REQUEST_CANCELLED, "the request was cancelled by the client");
                 }
                 self.send_message(payload);
             }
@@ -707,26 +634,25 @@ impl Session {
 
     /// Takes a runner's new socket: welcome it, then resend what it lacks.
     fn attach(&mut self, link: Link, slot: RunnerSlot, received: u64) -> Option<EndReason> {
-        let sent = self.acked + self.unacked.len() as u64;
-        if received < self.acked || received > sent {
-            // A runner that restarted from scratch lost the MCP server's state.
-            return Some(EndReason::RunnerLost(format!(
-                "it came back having received {received} messages, but {} were delivered and {sent} sent",
-                self.acked
-            )));
-        }
-        self.acknowledged(received);
         let token = self.mint_token();
-        link.send(Outgoing::Control(Control::Welcome { protocol: PROTOCOL_VERSION, received: self.received, token }));
-        for frame in &self.unacked {
+        let resend = match self.window.resume(received) {
+            Ok(resend) => resend,
+            // A runner that restarted from scratch lost the MCP server's state.
+            Err(e) => return Some(EndReason::RunnerLost(format!("it came back out of step: {e}"))),
+        };
+        let welcome = Control::Welcome { protocol: PROTOCOL_VERSION, received: self.clock.received(), token };
+        link.send(Outgoing::Control(welcome));
+        let mut resent = 0;
+        for frame in resend {
             link.send(Outgoing::Message(frame.clone()));
+            resent += 1;
         }
         if self.ever_attached {
-            info!(resent = self.unacked.len(), "runner reconnected");
+            info!(resent, "runner reconnected");
         } else {
             info!(waited_ms = self.last_heard.elapsed().as_millis() as u64, "runner attached");
         }
-        self.ack_sent = self.received;
+        self.clock.told(self.clock.received());
         self.link = Some((link, slot));
         self.ever_attached = true;
         self.detached_since = None;
@@ -735,14 +661,11 @@ impl Session {
     }
 
     fn time_out(&mut self, id: RequestId) {
-        let Some(pending) = self.pending.remove(&id) else { return };
-        self.shared.in_flight.store(self.pending.len(), Ordering::Release);
-        if let Some(token) = &pending.call.progress_token {
-            self.progress.remove(token);
-        }
+        let Some(call) = self.in_flight.expire(&id) else { return };
+        self.publish_in_flight();
         let after = self.timeouts.request.as_secs();
-        warn!(%id, "request timed out after {after}s");
-        self.fail(&pending.call, code::REQUEST_TIMEOUT, &format!("no response from the MCP server within {after}s"));
+        warn!(%id, after_s = after, "request timed out");
+        self.fail(&call, code::REQUEST_TIMEOUT, &format!("no response from the MCP server within {after}s"));
         let cancel = format!(
             r#"{{"jsonrpc":"2.0","method":"notifications/cancelled","params":{{"requestId":{},"reason":"timed out at the gateway after {after}s"}}}}"#,
             id.as_json()
@@ -752,8 +675,7 @@ impl Session {
 
     /// Sends a JSON-RPC message, keeping it until the runner acknowledges it.
     fn send_message(&mut self, payload: Bytes) {
-        self.unacked_bytes += payload.len();
-        self.unacked.push_back(payload.clone());
+        self.window.push(payload.clone());
         self.send(Outgoing::Message(payload));
     }
 
@@ -771,9 +693,8 @@ impl Session {
         self.commands.close();
         self.runner_commands.close();
         let (code, message) = reason.client_error();
-        let pending: Vec<Pending> = self.pending.drain().map(|(_, p)| p).collect();
-        for pending in pending {
-            self.fail(&pending.call, code, &message);
+        for call in self.in_flight.drain() {
+            self.fail(&call, code, &message);
         }
         while let Ok(command) = self.commands.try_recv() {
             if let Command::Call(call) = command {
@@ -781,7 +702,6 @@ impl Session {
             }
         }
         self.shared.in_flight.store(0, Ordering::Release);
-        self.progress.clear();
         self.shared.streams.close_all();
         if let Some((link, _slot)) = self.link.take() {
             link.send(Outgoing::Control(Control::Shutdown { reason: message }));

@@ -1,0 +1,60 @@
+//! Why a session ends, and what that means for the requests still waiting.
+
+use std::time::Duration;
+
+use crate::jsonrpc::code;
+
+/// Why a session ended; decides what waiting clients are told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndReason {
+    Deleted,
+    ClientGone,
+    Idle(Duration),
+    SpawnFailed(String),
+    DialBackTimeout(Duration),
+    RunnerRefused(String),
+    RunnerLost(String),
+    ServerExited(String),
+    InitializeFailed,
+    Shutdown,
+}
+
+impl EndReason {
+    /// JSON-RPC code and message for requests that were waiting.
+    pub fn client_error(&self) -> (i64, String) {
+        match self {
+            EndReason::Deleted => (code::RUNNER_LOST, "the session was deleted".into()),
+            EndReason::ClientGone => (code::RUNNER_LOST, "the session's SSE connection closed".into()),
+            EndReason::Idle(after) => {
+                (code::RUNNER_LOST, format!("the session ended after {}s without requests", after.as_secs()))
+            }
+            EndReason::SpawnFailed(cause) => (code::RUNNER_UNAVAILABLE, format!("{cause}; the session has ended")),
+            EndReason::DialBackTimeout(after) => (
+                code::RUNNER_UNAVAILABLE,
+                format!(
+                    "the session's runner did not dial back within {}s (dial-back timeout); the session has ended",
+                    after.as_secs_f64()
+                ),
+            ),
+            EndReason::RunnerRefused(why) => {
+                (code::RUNNER_UNAVAILABLE, format!("the session's runner was refused: {why}; the session has ended"))
+            }
+            EndReason::RunnerLost(why) => {
+                (code::RUNNER_LOST, format!("the session's runner went away ({why}); the session has ended"))
+            }
+            EndReason::ServerExited(how) => {
+                (code::RUNNER_LOST, format!("the session's MCP server exited ({how}); the session has ended"))
+            }
+            EndReason::InitializeFailed => {
+                (code::RUNNER_LOST, "the MCP server refused initialize; the session has ended".into())
+            }
+            EndReason::Shutdown => (code::RUNNER_LOST, "the gateway is shutting down; the session has ended".into()),
+        }
+    }
+}
+
+impl std::fmt::Display for EndReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.client_error().1)
+    }
+}
