@@ -324,7 +324,8 @@ impl Args {
             heroku,
             runner_command: self.runner_command.filter(|c| !c.trim().is_empty()),
             limits: Limits {
-                max_body_bytes: self.max_body_bytes,
+                // A body becomes one message to the runner, which takes no more.
+                max_body_bytes: self.max_body_bytes.min(dynogate_shared::window::MAX_MESSAGE_BYTES),
                 stream_buffer_bytes: self.stream_buffer_bytes.max(dynogate_shared::window::MAX_MESSAGE_BYTES),
                 buffer_bytes: self.buffer_bytes,
                 max_sessions: self.max_sessions,

@@ -16,6 +16,7 @@ use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use dynogate_shared::window::MAX_FRAME_BYTES;
 use dynogate_shared::{Control, PROTOCOL_VERSION, frame::version_mismatch};
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
@@ -27,8 +28,6 @@ use crate::auth::{bearer, unauthorized};
 use crate::link::{Incoming, Link, LinkError, Outbox, Outgoing};
 use crate::session::{Command, RunnerSlot, SessionHandle};
 
-/// Largest WebSocket message either side accepts (a big tool result fits).
-pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// WebSocket read buffer. tungstenite zero-fills the whole buffer before each
 /// read, and keeps it for the socket's life: its 128 KiB default costs a
 /// large memset per message and 128 KiB per idle session.
@@ -91,8 +90,8 @@ pub async fn accept(
     let wait = state.config.timeouts.request;
     upgrade
         .read_buffer_size(READ_BUFFER_BYTES)
-        .max_message_size(MAX_MESSAGE_BYTES)
-        .max_frame_size(MAX_MESSAGE_BYTES)
+        .max_message_size(MAX_FRAME_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES)
         // If the upgrade fails, the callback (and the slot in it) is dropped,
         // which frees the slot for the next attempt.
         .on_upgrade(move |socket| handshake(socket, handle, slot, wait).instrument(span))

@@ -12,6 +12,7 @@
 
 use std::time::Duration;
 
+use dynogate_shared::window::MAX_FRAME_BYTES;
 use dynogate_shared::{Control, PROTOCOL_VERSION, Secret};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
@@ -27,8 +28,6 @@ use crate::config::Dial;
 
 pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-/// Largest message either side accepts; matches the gateway.
-pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// How long the gateway has to answer hello.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one connection attempt may take.
@@ -99,8 +98,8 @@ async fn connect_once(dial: &Dial, token: &Secret, received: u64) -> Result<(Soc
     // 128 KiB default made every message pay for a large memset.
     let config = WebSocketConfig::default()
         .read_buffer_size(16 * 1024)
-        .max_message_size(Some(MAX_MESSAGE_BYTES))
-        .max_frame_size(Some(MAX_MESSAGE_BYTES));
+        .max_message_size(Some(MAX_FRAME_BYTES))
+        .max_frame_size(Some(MAX_FRAME_BYTES));
     let mut socket = match tokio_tungstenite::connect_async_with_config(request, Some(config), true).await {
         Ok((socket, _)) => socket,
         Err(WsError::Http(response)) if response.status() == StatusCode::UNAUTHORIZED => {

@@ -11,7 +11,9 @@
 //! - [`child`]: starting and stopping the bridged MCP server.
 //! - [`lines`]: newline-delimited framing on the child's stdout.
 //! - [`procfile`]: `RUNNER_COMMAND` naming a Procfile process type.
-//! - [`bridge`]: the relay loop between socket and child.
+//! - [`bridge`]: one session from dial to exit, built on [`relay`] (the loop
+//!   and the replay window), [`link`] (one socket) and [`pumps`] (the
+//!   server's stdin and stdout).
 //! - [`exec`]: the code executor (and `runner limit`, its resource-limit shim).
 //! - [`size`]: byte sizes in config vars.
 //! - [`workdir`]: the session's private directory.
@@ -22,7 +24,10 @@ pub mod config;
 pub mod dial;
 pub mod exec;
 pub mod lines;
+pub mod link;
 pub mod procfile;
+pub mod pumps;
+pub mod relay;
 pub mod size;
 pub mod workdir;
 

@@ -13,11 +13,18 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 #[derive(Debug, PartialEq, Eq)]
 pub enum Line {
     Message(String),
-    /// A line longer than the limit was skipped; this many bytes were dropped.
-    TooLong(usize),
+    /// A line longer than the limit was skipped: this many bytes, of which
+    /// the first [`HEAD_BYTES`] are kept (enough to find a response's id).
+    TooLong {
+        bytes: usize,
+        head: Vec<u8>,
+    },
     /// A line that is not UTF-8 was skipped.
     NotUtf8,
 }
+
+/// How much of an overlong line is kept.
+pub const HEAD_BYTES: usize = 4096;
 
 /// Reads bounded lines.
 pub struct LineReader<R> {
@@ -35,6 +42,7 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
         loop {
             let mut line = Vec::new();
             let mut dropped = 0usize;
+            let mut head = Vec::new();
             let mut ended = false;
             loop {
                 let available = self.reader.fill_buf().await?;
@@ -49,8 +57,14 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
                 if dropped == 0 && line.len() + chunk.len() <= self.max {
                     line.extend_from_slice(chunk);
                 } else {
-                    dropped += line.len() + chunk.len();
-                    line = Vec::new();
+                    if dropped == 0 {
+                        dropped = line.len();
+                        head = std::mem::take(&mut line);
+                        head.truncate(HEAD_BYTES);
+                        let room = HEAD_BYTES - head.len();
+                        head.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                    }
+                    dropped += chunk.len();
                 }
                 self.reader.consume(consumed);
                 if complete {
@@ -58,7 +72,7 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
                 }
             }
             if dropped > 0 {
-                return Ok(Some(Line::TooLong(dropped)));
+                return Ok(Some(Line::TooLong { bytes: dropped, head }));
             }
             if line.last() == Some(&b'\r') {
                 line.pop();
@@ -104,7 +118,7 @@ mod tests {
         let mut input = vec![b'x'; 200_000];
         input.extend_from_slice(b"\nok\n");
         let lines = read_all(&input, 1000).await;
-        assert_eq!(lines, [Line::TooLong(200_000), Line::Message("ok".into())]);
+        assert_eq!(lines, [Line::TooLong { bytes: 200_000, head: vec![b'x'; HEAD_BYTES] }, Line::Message("ok".into())]);
     }
 
     #[tokio::test]

@@ -27,6 +27,9 @@ pub const MISSED_HEARTBEATS: u32 = 3;
 /// line of the MCP server's stdout). A message above it is refused with an
 /// error that names this limit, never silently dropped.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Largest WebSocket message either side accepts: one message and room for
+/// the control frames, which are small.
+pub const MAX_FRAME_BYTES: usize = MAX_MESSAGE_BYTES + 64 * 1024;
 
 /// Why the peer's count of what it received cannot be believed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
