@@ -12,6 +12,7 @@
 //! - [`lines`]: newline-delimited framing on the child's stdout.
 //! - [`procfile`]: `RUNNER_COMMAND` naming a Procfile process type.
 //! - [`bridge`]: the relay loop between socket and child.
+//! - [`reap`]: killing and reaping everything below the runner at the end.
 //! - [`exec`]: the code executor (and `runner limit`, its resource-limit shim).
 //! - [`size`]: byte sizes in config vars.
 //! - [`workdir`]: the session's private directory.
@@ -23,6 +24,7 @@ pub mod dial;
 pub mod exec;
 pub mod lines;
 pub mod procfile;
+pub mod reap;
 pub mod size;
 pub mod workdir;
 
@@ -54,6 +56,8 @@ pub fn main() -> anyhow::Result<()> {
         Some(config::Command::Limit(_)) => unreachable!("handled above"),
         None => {
             forbid_inspection();
+            // Before anything is started, so no orphan can slip past it to init.
+            reap::become_subreaper();
             let dial = args.dial.validate()?;
             // One thread: a runner serves one session, so there is nothing to
             // spread across cores, hand-offs between its tasks stay cheap (no
