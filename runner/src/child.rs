@@ -1,10 +1,13 @@
 //! Starting and stopping the bridged stdio MCP server.
 //!
 //! The server runs in a process group of its own, so stopping it reaches
-//! everything it started. Its environment is the runner's minus every secret
-//! in [`SECRET_ENV`] (on Heroku every dyno gets every config var), plus
-//! [`SESSION_DIR_ENV`]. Its stderr is copied to the runner's log, line by
-//! line, and never onto the wire.
+//! everything that stayed in that group; what left it (the executor's
+//! commands, code that called `setsid`) is still below the runner, a child
+//! subreaper, and [`crate::reap`] kills it once the server is gone. Its
+//! environment is the runner's minus every secret in [`SECRET_ENV`] (on
+//! Heroku every dyno gets every config var), plus [`SESSION_DIR_ENV`]. Its
+//! stderr is copied to the runner's log, line by line, and never onto the
+//! wire.
 
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
@@ -17,9 +20,11 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{ChildStdin, ChildStdout, Command};
 use tokio::sync::watch;
+use tokio::task::AbortHandle;
 use tracing::{Instrument, info, warn};
 
 use crate::config::ServerCommand;
+use crate::reap;
 
 /// A running MCP server.
 pub struct Server {
@@ -27,6 +32,8 @@ pub struct Server {
     /// Set once the server has exited; a task owns the child and waits for
     /// it, so the relay's loop never polls `waitpid` on its own.
     exit: watch::Receiver<Option<ExitStatus>>,
+    /// Reaps orphans that exit while the server runs (never the server itself).
+    reaper: AbortHandle,
     stopped: bool,
     pub stdin: Option<ChildStdin>,
     pub stdout: Option<ChildStdout>,
@@ -84,6 +91,9 @@ pub fn start(command: &ServerCommand, workdir: &Path) -> anyhow::Result<Server> 
         );
     }
     let (stdin, stdout) = (child.stdin.take(), child.stdout.take());
+    // The server's pid is also its group's id; tokio waits for that pid, so
+    // the reaper leaves it alone.
+    let reaper = tokio::spawn(reap::reap_while_running(pgid).in_current_span()).abort_handle();
     let (tx, exit) = watch::channel(None);
     tokio::spawn(async move {
         let status = child.wait().await.unwrap_or_else(|e| {
@@ -92,7 +102,7 @@ pub fn start(command: &ServerCommand, workdir: &Path) -> anyhow::Result<Server> 
         });
         let _ = tx.send(Some(status));
     });
-    Ok(Server { stdin, stdout, pgid, exit, stopped: false })
+    Ok(Server { stdin, stdout, pgid, exit, reaper, stopped: false })
 }
 
 impl Server {
@@ -108,7 +118,8 @@ impl Server {
 
     /// Stops the server: its stdin must already be closed (the MCP way to ask
     /// a stdio server to leave); after `grace` its process group is killed.
-    /// Kills the group even after a clean exit, for anything left behind.
+    /// Kills the group even after a clean exit, for anything left behind, and
+    /// then every process still below the runner, wherever it went.
     pub async fn stop(mut self, grace: Duration) -> Option<ExitStatus> {
         self.stdin = None;
         let status = match tokio::time::timeout(grace, self.wait()).await {
@@ -123,6 +134,10 @@ impl Server {
             Some(status) => Some(status),
             None => tokio::time::timeout(Duration::from_secs(5), self.wait()).await.ok(),
         };
+        self.reaper.abort();
+        // The server is gone, so nothing new can be started below the runner
+        // except by what is left there, which this kills pass after pass.
+        reap::kill_descendants(Some(self.pgid)).await;
         self.stopped = true;
         status
     }
@@ -141,7 +156,10 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         if !self.stopped {
+            self.reaper.abort();
             self.kill_group();
+            // One pass, without waiting: a drop cannot await the rest.
+            reap::kill_descendants_once(Some(self.pgid));
         }
     }
 }

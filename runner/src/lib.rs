@@ -14,6 +14,7 @@
 //! - [`bridge`]: one session from dial to exit, built on [`relay`] (the loop
 //!   and the replay window), [`link`] (one socket) and [`pumps`] (the
 //!   server's stdin and stdout).
+//! - [`reap`]: killing and reaping everything below the runner at the end.
 //! - [`exec`]: the code executor (and `runner limit`, its resource-limit shim).
 //! - [`size`]: byte sizes in config vars.
 //! - [`workdir`]: the session's private directory.
@@ -27,6 +28,7 @@ pub mod lines;
 pub mod link;
 pub mod procfile;
 pub mod pumps;
+pub mod reap;
 pub mod relay;
 pub mod size;
 pub mod workdir;
@@ -59,6 +61,8 @@ pub fn main() -> anyhow::Result<()> {
         Some(config::Command::Limit(_)) => unreachable!("handled above"),
         None => {
             forbid_inspection();
+            // Before anything is started, so no orphan can slip past it to init.
+            reap::become_subreaper();
             let dial = args.dial.validate()?;
             // One thread: a runner serves one session, so there is nothing to
             // spread across cores, hand-offs between its tasks stay cheap (no

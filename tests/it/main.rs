@@ -12,6 +12,8 @@ mod support;
 mod auth;
 /// The benchmark program with tiny counts (correctness, not timing).
 mod bench_smoke;
+/// No code outlives its session: detached processes are killed however the server ends.
+mod cleanup;
 /// Every refused request: status code and JSON-RPC error.
 mod errors;
 /// The code executor's four languages, packages, limits, cancellation and progress.

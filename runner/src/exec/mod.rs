@@ -12,7 +12,7 @@
 //! Code runs in the session's directory (given by the runner, or a temporary
 //! one removed on exit), with limits, an allowlisted environment, and stdin
 //! closed. Every process it starts is killed when the call ends, is
-//! cancelled, or the executor exits.
+//! cancelled, or the executor's stdin closes or it exits.
 //!
 //! - [`tools`]: the tools' names, schemas and result shapes.
 //! - [`session`]: the session directory, shared caches, and running jobs in them.
@@ -20,12 +20,14 @@
 //! - [`limits`]: resource limits and the `runner limit` shim.
 //! - [`cgroup`]: a pids cgroup per command, where the machine allows it.
 //! - [`env`]: the environments code and installers see.
+//! - [`eof`]: noticing that stdin closed, to kill running commands at once.
 //! - [`packages`]: refusing package specs that are not plain names.
 //! - [`progress`]: progress notifications during long calls.
 //! - [`python`], [`node`], [`ruby`], [`go`]: each language's toolchain.
 
 pub mod cgroup;
 pub mod env;
+pub mod eof;
 pub mod go;
 pub mod limits;
 pub mod node;
@@ -211,7 +213,7 @@ impl Executor {
     }
 
     fn kill_everything(&self) {
-        self.supervisor().kill_all();
+        self.supervisor().shut_down();
     }
 }
 
@@ -303,7 +305,19 @@ pub async fn serve(settings: Exec) -> anyhow::Result<()> {
         });
     }
     info!(workdir = %workdir.display(), cgroups = executor.supervisor().uses_cgroups(), "code executor ready on stdio");
-    let service = executor.clone().serve(rmcp::transport::stdio()).await.context("MCP handshake failed")?;
+    let (stdin, stdin_closed) = eof::NotifyEof::new(tokio::io::stdin());
+    let service = executor.clone().serve((stdin, tokio::io::stdout())).await.context("MCP handshake failed")?;
+    // Closed stdin means "leave": kill what calls are running now, rather
+    // than after rmcp's wait for them, which outlasts the runner's grace.
+    tokio::spawn({
+        let executor = executor.clone();
+        async move {
+            if stdin_closed.await.is_ok() {
+                info!("stdin closed; killing running commands");
+                executor.kill_everything();
+            }
+        }
+    });
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     tokio::select! {

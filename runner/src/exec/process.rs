@@ -37,9 +37,10 @@ struct SupervisorInner {
     /// `runner limit`; without it commands run without limits.
     shim: Option<PathBuf>,
     pids: Option<PidsRoot>,
-    /// Commands still running, by an id of their own. A std mutex: it is held
-    /// for one map operation and never across an `.await`.
-    running: Mutex<HashMap<u64, Running>>,
+    /// Commands still running, by an id of their own; `None` once shut down,
+    /// so a command started after [`Supervisor::shut_down`] is killed at once.
+    /// A std mutex: it is held for one map operation and never across an `.await`.
+    running: Mutex<Option<HashMap<u64, Running>>>,
     next: AtomicU64,
 }
 
@@ -63,7 +64,12 @@ impl Supervisor {
 
     fn build(shim: Option<PathBuf>, pids: Option<PidsRoot>) -> Self {
         Supervisor {
-            inner: Arc::new(SupervisorInner { shim, pids, running: Mutex::default(), next: AtomicU64::new(0) }),
+            inner: Arc::new(SupervisorInner {
+                shim,
+                pids,
+                running: Mutex::new(Some(HashMap::new())),
+                next: AtomicU64::new(0),
+            }),
         }
     }
 
@@ -77,11 +83,11 @@ impl Supervisor {
         self.inner.pids.is_some()
     }
 
-    /// Kills every command still running.
-    pub fn kill_all(&self) {
-        let running: Vec<Running> =
-            self.inner.running.lock().expect("running lock").drain().map(|(_, running)| running).collect();
-        for command in running {
+    /// Kills every command still running and any started later: the calls
+    /// running them end at once (killed), and none can start another.
+    pub fn shut_down(&self) {
+        let running = self.inner.running.lock().expect("running lock").take().unwrap_or_default();
+        for command in running.into_values() {
             kill_group(command.pgid);
             if let Some(dir) = command.cgroup {
                 cgroup::kill_members(&dir);
@@ -109,8 +115,15 @@ impl Supervisor {
         let pgid = i32::try_from(child.id().unwrap_or_default()).expect("pids fit in i32");
         let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
         let cgroup_dir = cgroup.as_ref().map(|group| group.dir().to_owned());
-        self.inner.running.lock().expect("running lock").insert(id, Running { pgid, cgroup: cgroup_dir });
+        let admitted = match self.inner.running.lock().expect("running lock").as_mut() {
+            Some(running) => running.insert(id, Running { pgid, cgroup: cgroup_dir }).is_none(),
+            None => false,
+        };
         let _guard = RunningGuard { supervisor: self.clone(), id, pgid, _cgroup: cgroup };
+        if !admitted {
+            // Started while the executor shuts down: the guard kills it.
+            return Err(std::io::Error::other("the executor is shutting down"));
+        }
         let stdout = capture(child.stdout.take(), job.max_output);
         let stderr = capture(child.stderr.take(), job.max_output);
         // Like `subprocess.run(capture_output=True)`: the command is over when
@@ -165,7 +178,9 @@ struct RunningGuard {
 
 impl Drop for RunningGuard {
     fn drop(&mut self) {
-        self.supervisor.inner.running.lock().expect("running lock").remove(&self.id);
+        if let Some(running) = self.supervisor.inner.running.lock().expect("running lock").as_mut() {
+            running.remove(&self.id);
+        }
         kill_group(self.pgid);
     }
 }
@@ -344,19 +359,21 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn kill_all_stops_running_commands() {
+    async fn shut_down_stops_running_commands_and_refuses_new_ones() {
         let supervisor = Supervisor::unlimited();
         let running = {
             let supervisor = supervisor.clone();
             tokio::spawn(async move { supervisor.run(&job("sleep 30", Duration::from_secs(60))).await })
         };
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while supervisor.inner.running.lock().unwrap().is_empty() {
+        while supervisor.inner.running.lock().unwrap().as_ref().unwrap().is_empty() {
             assert!(std::time::Instant::now() < deadline, "the command never started");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        supervisor.kill_all();
+        supervisor.shut_down();
         let out = running.await.unwrap().unwrap();
         assert_eq!(out.code, -9);
+        let refused = supervisor.run(&job("echo late", Duration::from_secs(10))).await;
+        assert!(refused.is_err(), "a command started after shut_down ran: {refused:?}");
     }
 }
