@@ -62,8 +62,20 @@ pub async fn require_api_key(State(state): State<AppState>, request: Request, ne
     if presented.is_some_and(|p| key.matches(p)) { next.run(request).await } else { unauthorized() }
 }
 
-/// Middleware: refuses browser origins that are not allowed.
+/// Middleware: refuses browser origins that are not allowed and, when no API
+/// key guards the gateway, `Host` names that are not loopback (a page whose
+/// domain was rebound to 127.0.0.1 sends its own name, and no `Origin` on a
+/// simple request is needed to reach `/sse`).
 pub async fn check_origin(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if state.api_key.is_none()
+        && let Some(host) = request.headers().get(header::HOST)
+    {
+        let host = host.to_str().unwrap_or_default();
+        let public = state.config.gateway_url.as_ref().and_then(|url| url.host_str());
+        if !host_allowed(host, public) {
+            return crate::error::McpError::ForbiddenHost(crate::throttle::untrusted(host, 64)).into_response();
+        }
+    }
     if let Some(origin) = request.headers().get(header::ORIGIN) {
         let origin = origin.to_str().unwrap_or_default();
         if !origin_allowed(origin, &state.config.allowed_origins) {
@@ -72,6 +84,20 @@ pub async fn check_origin(State(state): State<AppState>, request: Request, next:
         }
     }
     next.run(request).await
+}
+
+/// Whether a `Host` header names this gateway on an unguarded bind:
+/// loopback, or the host of `GATEWAY_URL` when one was given.
+pub fn host_allowed(host: &str, public: Option<&str>) -> bool {
+    let Ok(url) = url::Url::parse(&format!("http://{}", host.trim())) else { return false };
+    match url.host() {
+        Some(url::Host::Domain(name)) => {
+            name.eq_ignore_ascii_case("localhost") || public.is_some_and(|p| p.eq_ignore_ascii_case(name))
+        }
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback() || public == Some(ip.to_string().as_str()),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
 }
 
 /// Whether a browser origin may call: loopback, or listed, or `*` listed.
@@ -128,6 +154,25 @@ mod tests {
             assert_eq!(origin_allowed(origin, &allowed), ok, "{origin}");
         }
         assert!(origin_allowed("https://anything.example", &["*".to_owned()]));
+    }
+
+    #[test]
+    fn unguarded_gateways_answer_only_loopback_hosts() {
+        for (host, public, ok) in [
+            ("127.0.0.1:8000", None, true),
+            ("localhost:8000", None, true),
+            ("LOCALHOST", None, true),
+            ("[::1]:8000", None, true),
+            ("127.1.2.3", None, true),
+            ("evil.example:8000", None, false),
+            ("localhost.evil.example", None, false),
+            ("10.0.0.5:8000", None, false),
+            ("gw.example.com", Some("gw.example.com"), true),
+            ("", None, false),
+            ("a b", None, false),
+        ] {
+            assert_eq!(host_allowed(host, public), ok, "{host}");
+        }
     }
 
     #[test]

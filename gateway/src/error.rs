@@ -42,6 +42,8 @@ pub enum McpError {
     StatelessRevision { id: Option<RequestId>, method: String },
     #[error("Cannot resume from Last-Event-ID {0:?}: the events after it are no longer kept")]
     CannotResume(String),
+    #[error("Forbidden: Host {0:?} is not this gateway's; without API_KEY only loopback names are served (DNS rebinding protection)")]
+    ForbiddenHost(String),
     #[error("Forbidden: requests from origin {0:?} are not allowed (set ALLOWED_ORIGINS)")]
     ForbiddenOrigin(String),
     #[error("Service Unavailable: {message}")]
@@ -55,7 +57,7 @@ impl McpError {
             McpError::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             McpError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             McpError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            McpError::ForbiddenOrigin(_) => StatusCode::FORBIDDEN,
+            McpError::ForbiddenOrigin(_) | McpError::ForbiddenHost(_) => StatusCode::FORBIDDEN,
             McpError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             McpError::MissingSession
             | McpError::MissingSessionParameter
@@ -84,6 +86,7 @@ impl McpError {
             | McpError::UnsupportedMediaType
             | McpError::CannotResume(_)
             | McpError::ForbiddenOrigin(_)
+            | McpError::ForbiddenHost(_)
             | McpError::UnsupportedVersion(_)
             | McpError::BatchNotAllowed(_) => code::INVALID_REQUEST,
         }

@@ -13,7 +13,8 @@
 //! - [`rendezvous`] and [`link`]: where runners dial back, and the frames
 //!   the session exchanges with them.
 //! - [`spawn`]: how runners are started; [`token`]: their credentials.
-//! - [`server`]: binding, serving and shutting down.
+//! - [`server`]: binding, serving and shutting down; [`throttle`]: rate
+//!   limits for log lines anyone can cause.
 
 pub mod auth;
 pub mod config;
@@ -30,6 +31,7 @@ pub mod spawn;
 pub mod sse;
 pub mod sse_encode;
 pub mod streams;
+pub mod throttle;
 pub mod token;
 
 use std::sync::Arc;

@@ -27,6 +27,7 @@ use crate::AppState;
 use crate::auth::{bearer, unauthorized};
 use crate::link::{Incoming, Link, LinkError, Outbox, Outgoing};
 use crate::session::{Command, RunnerSlot, SessionHandle};
+use crate::throttle::Throttle;
 
 /// WebSocket read buffer. tungstenite zero-fills the whole buffer before each
 /// read, and keeps it for the socket's life: its 128 KiB default costs a
@@ -47,30 +48,24 @@ pub async fn accept(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let Some(session) = query.session else {
-        warn!("runner dialed without a session");
-        return unauthorized();
+        return refuse("runner dialed without a session", "");
     };
-    let span = tracing::info_span!("rendezvous", session = %session);
-    let _enter = span.enter();
+    let shown = crate::sessions::log_id(&session);
     let Some(token) = bearer(&headers) else {
-        warn!("runner dialed without a token");
-        return unauthorized();
+        return refuse("runner dialed without a token", shown);
     };
     let claims = match state.tokens.verify(token) {
         Ok(claims) => claims,
-        Err(e) => {
-            warn!("{e}");
-            return unauthorized();
-        }
+        Err(e) => return refuse(&e.to_string(), shown),
     };
     if claims.sid != session {
-        warn!("token names another session");
-        return unauthorized();
+        return refuse("token names another session", shown);
     }
     let Some(handle) = state.sessions.get(&session) else {
-        warn!("token for a session that is not live");
-        return unauthorized();
+        return refuse("token for a session that is not live", shown);
     };
+    let span = tracing::info_span!("rendezvous", session = %shown);
+    let _enter = span.enter();
     if !handle.accepts_token(&claims.jti) {
         warn!("token is not one this session issued, or it was superseded");
         return unauthorized();
@@ -95,6 +90,18 @@ pub async fn accept(
         // If the upgrade fails, the callback (and the slot in it) is dropped,
         // which frees the slot for the next attempt.
         .on_upgrade(move |socket| handshake(socket, handle, slot, wait).instrument(span))
+}
+
+/// Unauthenticated dials are anyone's to make: their warnings are rate
+/// limited, and what they claim is never logged as given.
+static REFUSALS: Throttle = Throttle::new(10, Duration::from_secs(60));
+
+/// A bare 401 for a dial that proved nothing, with a rate-limited warning.
+fn refuse(why: &str, session: &str) -> Response {
+    if let Some(suppressed) = REFUSALS.admit(std::time::Instant::now()) {
+        warn!(session, suppressed, "runner dial refused: {why}");
+    }
+    unauthorized()
 }
 
 /// Runs the hello/welcome exchange and gives the socket to the session.

@@ -88,8 +88,13 @@ impl Sessions {
 /// How a session id appears in logs: a prefix, enough to tell sessions
 /// apart. The whole id is a bearer secret (it reaches the session's answers),
 /// so a log reader must not learn it.
+/// Anything that is not an id this gateway could have made shows as `?`, so
+/// an untrusted value never reaches a log line as given.
 pub fn log_id(id: &str) -> &str {
-    id.get(..8).unwrap_or("?")
+    match id.get(..8) {
+        Some(prefix) if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) => prefix,
+        _ => "?",
+    }
 }
 
 pub fn random_id() -> String {
@@ -110,6 +115,15 @@ mod tests {
         assert!(sessions.reserve().is_none());
         drop(a);
         assert!(sessions.reserve().is_some());
+    }
+
+    #[test]
+    fn logs_show_a_prefix_of_real_ids_and_nothing_of_others() {
+        let id = random_id();
+        assert_eq!(log_id(&id), &id[..8]);
+        for other in ["", "abc", "0123456789abcdef0123456789abcdeg", "x\nINFO forged line 0123456789abcd"] {
+            assert_eq!(log_id(other), "?", "{other:?}");
+        }
     }
 
     #[test]

@@ -28,6 +28,8 @@ use url::Url;
 const ACCEPT_V3: &str = "application/vnd.heroku+json; version=3";
 /// No single call may hang longer than this.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most pages of one listing (the API serves up to 1,000 items a page).
+pub const MAX_PAGES: usize = 50;
 
 /// How hard to retry.
 #[derive(Debug, Clone)]
@@ -148,12 +150,15 @@ impl Api {
         parse(self.call::<()>(Method::GET, &path, None, tolerate).await?).await
     }
 
-    /// Every dyno of the app, following `Next-Range` pages.
+    /// Every dyno of the app, following `Next-Range` pages: at most
+    /// [`MAX_PAGES`], and never the same range twice, so an API that keeps
+    /// answering 206 cannot keep a sweep going.
     pub async fn list_dynos(&self) -> Result<Vec<Dyno>, ApiError> {
         let path = format!("apps/{}/dynos", self.app);
         let mut all = Vec::new();
         let mut range: Option<String> = None;
-        loop {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..MAX_PAGES {
             let response = self.call_with_range(&path, range.as_deref()).await?;
             let next = (response.status() == StatusCode::PARTIAL_CONTENT)
                 .then(|| response.headers().get("next-range").and_then(|v| v.to_str().ok()).map(str::to_owned))
@@ -161,10 +166,12 @@ impl Api {
             let page: Vec<Dyno> = parse(response).await?;
             all.extend(page);
             match next {
-                Some(next) => range = Some(next),
+                Some(next) if seen.insert(next.clone()) => range = Some(next),
+                Some(_) => return Err(ApiError::Unavailable("the dyno list repeats a Next-Range".into())),
                 None => return Ok(all),
             }
         }
+        Err(ApiError::Unavailable(format!("the dyno list goes on past {MAX_PAGES} pages")))
     }
 
     /// Stops a dyno. One that is already gone counts as stopped.
@@ -223,12 +230,13 @@ impl Api {
                 Err(e) => {
                     if retries < self.retry.attempts {
                         let wait = self.backoff(retries);
-                        warn!(%method, path, "Heroku API unreachable ({e}); retrying in {wait:?}");
+                        warn!(%method, path, error = %e.without_url(), ?wait, "Heroku API unreachable; retrying");
                         retries += 1;
                         tokio::time::sleep(wait).await;
                         continue;
                     }
-                    return Err(ApiError::Unavailable(format!("{method} {path}: {e}")));
+                    // Without the URL: this message may reach a client.
+                    return Err(ApiError::Unavailable(format!("{method} {path}: {}", e.without_url())));
                 }
             };
             if let Some(remaining) = header_number(response.headers(), "ratelimit-remaining") {
@@ -296,5 +304,5 @@ fn header_number(headers: &HeaderMap, name: &str) -> Option<i64> {
 }
 
 async fn parse<T: serde::de::DeserializeOwned>(response: reqwest::Response) -> Result<T, ApiError> {
-    response.json().await.map_err(|e| ApiError::Unavailable(format!("unexpected answer from Heroku: {e}")))
+    response.json().await.map_err(|e| ApiError::Unavailable(format!("unexpected answer from Heroku: {}", e.without_url())))
 }

@@ -253,3 +253,34 @@ fn sessions_are_read_only_from_marked_commands() {
     assert_eq!(session_of("/app/runner --session s1"), None);
     assert_eq!(session_of("bash"), None);
 }
+
+#[tokio::test]
+async fn an_endless_dyno_list_ends_the_listing_with_an_error() {
+    let server = MockServer::start().await;
+    // The same Next-Range on every page: without a bound, one sweep would never end.
+    Mock::given(method("GET"))
+        .and(path("/apps/my-app/dynos"))
+        .respond_with(ResponseTemplate::new(206).insert_header("next-range", "id ]run.1..; max=1").set_body_json(json!([])))
+        .mount(&server)
+        .await;
+    let api = Api::new(url::Url::parse(&server.uri()).unwrap(), Secret::new(KEY), "my-app".into(), policy()).unwrap();
+    let listed = tokio::time::timeout(Duration::from_secs(10), api.list_dynos()).await.expect("the listing ends");
+    assert!(listed.is_err());
+    assert!(requests(&server).await.len() <= 2, "stopped at the first repeated range");
+
+    // Ranges that keep changing stop at the page bound.
+    let server = MockServer::start().await;
+    let pages = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = pages.clone();
+    Mock::given(method("GET"))
+        .and(path("/apps/my-app/dynos"))
+        .respond_with(move |_: &Request| {
+            let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            ResponseTemplate::new(206).insert_header("next-range", format!("id ]run.{n}..; max=1")).set_body_json(json!([]))
+        })
+        .mount(&server)
+        .await;
+    let api = Api::new(url::Url::parse(&server.uri()).unwrap(), Secret::new(KEY), "my-app".into(), policy()).unwrap();
+    assert!(api.list_dynos().await.is_err());
+    assert_eq!(pages.load(std::sync::atomic::Ordering::SeqCst), api::MAX_PAGES);
+}
