@@ -12,13 +12,15 @@
 //! - [`rendezvous`] and [`link`]: where runners dial back, and the frames
 //!   the session exchanges with them.
 //! - [`spawn`]: how runners are started; [`token`]: their credentials.
-//! - [`server`]: binding, serving and shutting down.
+//! - [`server`]: binding, serving and shutting down; [`listen`]: accepting
+//!   connections, with deadlines and caps.
 
 pub mod auth;
 pub mod config;
 pub mod error;
 pub mod jsonrpc;
 pub mod link;
+pub mod listen;
 pub mod mcp;
 pub mod rendezvous;
 pub mod reply;
