@@ -129,9 +129,10 @@ async fn connection(
     let reserved_only = slot.place == Place::Reserve;
     let service = Serve { router, clock: clock.clone(), reserved_only, body_read: settings.body_read };
     let mut builder = http1::Builder::new();
-    // The head deadline is ours (see `watch`); a reserve place is given back
-    // after one request.
-    builder.header_read_timeout(None).keep_alive(!reserved_only);
+    // The head deadline is ours (see `watch`). Not `keep_alive(false)` for a
+    // reserve place: hyper would then add `close` to a 101's `Connection:
+    // upgrade`; `Respond` closes those connections after one response instead.
+    builder.header_read_timeout(None);
     let io = TokioIo::new(Watched::new(tcp, clock.clone()));
     let mut conn = pin!(builder.serve_connection(io, service).with_upgrades());
     // While a request is served there is no deadline; look again this often.
@@ -184,11 +185,12 @@ impl hyper::service::Service<Request<Incoming>> for Serve {
     fn call(&self, request: Request<Incoming>) -> Respond {
         self.clock.on_request();
         let end = Some(EndOfResponse(self.clock.clone()));
-        if self.reserved_only && !RESERVED_PATHS.contains(&request.uri().path()) {
-            return Respond { route: None, refused: Some(over_capacity()), end };
+        let close = self.reserved_only;
+        if close && !RESERVED_PATHS.contains(&request.uri().path()) {
+            return Respond { route: None, refused: Some(over_capacity()), close, end };
         }
         let request = request.map(|body| Deadline::new(body, self.body_read));
-        Respond { route: Some(self.router.clone().call(request)), refused: None, end }
+        Respond { route: Some(self.router.clone().call(request)), refused: None, close, end }
     }
 }
 
@@ -202,10 +204,13 @@ fn over_capacity() -> Response<Body> {
     response
 }
 
-/// The router's answer, its body wrapped to mark the end of the response.
+/// The router's answer, its body wrapped to mark the end of the response;
+/// with `close`, the connection ends after it (a reserve place is given back
+/// after one request), unless it is upgraded.
 struct Respond {
     route: Option<RouteFuture<Infallible>>,
     refused: Option<Response<Body>>,
+    close: bool,
     end: Option<EndOfResponse>,
 }
 
@@ -214,11 +219,14 @@ impl Future for Respond {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        let response = match (&mut this.route, this.refused.take()) {
+        let mut response = match (&mut this.route, this.refused.take()) {
             (Some(route), _) => ready!(Pin::new(route).poll(cx))?,
             (None, Some(refused)) => refused,
             (None, None) => unreachable!("Respond polled after it completed"),
         };
+        if this.close && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         let end = this.end.take().expect("Respond polled after it completed");
         Poll::Ready(Ok(response.map(|body| Tracked::new(body, end))))
     }

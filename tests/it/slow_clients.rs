@@ -309,3 +309,47 @@ async fn sse_streams_outlive_the_connection_timeouts() {
     assert_eq!(events[0]["params"]["data"], "still here", "{text}");
     assert!(started.elapsed() >= Duration::from_secs(4));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_dials_back_through_the_reserve_during_a_flood() {
+    // Runners reach the gateway through a proxy that can cut their socket.
+    let proxy = Proxy::start().await;
+    let gateway = Gateway::with(
+        Options::default()
+            .echo()
+            .env("GATEWAY_URL", proxy.url())
+            .env("MAX_CONNECTIONS", "16")
+            .env("MAX_CONNECTIONS_PER_IP", "8")
+            .env("HEADER_READ_TIMEOUT", "60s")
+            .env("RUNNER_RECONNECT_GRACE", "2s"),
+    );
+    proxy.forward_to(&gateway.url);
+    let to = address(&gateway);
+    let session = session_works(&gateway.http()).await;
+    let mut held = Vec::new();
+    for last in [2, 3] {
+        for _ in 0..8 {
+            held.push(connect_from(Ipv4Addr::new(127, 0, 0, last), to).await);
+        }
+    }
+    let (status, response) = raw_post(to, &session, LIST).await;
+    assert_eq!(status, 503, "over the total cap: {response}");
+
+    // The runner's socket drops while the flood is on; the flood is held
+    // past the reconnect grace (pacing the attacker), so a runner kept out
+    // would end the session and its id would answer 404.
+    assert!(proxy.sever() >= 1, "the runner's socket went through the proxy");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    drop(held);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (status, response) = raw_post(to, &session, LIST).await;
+        assert_ne!(status, 404, "the session ended: its runner could not dial back during the flood");
+        if status == 200 {
+            assert!(response.contains("\"tools\""), "{response}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still refused after the flood ended: {response}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
