@@ -111,6 +111,31 @@ pub struct Args {
     #[arg(long, env = "MAX_SESSIONS", default_value_t = 50)]
     pub max_sessions: usize,
 
+    /// Most connections open at once; past it (and a reserve of an eighth
+    /// for /healthz and runners dialing back) new connections get 503.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Most connections open at once from one client address (IPv6: one /64).
+    /// Behind a proxy or Heroku's router, the address is the router's.
+    #[arg(long, env = "MAX_CONNECTIONS_PER_IP", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_ip: u32,
+
+    /// A connection must send a whole request head within this long of
+    /// opening (or of starting it after an idle spell), or it is closed.
+    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "10s", value_parser = dynogate_shared::duration::parse)]
+    pub header_read_timeout: Duration,
+
+    /// A request body must arrive within this long, or the request gets 408.
+    #[arg(long, env = "BODY_READ_TIMEOUT", default_value = "30s", value_parser = dynogate_shared::duration::parse)]
+    pub body_read_timeout: Duration,
+
+    /// A keep-alive connection with no request for this long is closed
+    /// (longer than Heroku's router keeps idle connections, 90s, so the
+    /// router always closes first and never sends on a closing connection).
+    #[arg(long, env = "IDLE_CONNECTION_TIMEOUT", default_value = "95s", value_parser = dynogate_shared::duration::parse)]
+    pub idle_connection_timeout: Duration,
+
     /// How long a new runner has to dial back (e.g. `30s`).
     #[arg(long, env = "DIAL_BACK_TIMEOUT", default_value = "30s", value_parser = dynogate_shared::duration::parse)]
     pub dial_back_timeout: Duration,
@@ -188,6 +213,7 @@ pub struct Config {
     pub heroku: Option<Heroku>,
     pub runner_command: Option<String>,
     pub limits: Limits,
+    pub connections: Connections,
     pub timeouts: Timeouts,
     /// Extra browser origins allowed (`*` allows any).
     pub allowed_origins: Vec<String>,
@@ -202,6 +228,21 @@ pub struct Limits {
     pub stream_buffer_bytes: usize,
     pub buffer_bytes: usize,
     pub max_sessions: usize,
+}
+
+/// How client connections are bounded (see [`crate::listen`]).
+#[derive(Debug, Clone)]
+pub struct Connections {
+    /// Most open at once, in all.
+    pub max: usize,
+    /// Most open at once from one client address.
+    pub max_per_ip: usize,
+    /// How long a connection has to send a whole request head.
+    pub header_read: Duration,
+    /// How long a request body has to arrive.
+    pub body_read: Duration,
+    /// How long a keep-alive connection may wait for its next request.
+    pub idle: Duration,
 }
 
 /// Every bounded wait in the gateway.
@@ -253,6 +294,9 @@ impl Args {
             ("DIAL_BACK_TIMEOUT", self.dial_back_timeout),
             ("SESSION_IDLE_TIMEOUT", self.idle_timeout),
             ("REQUEST_TIMEOUT", self.request_timeout),
+            ("HEADER_READ_TIMEOUT", self.header_read_timeout),
+            ("BODY_READ_TIMEOUT", self.body_read_timeout),
+            ("IDLE_CONNECTION_TIMEOUT", self.idle_connection_timeout),
         ] {
             if value.is_zero() {
                 bail!("{name} must be greater than zero");
@@ -329,6 +373,13 @@ impl Args {
                 stream_buffer_bytes: self.stream_buffer_bytes.max(dynogate_shared::window::MAX_MESSAGE_BYTES),
                 buffer_bytes: self.buffer_bytes,
                 max_sessions: self.max_sessions,
+            },
+            connections: Connections {
+                max: self.max_connections as usize,
+                max_per_ip: self.max_connections_per_ip as usize,
+                header_read: self.header_read_timeout,
+                body_read: self.body_read_timeout,
+                idle: self.idle_connection_timeout,
             },
             timeouts: Timeouts {
                 dial_back: self.dial_back_timeout,
@@ -464,6 +515,22 @@ mod tests {
         assert_eq!(args(&[]).validate().unwrap().worker_threads, None);
         assert_eq!(args(&["--worker-threads", "1"]).validate().unwrap().worker_threads, Some(1));
         assert!(Args::try_parse_from(["gateway", "--worker-threads", "0"]).is_err());
+    }
+
+    #[test]
+    fn connection_limits_default_and_zero_is_refused() {
+        let config = args(&[]).validate().unwrap();
+        let connections = config.connections;
+        assert_eq!((connections.max, connections.max_per_ip), (1024, 256));
+        assert_eq!(connections.header_read, Duration::from_secs(10));
+        assert_eq!(connections.body_read, Duration::from_secs(30));
+        assert_eq!(connections.idle, Duration::from_secs(95));
+        for flag in ["--max-connections", "--max-connections-per-ip"] {
+            assert!(Args::try_parse_from(["gateway", flag, "0"]).is_err(), "{flag}");
+        }
+        for flag in ["--header-read-timeout", "--body-read-timeout", "--idle-connection-timeout"] {
+            assert!(args(&[flag, "0s"]).validate().is_err(), "{flag}");
+        }
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub enum McpError {
     UnsupportedMediaType,
     #[error("Payload Too Large: request bodies are limited to {limit} bytes")]
     TooLarge { limit: usize },
+    #[error("Request Timeout: the request body did not arrive within {limit:?}")]
+    BodyTimeout { limit: std::time::Duration },
     #[error("Unsupported MCP-Protocol-Version {0:?}; this gateway serves {served}", served = SERVED_REVISIONS.join(", "))]
     UnsupportedVersion(String),
     #[error("Batches are not allowed on protocol revision {0}; send one message per request")]
@@ -56,6 +58,7 @@ impl McpError {
             McpError::UnknownSession => StatusCode::NOT_FOUND,
             McpError::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             McpError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            McpError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             McpError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             McpError::ForbiddenOrigin(_) | McpError::ForbiddenHost(_) => StatusCode::FORBIDDEN,
             McpError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -83,6 +86,7 @@ impl McpError {
             | McpError::NotAcceptable(_)
             | McpError::InvalidRequest(_)
             | McpError::TooLarge { .. }
+            | McpError::BodyTimeout { .. }
             | McpError::UnsupportedMediaType
             | McpError::CannotResume(_)
             | McpError::ForbiddenOrigin(_)
@@ -125,8 +129,16 @@ impl IntoResponse for McpError {
         let mut response =
             (self.status(), [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body)
                 .into_response();
-        if let McpError::Overloaded { retry_after_secs, .. } = self {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        match self {
+            McpError::Overloaded { retry_after_secs, .. } => {
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            }
+            // The rest of a late body may still come; reading it would keep
+            // the connection for the slow client, so it is closed instead.
+            McpError::BodyTimeout { .. } => {
+                response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
         }
         response
     }

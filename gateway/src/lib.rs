@@ -13,14 +13,16 @@
 //! - [`rendezvous`] and [`link`]: where runners dial back, and the frames
 //!   the session exchanges with them.
 //! - [`spawn`]: how runners are started; [`token`]: their credentials.
-//! - [`server`]: binding, serving and shutting down; [`throttle`]: rate
-//!   limits for log lines anyone can cause.
+//! - [`server`]: binding, serving and shutting down; [`listen`]: accepting
+//!   connections, with deadlines and caps; [`throttle`]: rate limits for log
+//!   lines anyone can cause.
 
 pub mod auth;
 pub mod config;
 pub mod error;
 pub mod jsonrpc;
 pub mod link;
+pub mod listen;
 pub mod mcp;
 pub mod rendezvous;
 pub mod reply;

@@ -326,19 +326,24 @@ pub(crate) fn peek_error(error: PeekError) -> McpError {
     }
 }
 
-/// Reads the body, refusing more than `limit` bytes, and anything that is not
-/// UTF-8 (JSON must be; and a message the runner's socket could not carry
-/// must not get a sequence number).
+/// Reads the body, refusing more than `limit` bytes, a body that does not
+/// arrive in time (408), and anything that is not UTF-8 (JSON must be; and a
+/// message the runner's socket could not carry must not get a sequence
+/// number).
 pub(crate) async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, McpError> {
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(McpError::TooLarge { limit });
     }
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| match declared {
-        // Within a declared length, a failure is the client going away.
-        Some(_) => McpError::InvalidRequest("the request body could not be read".into()),
-        None => McpError::TooLarge { limit },
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        match (crate::listen::watch::body_timeout(&e), declared) {
+            // The listener's deadline on the body (BODY_READ_TIMEOUT).
+            (Some(limit), _) => McpError::BodyTimeout { limit },
+            // Within a declared length, a failure is the client going away.
+            (None, Some(_)) => McpError::InvalidRequest("the request body could not be read".into()),
+            (None, None) => McpError::TooLarge { limit },
+        }
     })?;
     if std::str::from_utf8(&bytes).is_err() {
         return Err(McpError::Parse("the body is not UTF-8".into()));

@@ -1,7 +1,8 @@
 //! Binding, serving and shutting down.
 //!
 //! [`app`] builds the router from a state (tests call it without a socket);
-//! [`serve`] runs it on a listener until its drain token fires, then drains
+//! [`serve`] runs it on a listener (through [`crate::listen`], which bounds
+//! connections) until its drain token fires, then drains
 //! and ends every session (runners told to stop, processes reaped) inside
 //! Heroku's 30 s; [`main`] is the binary: configuration, logging, signals.
 
@@ -21,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, warn};
 
 use crate::config::{Args, Config, SpawnerKind};
+use crate::listen::{self, caps::Caps};
 use crate::spawn::heroku::HerokuSettings;
 use crate::spawn::heroku::api::{Api, RetryPolicy};
 use crate::spawn::{HerokuSpawner, LocalSpawner, Spawner};
@@ -90,16 +92,9 @@ pub async fn serve(config: Config, listener: TcpListener, drain: CancellationTok
     let timeouts = state.config.timeouts.clone();
     let sessions = state.sessions.clone();
     let shutdown = state.shutdown.clone();
-    // Small frames both ways (requests, answers, acks): without TCP_NODELAY,
-    // Nagle's algorithm and delayed ACKs add 40 ms stalls.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("cannot set TCP_NODELAY: {e}");
-        }
-    });
+    let settings = listen_settings(&state.config);
     // New connections stop with the drain; open ones (and their streams) go on.
-    let server = axum::serve(listener, app(state)).with_graceful_shutdown(drain.clone().cancelled_owned());
-    let server = tokio::spawn(async move { server.await });
+    let server = tokio::spawn(listen::serve(listener, app(state), settings, drain.clone()));
 
     drain.cancelled().await;
     let waiting = sessions.in_flight();
@@ -125,12 +120,39 @@ pub async fn serve(config: Config, listener: TcpListener, drain: CancellationTok
     })
     .await;
     match ended {
-        Ok(Ok(result)) => result.context("server failed"),
+        Ok(Ok(())) => Ok(()),
         Ok(Err(join)) => Err(anyhow::anyhow!("server task failed: {join}")),
         Err(_) => {
             warn!("sessions still ending after {:?}; exiting", timeouts.teardown);
             Ok(())
         }
+    }
+}
+
+/// Connection deadlines and caps, the caps lowered if the open-files limit
+/// could not hold them.
+fn listen_settings(config: &Config) -> listen::Settings {
+    let connections = &config.connections;
+    let wanted = Caps { total: connections.max, per_ip: connections.max_per_ip };
+    let limit = listen::open_files_limit();
+    // Besides client connections: a runner's socket (upgraded, so outside
+    // the caps) and its process's pipes per session, plus the listener,
+    // logs and outbound API connections.
+    let others = 64 + 4 * config.limits.max_sessions as u64;
+    let caps = listen::fit_caps(wanted, limit, others);
+    if caps != wanted {
+        warn!(
+            limit,
+            max_connections = caps.total,
+            max_connections_per_ip = caps.per_ip,
+            "the open-files limit cannot hold MAX_CONNECTIONS; lowered (raise `ulimit -n` to keep them)"
+        );
+    }
+    listen::Settings {
+        header_read: connections.header_read,
+        body_read: connections.body_read,
+        idle: connections.idle,
+        caps,
     }
 }
 
@@ -175,6 +197,8 @@ async fn sweep(state: AppState, interval: std::time::Duration) {
 pub fn main() -> anyhow::Result<()> {
     let config = Args::parse().validate()?;
     init_tracing();
+    let open_files = listen::raise_open_files_limit();
+    tracing::debug!(open_files, "open-files limit");
     // Runners' code runs as the same user on a laptop: keep it out of this
     // process's environment (API_KEY, RENDEZVOUS_SECRET) and memory. Holds
     // for unprivileged users; root can read anything.

@@ -34,5 +34,7 @@ mod rendezvous;
 mod resilience;
 /// Where server messages go: request streams, the GET stream, batches.
 mod routing;
+/// Slow and greedy clients: header and body deadlines, connection caps.
+mod slow_clients;
 /// The older SSE transport, server requests, origins, the Python SDK.
 mod transports;
