@@ -44,7 +44,9 @@ pub enum McpError {
     StatelessRevision { id: Option<RequestId>, method: String },
     #[error("Cannot resume from Last-Event-ID {0:?}: the events after it are no longer kept")]
     CannotResume(String),
-    #[error("Forbidden: Host {0:?} is not this gateway's; without API_KEY only loopback names are served (DNS rebinding protection)")]
+    #[error(
+        "Forbidden: Host {0:?} is not this gateway's; without API_KEY only loopback names are served (DNS rebinding protection)"
+    )]
     ForbiddenHost(String),
     #[error("Forbidden: requests from origin {0:?} are not allowed (set ALLOWED_ORIGINS)")]
     ForbiddenOrigin(String),

@@ -71,13 +71,13 @@ pub async fn respond(
     let deadline = Instant::now() + timing.stream_after;
     let mut early: Vec<Event> = Vec::new();
     {
-        let mut cursor = stream.cursor(None);
+        let mut reader = Reader::new(stream.clone(), None);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
             }
-            match stream.read(&mut cursor, left).await {
+            match reader.read(left).await {
                 Batch::Events(events) => {
                     let notification = events.iter().any(|e| !e.last);
                     early.extend(events);
@@ -151,17 +151,15 @@ fn async_stream(
     priming: Priming,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> {
     struct State {
-        stream: Arc<EventStream>,
-        reader: Option<Reader>,
-        after: Option<u64>,
+        reader: Reader,
         keepalive: Duration,
         priming: Option<Priming>,
     }
-    let state = State { stream, reader: None, after, keepalive, priming: Some(priming) };
+    // The reader attaches now, with the response: from here on the session
+    // knows a client reads this stream (see `EventStream::has_reader`).
+    let state = State { reader: Reader::new(stream, after), keepalive, priming: Some(priming) };
     futures_util::stream::unfold(state, |mut s| async move {
-        // The reader is made on the first poll, so a response that is never
-        // sent never takes the stream from an earlier reader.
-        let reader = s.reader.get_or_insert_with(|| Reader::new(s.stream.clone(), s.after));
+        let reader = &mut s.reader;
         if let Some(priming) = s.priming.take() {
             let first = match priming {
                 Priming::Event => sse_encode::priming(&reader.stream().event_id(reader.position())),

@@ -231,8 +231,11 @@ pub fn main() -> anyhow::Result<()> {
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    for cap in dynogate_shared::names::LOG_CAPS {
+        filter = filter.add_directive(cap.parse().expect("log caps are valid directives"));
+    }
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -95,8 +95,11 @@ fn init_tracing(executor: bool) {
     // Under a runner the executor's stderr lands in the runner's log, so it
     // stays quiet unless asked.
     let default = if executor { "warn,dynogate_runner=info" } else { "info" };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    for cap in dynogate_shared::names::LOG_CAPS {
+        filter = filter.add_directive(cap.parse().expect("log caps are valid directives"));
+    }
     // stdout is the MCP wire in `exec` mode, so logs always go to stderr.
     tracing_subscriber::fmt()
         .with_env_filter(filter)

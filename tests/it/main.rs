@@ -22,6 +22,8 @@ mod executor;
 mod fake_heroku;
 /// The Heroku spawner end to end, against the fake.
 mod heroku;
+/// Hostile clients and misbehaving servers: malformed input, floods, logs.
+mod hostile;
 /// Sessions are separate machines: processes and files.
 mod isolation;
 /// How sessions end: runner killed, server exits, idle, caps, shutdown.

@@ -38,6 +38,8 @@ pub struct Gateway {
 pub struct Options {
     pub env: Vec<(String, String)>,
     pub api_key: Option<String>,
+    /// Where the gateway's (and its runners') log goes instead of the test's stderr.
+    pub log_file: Option<PathBuf>,
 }
 
 impl Options {
@@ -48,6 +50,11 @@ impl Options {
 
     pub fn api_key(mut self, key: &str) -> Self {
         self.api_key = Some(key.to_owned());
+        self
+    }
+
+    pub fn log_to(mut self, path: PathBuf) -> Self {
+        self.log_file = Some(path);
         self
     }
 
@@ -88,6 +95,9 @@ impl Gateway {
         }
         for (name, value) in &options.env {
             command.env(name, value);
+        }
+        if let Some(path) = &options.log_file {
+            command.stderr(std::fs::File::create(path).expect("create the log file"));
         }
         let mut child = command.spawn().expect("start the gateway");
         let stdout = child.stdout.take().expect("piped stdout");

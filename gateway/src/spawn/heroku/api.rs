@@ -304,5 +304,8 @@ fn header_number(headers: &HeaderMap, name: &str) -> Option<i64> {
 }
 
 async fn parse<T: serde::de::DeserializeOwned>(response: reqwest::Response) -> Result<T, ApiError> {
-    response.json().await.map_err(|e| ApiError::Unavailable(format!("unexpected answer from Heroku: {}", e.without_url())))
+    response
+        .json()
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("unexpected answer from Heroku: {}", e.without_url())))
 }

@@ -260,7 +260,9 @@ async fn an_endless_dyno_list_ends_the_listing_with_an_error() {
     // The same Next-Range on every page: without a bound, one sweep would never end.
     Mock::given(method("GET"))
         .and(path("/apps/my-app/dynos"))
-        .respond_with(ResponseTemplate::new(206).insert_header("next-range", "id ]run.1..; max=1").set_body_json(json!([])))
+        .respond_with(
+            ResponseTemplate::new(206).insert_header("next-range", "id ]run.1..; max=1").set_body_json(json!([])),
+        )
         .mount(&server)
         .await;
     let api = Api::new(url::Url::parse(&server.uri()).unwrap(), Secret::new(KEY), "my-app".into(), policy()).unwrap();
@@ -276,7 +278,9 @@ async fn an_endless_dyno_list_ends_the_listing_with_an_error() {
         .and(path("/apps/my-app/dynos"))
         .respond_with(move |_: &Request| {
             let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            ResponseTemplate::new(206).insert_header("next-range", format!("id ]run.{n}..; max=1")).set_body_json(json!([]))
+            ResponseTemplate::new(206)
+                .insert_header("next-range", format!("id ]run.{n}..; max=1"))
+                .set_body_json(json!([]))
         })
         .mount(&server)
         .await;
