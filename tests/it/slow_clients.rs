@@ -87,12 +87,12 @@ async fn raw_request(to: SocketAddr, request: String) -> (u16, String) {
 }
 
 async fn raw_healthz(to: SocketAddr) -> (u16, String) {
-    raw_request(to, "GET /healthz HTTP/1.1\r\nhost: gateway\r\nconnection: close\r\n\r\n".into()).await
+    raw_request(to, "GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n".into()).await
 }
 
 async fn raw_post(to: SocketAddr, session: &str, body: &str) -> (u16, String) {
     let request = format!(
-        "POST /mcp HTTP/1.1\r\nhost: gateway\r\nconnection: close\r\naccept: {ACCEPT_BOTH}\r\n\
+        "POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\naccept: {ACCEPT_BOTH}\r\n\
          content-type: application/json\r\nmcp-session-id: {session}\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     );
@@ -119,12 +119,12 @@ async fn half_sent_heads_are_closed_at_the_header_timeout_while_others_are_serve
     let to = address(&gateway);
     let mut attackers = Vec::new();
     for _ in 0..20 {
-        attackers.push(tokio::spawn(dribble_head(to, "POST /mcp HTTP/1.1\r\nhost: gateway\r\n")));
+        attackers.push(tokio::spawn(dribble_head(to, "POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\n")));
     }
     // A keep-alive connection that sends one request, then dribbles the next
     // head: the head deadline applies, not the (longer) idle one.
     let mut kept = connect_from(Ipv4Addr::LOCALHOST, to).await;
-    kept.write_all(b"GET /healthz HTTP/1.1\r\nhost: gateway\r\n\r\n").await.unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n").await.unwrap();
     let mut first = [0u8; 1024];
     let n = kept.read(&mut first).await.unwrap();
     assert!(first[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&first[..n]));
@@ -153,7 +153,7 @@ async fn a_dribbled_body_gets_408_and_the_connection_is_closed() {
         let stream = connect_from(Ipv4Addr::LOCALHOST, to).await;
         let (mut read, mut write) = stream.into_split();
         let head = format!(
-            "POST /mcp HTTP/1.1\r\nhost: gateway\r\naccept: {ACCEPT_BOTH}\r\ncontent-type: application/json\r\n\
+            "POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\naccept: {ACCEPT_BOTH}\r\ncontent-type: application/json\r\n\
              {framing}\r\n\r\n{first}"
         );
         write.write_all(head.as_bytes()).await.unwrap();
