@@ -7,7 +7,9 @@
 #
 # usage: bench/cpu.sh [--calls N] [--window SECONDS] [-- extra dynogate-bench calls args]
 # Environment passes through to the gateway, e.g. WORKER_THREADS=1 bench/cpu.sh
-# or bench/cpu.sh -- --sessions 8 --concurrency 16. Traffic stays on 127.0.0.1.
+# or bench/cpu.sh -- --sessions 8 --concurrency 16; BIN_DIR=<dir> measures the
+# release binaries in that directory instead of building this tree's.
+# Traffic stays on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,8 +23,12 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-cargo build --release --quiet --bin gateway --bin runner --bin mcp-echo --bin dynogate-bench
-bin="$PWD/target/release"
+if [ -n "${BIN_DIR:-}" ]; then
+  bin="$BIN_DIR"
+else
+  cargo build --release --quiet --bin gateway --bin runner --bin mcp-echo --bin dynogate-bench
+  bin="$PWD/target/release"
+fi
 ticks=$(getconf CLK_TCK)
 out=$(mktemp)
 RUN=$(mktemp)
