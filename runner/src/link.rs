@@ -115,3 +115,16 @@ async fn write(mut sink: impl Sink<Message> + Unpin, mut frames: mpsc::Unbounded
     }
     let _ = sink.close().await;
 }
+
+/// A link driven by channels, for tests: what the relay sends comes out of
+/// the receiver, and what is pushed into the sender reads as the gateway's.
+#[cfg(test)]
+pub fn channel_link() -> (Link, mpsc::UnboundedReceiver<Message>, mpsc::UnboundedSender<Result<Message, WsError>>) {
+    let (sent_tx, sent) = mpsc::unbounded_channel();
+    let sink = futures_util::sink::unfold(sent_tx, |tx: mpsc::UnboundedSender<Message>, message| async move {
+        tx.send(message).map(|()| tx)
+    });
+    let (says, rx) = mpsc::unbounded_channel();
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    (Link::new(Box::pin(sink), stream), sent, says)
+}

@@ -12,7 +12,8 @@
 //!
 //! What the relay touches comes in from outside: the socket as a [`Link`],
 //! the way back to the gateway as a [`Redialer`], the server as its exit,
-//! stdout lines and stdin queue, and the signal to stop.
+//! stdout lines and stdin queue, and the signal to stop. Tests drive it with
+//! channels and paused time (see `tests.rs`).
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -294,3 +295,6 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests;
