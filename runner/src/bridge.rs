@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use dynogate_shared::Control;
+use dynogate_shared::names::log_id;
 use futures_util::FutureExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -31,7 +32,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Serves one session; returns the process exit code.
 pub async fn run(dial: Dial) -> anyhow::Result<i32> {
-    let span = tracing::info_span!("runner", session = %dial.session.get(..8).unwrap_or("?"));
+    let span = tracing::info_span!("runner", session = %log_id(&dial.session));
     async move {
         let (socket, welcome) = dial::connect(&dial, &dial.token, 0, Instant::now() + FIRST_DIAL, false)
             .await
