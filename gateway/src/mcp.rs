@@ -287,7 +287,7 @@ pub(crate) async fn end_and_wait(state: &AppState, handle: &SessionHandle, reaso
     handle.end(reason);
     let bound = state.config.timeouts.runner_stop_grace + Duration::from_secs(5);
     if tokio::time::timeout(bound, handle.finished()).await.is_err() {
-        tracing::warn!(session = %crate::sessions::log_id(handle.id()), ?bound, "session teardown still running");
+        tracing::warn!(session = %dynogate_shared::names::log_id(handle.id()), ?bound, "session teardown still running");
     }
 }
 

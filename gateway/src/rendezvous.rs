@@ -50,7 +50,7 @@ pub async fn accept(
     let Some(session) = query.session else {
         return refuse("runner dialed without a session", "");
     };
-    let shown = crate::sessions::log_id(&session);
+    let shown = dynogate_shared::names::log_id(&session);
     let Some(token) = bearer(&headers) else {
         return refuse("runner dialed without a token", shown);
     };

@@ -6,10 +6,13 @@
 //! The parts live apart: [`crate::link`] owns a socket, [`crate::pumps`] the
 //! server's stdio, [`crate::relay`] the loop and the replay window.
 
+use std::future::Future;
 use std::time::Duration;
 
 use anyhow::Context;
 use dynogate_shared::Control;
+use dynogate_shared::names::log_id;
+use futures_util::FutureExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{Instrument, info, warn};
@@ -19,7 +22,7 @@ use crate::config::Dial;
 use crate::dial;
 use crate::link::Link;
 use crate::pumps::{feed_stdin, pump_stdout};
-use crate::relay::{End, Relay};
+use crate::relay::{End, Redialer, Relay};
 use crate::workdir::Workdir;
 
 /// How long the first dial may keep retrying an unreachable gateway.
@@ -29,7 +32,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Serves one session; returns the process exit code.
 pub async fn run(dial: Dial) -> anyhow::Result<i32> {
-    let span = tracing::info_span!("runner", session = %dial.session.get(..8).unwrap_or("?"));
+    let span = tracing::info_span!("runner", session = %log_id(&dial.session));
     async move {
         let (socket, welcome) = dial::connect(&dial, &dial.token, 0, Instant::now() + FIRST_DIAL, false)
             .await
@@ -53,8 +56,9 @@ pub async fn run(dial: Dial) -> anyhow::Result<i32> {
         let feeder = tokio::spawn(feed_stdin(stdin, stdin_rx).in_current_span());
 
         let stop_grace = dial.stop_grace;
-        let mut relay = Relay::new(dial, link, welcome);
-        let end = relay.run(&mut server, lines, stdin_tx).await;
+        let stop = stop_signal();
+        let mut relay = Relay::new(dial.clone(), link, welcome, redialer(dial));
+        let end = relay.run(server.wait(), stop, lines, stdin_tx).await;
         info!(%end, "session over");
         // Closing stdin is how a stdio MCP server is asked to leave; abort
         // the feeder in case it is stuck writing to a server that stopped reading.
@@ -91,4 +95,32 @@ pub async fn run(dial: Dial) -> anyhow::Result<i32> {
     }
     .instrument(span)
     .await
+}
+
+/// How the relay gets back to the gateway: the same handshake as the first
+/// dial, but a refusal is retried until the deadline (the gateway may not
+/// have noticed yet that the old socket is dead).
+fn redialer(dial: Dial) -> Redialer {
+    Box::new(move |token, received, deadline| {
+        let dial = dial.clone();
+        async move {
+            let (socket, welcome) = dial::connect(&dial, &token, received, deadline, true).await?;
+            Ok((Link::open(socket), welcome))
+        }
+        .boxed()
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT. The handlers are installed at once, not
+/// when the future is first polled, so no signal slips through before.
+fn stop_signal() -> impl Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("can install a SIGTERM handler");
+    let mut interrupt = signal(SignalKind::interrupt()).expect("can install a SIGINT handler");
+    async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+    }
 }

@@ -1,14 +1,16 @@
 //! One WebSocket to the gateway: a writer task that sends what the relay
 //! queues (flushing when its queue runs dry), and the socket's incoming side.
 //! WebSocket messages are made and read here and in [`crate::dial`] only.
+//! A link runs over any sink and stream of messages, so tests drive the relay
+//! through channels instead of a socket.
 
 use bytes::Bytes;
 use dynogate_shared::Control;
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::stream::BoxStream;
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tracing::Instrument;
 
 use crate::dial::Socket;
@@ -28,7 +30,7 @@ pub enum Incoming {
 /// One socket to the gateway.
 pub struct Link {
     frames: mpsc::UnboundedSender<Message>,
-    stream: SplitStream<Socket>,
+    stream: BoxStream<'static, Result<Message, WsError>>,
     pub last_heard: Instant,
     writer: tokio::task::AbortHandle,
 }
@@ -36,9 +38,19 @@ pub struct Link {
 impl Link {
     pub fn open(socket: Socket) -> Self {
         let (sink, stream) = socket.split();
+        Self::new(sink, stream)
+    }
+
+    /// A link that writes to `sink` and reads `stream`: the two halves of a
+    /// socket, or channels in tests.
+    pub fn new<Si, St>(sink: Si, stream: St) -> Self
+    where
+        Si: Sink<Message> + Unpin + Send + 'static,
+        St: Stream<Item = Result<Message, WsError>> + Send + 'static,
+    {
         let (frames, queue) = mpsc::unbounded_channel();
         let writer = tokio::spawn(write(sink, queue).in_current_span()).abort_handle();
-        Link { frames, stream, last_heard: Instant::now(), writer }
+        Link { frames, stream: stream.boxed(), last_heard: Instant::now(), writer }
     }
 
     /// Queues a JSON-RPC message. A dead writer shows up as the end of the stream.
@@ -92,7 +104,7 @@ impl Link {
 }
 
 /// Sends queued frames, flushing when the queue runs dry.
-async fn write(mut sink: SplitSink<Socket, Message>, mut frames: mpsc::UnboundedReceiver<Message>) {
+async fn write(mut sink: impl Sink<Message> + Unpin, mut frames: mpsc::UnboundedReceiver<Message>) {
     while let Some(message) = frames.recv().await {
         if sink.feed(message).await.is_err() {
             return;
@@ -102,4 +114,17 @@ async fn write(mut sink: SplitSink<Socket, Message>, mut frames: mpsc::Unbounded
         }
     }
     let _ = sink.close().await;
+}
+
+/// A link driven by channels, for tests: what the relay sends comes out of
+/// the receiver, and what is pushed into the sender reads as the gateway's.
+#[cfg(test)]
+pub fn channel_link() -> (Link, mpsc::UnboundedReceiver<Message>, mpsc::UnboundedSender<Result<Message, WsError>>) {
+    let (sent_tx, sent) = mpsc::unbounded_channel();
+    let sink = futures_util::sink::unfold(sent_tx, |tx: mpsc::UnboundedSender<Message>, message| async move {
+        tx.send(message).map(|()| tx)
+    });
+    let (says, rx) = mpsc::unbounded_channel();
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    (Link::new(Box::pin(sink), stream), sent, says)
 }

@@ -9,23 +9,28 @@
 //! server that floods stdout is slowed down. When the socket drops, the
 //! server keeps running and its output is kept; the relay dials again with
 //! backoff, and on the welcome both sides resend what the other lacks.
+//!
+//! What the relay touches comes in from outside: the socket as a [`Link`],
+//! the way back to the gateway as a [`Redialer`], the server as its exit,
+//! stdout lines and stdin queue, and the signal to stop. Tests drive it with
+//! channels and paused time (see `tests.rs`).
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::process::ExitStatus;
 use std::time::Duration;
 
 use bytes::Bytes;
 use dynogate_shared::window::{ACK_DELAY, AckClock, MISSED_HEARTBEATS, SendWindow};
 use dynogate_shared::{Control, Secret};
-use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tracing::{debug, info, warn};
 
-use crate::child::Server;
 use crate::config::Dial;
-use crate::dial::{self, DialError, Socket, Welcome};
+use crate::dial::{DialError, Welcome};
 use crate::link::{Incoming, Link};
 
 /// How long the pump gets to forward what a server wrote just before it
@@ -35,7 +40,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Why the relay stopped.
 #[derive(Debug)]
 pub enum End {
-    ServerExited(std::process::ExitStatus),
+    ServerExited(ExitStatus),
     GatewayShutdown(String),
     ConnectionLost(String),
     Signal,
@@ -52,13 +57,19 @@ impl std::fmt::Display for End {
     }
 }
 
-type Redial = BoxFuture<'static, Result<(Socket, Welcome), DialError>>;
+/// A dial back to the gateway in progress.
+pub type Redial = BoxFuture<'static, Result<(Link, Welcome), DialError>>;
+
+/// Starts a [`Redial`] once the socket is lost, given the latest token, how
+/// many messages the relay has received, and when to give up.
+pub type Redialer = Box<dyn FnMut(Secret, u64, Instant) -> Redial + Send>;
 
 /// The relay's state across sockets.
 pub struct Relay {
     dial: Dial,
     token: Secret,
     pub link: Option<Link>,
+    redialer: Redialer,
     redial: Option<Redial>,
     /// When to give up on a gateway that does not take the runner back.
     give_up_at: Option<Instant>,
@@ -73,12 +84,13 @@ pub struct Relay {
 }
 
 impl Relay {
-    pub fn new(dial: Dial, link: Link, welcome: Welcome) -> Self {
+    pub fn new(dial: Dial, link: Link, welcome: Welcome, redialer: Redialer) -> Self {
         let parent = dial.local.then(nix::unistd::getppid);
         Relay {
             token: welcome.token,
             dial,
             link: Some(link),
+            redialer,
             redial: None,
             give_up_at: None,
             window: SendWindow::starting_at(welcome.received),
@@ -88,15 +100,17 @@ impl Relay {
         }
     }
 
+    /// Relays until one side ends: `server_exit` resolves when the MCP
+    /// server exits, `lines` are its stdout and `stdin` feeds it, and `stop`
+    /// resolves when the runner is asked to stop.
     pub async fn run(
         &mut self,
-        server: &mut Server,
+        server_exit: impl Future<Output = ExitStatus>,
+        stop: impl Future<Output = ()>,
         mut lines: mpsc::Receiver<Utf8Bytes>,
         stdin: mpsc::Sender<Bytes>,
     ) -> End {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).expect("can install a SIGTERM handler");
-        let mut interrupt = signal(SignalKind::interrupt()).expect("can install a SIGINT handler");
+        tokio::pin!(server_exit, stop);
         let heartbeat = self.dial.heartbeat;
         let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -104,7 +118,7 @@ impl Relay {
         tokio::pin!(ack);
         let mut ack_armed = false;
         let mut lines_open = true;
-        let mut exited: Option<(std::process::ExitStatus, Instant)> = None;
+        let mut exited: Option<(ExitStatus, Instant)> = None;
         loop {
             if let Some((status, at)) = exited
                 && (!lines_open || at.elapsed() >= DRAIN_TIMEOUT)
@@ -122,9 +136,8 @@ impl Relay {
             let drain_deadline =
                 exited.map(|(_, at)| at + DRAIN_TIMEOUT).filter(|deadline| lines_open && Instant::now() < *deadline);
             tokio::select! {
-                _ = term.recv() => return End::Signal,
-                _ = interrupt.recv() => return End::Signal,
-                status = server.wait(), if exited.is_none() => exited = Some((status, Instant::now())),
+                () = &mut stop => return End::Signal,
+                status = &mut server_exit, if exited.is_none() => exited = Some((status, Instant::now())),
                 line = lines.recv(), if lines_open && room => match line {
                     Some(line) => self.send_line(line),
                     None => lines_open = false,
@@ -232,17 +245,15 @@ impl Relay {
         warn!(why, ?window, "connection to the gateway lost; dialing again");
         let give_up_at = Instant::now() + window;
         self.give_up_at = Some(give_up_at);
-        let (dial, token, received) = (self.dial.clone(), self.token.clone(), self.clock.received());
-        self.redial = Some(async move { dial::connect(&dial, &token, received, give_up_at, true).await }.boxed());
+        self.redial = Some((self.redialer)(self.token.clone(), self.clock.received(), give_up_at));
     }
 
-    fn on_redial(&mut self, result: Result<(Socket, Welcome), DialError>) -> Option<End> {
+    fn on_redial(&mut self, result: Result<(Link, Welcome), DialError>) -> Option<End> {
         self.redial = None;
-        let (socket, welcome) = match result {
+        let (link, welcome) = match result {
             Ok(connected) => connected,
             Err(e) => return Some(End::ConnectionLost(format!("could not dial the gateway again: {e}"))),
         };
-        let link = Link::open(socket);
         let resend = match self.window.resume(welcome.received) {
             Ok(resend) => resend,
             Err(e) => return Some(End::ConnectionLost(format!("the gateway came back out of step: {e}"))),
@@ -271,7 +282,7 @@ async fn next(link: &mut Option<Link>) -> Incoming {
 }
 
 /// The outcome of a redial in progress, or never when none is.
-async fn redialed(redial: &mut Option<Redial>) -> Result<(Socket, Welcome), DialError> {
+async fn redialed(redial: &mut Option<Redial>) -> Result<(Link, Welcome), DialError> {
     match redial {
         Some(future) => future.await,
         None => std::future::pending().await,
@@ -284,3 +295,6 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests;

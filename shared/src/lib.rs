@@ -8,7 +8,8 @@
 //! - [`token`]: the claims inside the runner's signed token.
 //! - [`secret`]: a string wrapper whose `Debug` and `Display` never show it.
 //! - [`duration`]: durations as written in config vars.
-//! - [`names`]: header, query and environment names both sides must agree on.
+//! - [`names`]: header, query and environment names both sides must agree on,
+//!   and how a session id is shown in logs.
 //! - [`window`]: the replay window and acknowledgements, the same rules on
 //!   both sides of the socket.
 //!

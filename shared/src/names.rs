@@ -1,4 +1,5 @@
-//! Names both sides of the rendezvous must spell the same way.
+//! Names both sides of the rendezvous must spell the same way, and how a
+//! session's name appears in either side's logs.
 
 /// Path of the gateway's WebSocket endpoint.
 pub const RENDEZVOUS_PATH: &str = "/rendezvous";
@@ -30,3 +31,34 @@ pub const SECRET_ENV: &[&str] =
 /// it says: at `trace`, the WebSocket library prints every frame and the
 /// handshake request, which carry runner tokens (and every payload).
 pub const LOG_CAPS: &[&str] = &["tungstenite=debug", "tokio_tungstenite=debug"];
+
+/// How a session id appears in logs: a prefix, enough to tell sessions
+/// apart. The whole id is a bearer secret (it reaches the session's answers),
+/// so a log reader must not learn it.
+/// Anything that is not an id the gateway could have made (32 hex digits)
+/// shows as `?`, so an untrusted value never reaches a log line as given.
+pub fn log_id(id: &str) -> &str {
+    match id.get(..8) {
+        Some(prefix) if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) => prefix,
+        _ => "?",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logs_show_a_prefix_of_real_ids_and_nothing_of_others() {
+        assert_eq!(log_id("0123456789abcdef0123456789ABCDEF"), "01234567");
+        for other in [
+            "",
+            "abc",
+            "0123456789abcdef0123456789abcdeg",
+            "0123456789abcdef0123456789abcdef0",
+            "x\nINFO forged line 0123456789abcd",
+        ] {
+            assert_eq!(log_id(other), "?", "{other:?}");
+        }
+    }
+}

@@ -173,6 +173,9 @@ impl AckClock {
 mod tests {
     use super::*;
 
+    /// Frames kept in a window, or resent from it.
+    type Frames = &'static [&'static str];
+
     fn window(frames: &[&'static str], acked: u64) -> SendWindow<&'static str> {
         let mut w = SendWindow::starting_at(acked);
         for f in frames {
@@ -184,7 +187,7 @@ mod tests {
     #[test]
     fn acknowledgements_forget_what_they_cover() {
         // (kept before, acked before, ack, kept after, bytes after, error?)
-        let cases: &[(&[&str], u64, u64, &[&str], usize, bool)] = &[
+        let cases: &[(Frames, u64, u64, Frames, usize, bool)] = &[
             (&["a", "bb", "ccc"], 0, 2, &["ccc"], 3, false),
             (&["a", "bb", "ccc"], 0, 3, &[], 0, false),
             (&["a", "bb", "ccc"], 0, 0, &["a", "bb", "ccc"], 6, false),
@@ -204,7 +207,7 @@ mod tests {
     #[test]
     fn resuming_resends_exactly_what_the_peer_lacks() {
         // (kept, acked, peer's count, resent or the error)
-        let cases: &[(&[&str], u64, u64, Result<&[&str], WindowError>)] = &[
+        let cases: &[(Frames, u64, u64, Result<Frames, WindowError>)] = &[
             (&["4", "5", "6"], 3, 3, Ok(&["4", "5", "6"])),
             (&["4", "5", "6"], 3, 5, Ok(&["6"])),
             (&["4", "5", "6"], 3, 6, Ok(&[])),

@@ -35,6 +35,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use dynogate_shared::names::log_id;
 use dynogate_shared::window::{ACK_DELAY, AckClock, MISSED_HEARTBEATS, SendWindow};
 use dynogate_shared::{Control, PROTOCOL_VERSION};
 use futures_util::future::BoxFuture;
@@ -48,7 +49,7 @@ use self::in_flight::InFlight;
 use crate::config::Timeouts;
 use crate::jsonrpc::{self, Kind, RequestId, code, error_body};
 use crate::link::{Incoming, Link, LinkError, Outgoing};
-use crate::sessions::{Sessions, log_id};
+use crate::sessions::Sessions;
 use crate::spawn::{RunnerSpec, Spawner};
 use crate::streams::{Budget, EventStream, Streams};
 use crate::token::RunnerTokens;
