@@ -20,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::time::Instant;
 
-use crate::sse_encode;
+use crate::sse_encode::{self, Comment};
 use crate::streams::{Batch, Event, EventStream, Reader, Streams};
 
 /// Whether the client sent one message or a batch.
@@ -163,7 +163,7 @@ fn async_stream(
         if let Some(priming) = s.priming.take() {
             let first = match priming {
                 Priming::Event => sse_encode::priming(&reader.stream().event_id(reader.position())),
-                Priming::Comment => sse_encode::comment("stream open"),
+                Priming::Comment => Comment::StreamOpen.bytes(),
             };
             return Some((Ok(first), s));
         }
@@ -175,7 +175,7 @@ fn async_stream(
                 }
                 out.freeze()
             }
-            Batch::Quiet => sse_encode::comment("keepalive"),
+            Batch::Quiet => Comment::Keepalive.bytes(),
             Batch::Ended | Batch::Replaced => return None,
         };
         Some((Ok(chunk), s))

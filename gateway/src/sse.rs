@@ -24,7 +24,7 @@ use crate::error::McpError;
 use crate::jsonrpc::{self, Kind};
 use crate::mcp::{accepts, check_content_type, create_session, notify, peek_error, read_body, refuse_while_draining};
 use crate::session::{Call, Command, EndReason, SessionHandle, Transport};
-use crate::sse_encode;
+use crate::sse_encode::{self, Comment};
 use crate::streams::{Batch, EventStream, Reader};
 
 #[derive(Debug, Deserialize)]
@@ -117,7 +117,7 @@ fn events(
                 }
                 out.freeze()
             }
-            Batch::Quiet => sse_encode::comment("keepalive"),
+            Batch::Quiet => Comment::Keepalive.bytes(),
             Batch::Ended | Batch::Replaced => return None,
         };
         Some((Ok(chunk), (guard, reader, None, keepalive)))

@@ -40,12 +40,22 @@ pub fn priming(id: &str) -> Bytes {
     Bytes::from(format!("id: {id}\ndata: \n\n"))
 }
 
-/// A comment line (ignored by clients; keeps proxies from timing out).
-pub fn comment(text: &'static str) -> Bytes {
-    match text {
-        "keepalive" => Bytes::from_static(b": keepalive\n\n"),
-        "stream open" => Bytes::from_static(b": stream open\n\n"),
-        other => Bytes::from(format!(": {other}\n\n")),
+/// The comment lines the gateway sends: clients ignore them, but they are
+/// bytes on the wire, which keeps proxies from timing a stream out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Comment {
+    /// After a heartbeat of silence.
+    Keepalive,
+    /// The first bytes of a stream, for revisions without priming events.
+    StreamOpen,
+}
+
+impl Comment {
+    pub fn bytes(self) -> Bytes {
+        Bytes::from_static(match self {
+            Comment::Keepalive => b": keepalive\n\n",
+            Comment::StreamOpen => b": stream open\n\n",
+        })
     }
 }
 
@@ -72,7 +82,8 @@ mod tests {
 
     #[test]
     fn comments_and_priming() {
-        assert_eq!(&comment("keepalive")[..], b": keepalive\n\n");
+        assert_eq!(&Comment::Keepalive.bytes()[..], b": keepalive\n\n");
+        assert_eq!(&Comment::StreamOpen.bytes()[..], b": stream open\n\n");
         assert_eq!(&priming("4-0")[..], b"id: 4-0\ndata: \n\n");
     }
 }
