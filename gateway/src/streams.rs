@@ -51,15 +51,14 @@ pub struct Budget {
     /// Above this, resumable-only data (events already read, finished
     /// streams) is dropped as soon as anything new is kept.
     gateway: usize,
-    /// Bytes one stream keeps before it drops events.
-    pub stream: usize,
-    /// Bytes of finished streams a session retains for resumption.
-    pub retained: usize,
+    /// Bytes one stream keeps before it drops events, and bytes of finished
+    /// streams a session retains for resumption (one stream's worth).
+    stream: usize,
 }
 
 impl Budget {
     pub fn new(gateway: usize, stream: usize) -> Self {
-        Self { used: Arc::default(), gateway, stream, retained: stream }
+        Self { used: Arc::default(), gateway, stream }
     }
 
     /// No practical limit, for tests.
@@ -447,7 +446,7 @@ impl Streams {
             while let Some((at, oldest)) = registry.finished.front() {
                 let evict = registry.finished.len() > RETAINED_STREAMS
                     || now.duration_since(*at) > RETAIN_FOR
-                    || registry.retained_bytes > self.budget.retained
+                    || registry.retained_bytes > self.budget.stream
                     || self.budget.over();
                 if !evict {
                     break;
