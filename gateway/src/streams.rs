@@ -271,10 +271,11 @@ impl EventStream {
         self.changed.notify_waiters();
     }
 
-    /// Becomes the stream's only reader. `after` is the last event the client
-    /// has (from `Last-Event-ID`); `None` starts after what earlier readers
-    /// were given. Earlier readers get [`Batch::Replaced`] from then on.
-    pub fn cursor(&self, after: Option<u64>) -> Cursor {
+    /// Becomes the stream's only reader, as [`Reader::new`] describes. HTTP
+    /// responses read through a `Reader`, which also tells the stream when
+    /// they end; this and [`EventStream::read`] are visible to the crate only
+    /// for the session's unit tests.
+    pub(crate) fn cursor(&self, after: Option<u64>) -> Cursor {
         let mut state = self.state.lock().expect("stream lock");
         state.reader += 1;
         state.reading = true;
@@ -285,7 +286,7 @@ impl EventStream {
     }
 
     /// Waits up to `quiet` for events past the cursor.
-    pub async fn read(&self, cursor: &mut Cursor, quiet: Duration) -> Batch {
+    pub(crate) async fn read(&self, cursor: &mut Cursor, quiet: Duration) -> Batch {
         let deadline = Instant::now() + quiet;
         loop {
             let notified = self.changed.notified();
@@ -325,7 +326,7 @@ impl EventStream {
     }
 
     /// The reader of `cursor` went away (its HTTP response ended).
-    pub fn release(&self, cursor: &Cursor) {
+    fn release(&self, cursor: &Cursor) {
         let mut state = self.state.lock().expect("stream lock");
         if state.reader == cursor.generation {
             state.reading = false;
@@ -348,7 +349,9 @@ pub struct Reader {
 }
 
 impl Reader {
-    /// Becomes `stream`'s reader after event `after` (see [`EventStream::cursor`]).
+    /// Becomes `stream`'s only reader, after event `after` (from
+    /// `Last-Event-ID`) or, with `None`, after what earlier readers were
+    /// given. Earlier readers get [`Batch::Replaced`] from then on.
     pub fn new(stream: Arc<EventStream>, after: Option<u64>) -> Self {
         let cursor = stream.cursor(after);
         Self { stream, cursor }
@@ -376,16 +379,9 @@ impl Drop for Reader {
 
 /// One reader's place in a stream (one HTTP response's worth).
 #[derive(Debug, Clone, Copy)]
-pub struct Cursor {
+pub(crate) struct Cursor {
     generation: u64,
     after: u64,
-}
-
-impl Cursor {
-    /// The last event number this reader has been given.
-    pub fn position(&self) -> u64 {
-        self.after
-    }
 }
 
 /// The streams of one session.
