@@ -39,8 +39,8 @@ const RETAINED_STREAMS: usize = 256;
 /// How long a finished stream stays resumable.
 const RETAIN_FOR: Duration = Duration::from_secs(300);
 /// Most bytes handed to one HTTP write: a reader that fell behind catches up
-/// in chunks, so a client that stops reading pins at most one chunk in the
-/// connection's buffers.
+/// in chunks, so a client that stops reading pins at most one chunk (or one
+/// larger message) in the connection's buffers.
 const READ_CHUNK_BYTES: usize = 1024 * 1024;
 
 /// Bytes of events the gateway keeps, across every stream of every session.
