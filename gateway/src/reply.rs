@@ -18,9 +18,10 @@ use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::StreamExt;
 use tokio::time::Instant;
 
-use crate::sse_encode;
+use crate::sse_encode::{self, Comment, Encoded};
 use crate::streams::{Batch, Event, EventStream, Reader, Streams};
 
 /// Whether the client sent one message or a batch.
@@ -158,33 +159,32 @@ fn async_stream(
     // The reader attaches now, with the response: from here on the session
     // knows a client reads this stream (see `EventStream::has_reader`).
     let state = State { reader: Reader::new(stream, after), keepalive, priming: Some(priming) };
-    futures_util::stream::unfold(state, |mut s| async move {
+    let batches = futures_util::stream::unfold(state, |mut s| async move {
         let reader = &mut s.reader;
         if let Some(priming) = s.priming.take() {
             let first = match priming {
                 Priming::Event => sse_encode::priming(&reader.stream().event_id(reader.position())),
-                Priming::Comment => sse_encode::comment("stream open"),
+                Priming::Comment => Comment::StreamOpen.bytes(),
             };
-            return Some((Ok(first), s));
+            return Some((vec![first], s));
         }
-        let chunk = match reader.read(s.keepalive).await {
-            Batch::Events(events) => {
-                let mut out = BytesMut::new();
-                for event in &events {
-                    encode(reader.stream(), event, &mut out);
-                }
-                out.freeze()
-            }
-            Batch::Quiet => sse_encode::comment("keepalive"),
+        let pieces = match reader.read(s.keepalive).await {
+            Batch::Events(events) => encode(reader.stream(), &events),
+            Batch::Quiet => vec![Comment::Keepalive.bytes()],
             Batch::Ended | Batch::Replaced => return None,
         };
-        Some((Ok(chunk), s))
-    })
+        Some((pieces, s))
+    });
+    batches.flat_map(|pieces| futures_util::stream::iter(pieces.into_iter().map(Ok)))
 }
 
-/// One SSE `message` event with its resumable id.
-fn encode(stream: &EventStream, event: &Event, out: &mut BytesMut) {
-    sse_encode::event(out, Some(&stream.event_id(event.n)), "message", &event.json);
+/// SSE `message` events with their resumable ids.
+fn encode(stream: &EventStream, events: &[Event]) -> Vec<Bytes> {
+    let mut out = Encoded::default();
+    for event in events {
+        out.event(Some(&stream.event_id(event.n)), "message", &event.json);
+    }
+    out.finish()
 }
 
 #[cfg(test)]
@@ -264,8 +264,7 @@ mod tests {
     fn line_breaks_inside_a_payload_become_separate_data_fields() {
         let streams = Streams::default();
         let stream = streams.open(1);
-        let mut out = BytesMut::new();
-        encode(&stream, &Event { n: 3, json: b("{\r\n\"id\":1}"), last: true }, &mut out);
+        let out = encode(&stream, &[Event { n: 3, json: b("{\r\n\"id\":1}"), last: true }]).concat();
         let id = stream.id();
         assert_eq!(&out[..], format!("id: {id}-3\nevent: message\ndata: {{\ndata: \"id\":1}}\n\n").as_bytes());
     }

@@ -16,7 +16,8 @@ use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+use futures_util::StreamExt;
 use serde::Deserialize;
 
 use crate::AppState;
@@ -24,7 +25,7 @@ use crate::error::McpError;
 use crate::jsonrpc::{self, Kind};
 use crate::mcp::{accepts, check_content_type, create_session, notify, peek_error, read_body, refuse_while_draining};
 use crate::session::{Call, Command, EndReason, SessionHandle, Transport};
-use crate::sse_encode;
+use crate::sse_encode::{Comment, Encoded};
 use crate::streams::{Batch, EventStream, Reader};
 
 #[derive(Debug, Deserialize)]
@@ -41,10 +42,10 @@ pub async fn open(State(state): State<AppState>, headers: HeaderMap) -> Response
         Ok(handle) => handle,
         Err(e) => return e.into_response(),
     };
-    let mut endpoint = BytesMut::new();
-    sse_encode::event(&mut endpoint, None, "endpoint", format!("/messages/?session_id={}", handle.id()).as_bytes());
+    let mut endpoint = Encoded::default();
+    endpoint.event(None, "endpoint", &Bytes::from(format!("/messages/?session_id={}", handle.id())));
     let stream = handle.streams().standalone().clone();
-    let body = events(handle, stream, endpoint.freeze(), state.config.timeouts.heartbeat);
+    let body = events(handle, stream, endpoint.finish(), state.config.timeouts.heartbeat);
     let mut response = (StatusCode::OK, Body::from_stream(body)).into_response();
     let h = response.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
@@ -100,26 +101,27 @@ impl Drop for EndOnDrop {
 fn events(
     handle: SessionHandle,
     stream: Arc<EventStream>,
-    endpoint: Bytes,
+    endpoint: Vec<Bytes>,
     keepalive: Duration,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> {
     let reader = Reader::new(stream, None);
     let state = (EndOnDrop(handle), reader, Some(endpoint), keepalive);
-    futures_util::stream::unfold(state, |(guard, mut reader, endpoint, keepalive)| async move {
+    let batches = futures_util::stream::unfold(state, |(guard, mut reader, endpoint, keepalive)| async move {
         if let Some(endpoint) = endpoint {
-            return Some((Ok(endpoint), (guard, reader, None, keepalive)));
+            return Some((endpoint, (guard, reader, None, keepalive)));
         }
-        let chunk = match reader.read(keepalive).await {
+        let pieces = match reader.read(keepalive).await {
             Batch::Events(events) => {
-                let mut out = BytesMut::new();
-                for event in events {
-                    sse_encode::event(&mut out, None, "message", &event.json);
+                let mut out = Encoded::default();
+                for event in &events {
+                    out.event(None, "message", &event.json);
                 }
-                out.freeze()
+                out.finish()
             }
-            Batch::Quiet => sse_encode::comment("keepalive"),
+            Batch::Quiet => vec![Comment::Keepalive.bytes()],
             Batch::Ended | Batch::Replaced => return None,
         };
-        Some((Ok(chunk), (guard, reader, None, keepalive)))
-    })
+        Some((pieces, (guard, reader, None, keepalive)))
+    });
+    batches.flat_map(|pieces| futures_util::stream::iter(pieces.into_iter().map(Ok)))
 }

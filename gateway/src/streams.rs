@@ -39,8 +39,8 @@ const RETAINED_STREAMS: usize = 256;
 /// How long a finished stream stays resumable.
 const RETAIN_FOR: Duration = Duration::from_secs(300);
 /// Most bytes handed to one HTTP write: a reader that fell behind catches up
-/// in chunks, so a client that stops reading pins at most one chunk in the
-/// connection's buffers.
+/// in chunks, so a client that stops reading pins at most one chunk (or one
+/// larger message) in the connection's buffers.
 const READ_CHUNK_BYTES: usize = 1024 * 1024;
 
 /// Bytes of events the gateway keeps, across every stream of every session.
@@ -51,15 +51,14 @@ pub struct Budget {
     /// Above this, resumable-only data (events already read, finished
     /// streams) is dropped as soon as anything new is kept.
     gateway: usize,
-    /// Bytes one stream keeps before it drops events.
-    pub stream: usize,
-    /// Bytes of finished streams a session retains for resumption.
-    pub retained: usize,
+    /// Bytes one stream keeps before it drops events, and bytes of finished
+    /// streams a session retains for resumption (one stream's worth).
+    stream: usize,
 }
 
 impl Budget {
     pub fn new(gateway: usize, stream: usize) -> Self {
-        Self { used: Arc::default(), gateway, stream, retained: stream }
+        Self { used: Arc::default(), gateway, stream }
     }
 
     /// No practical limit, for tests.
@@ -272,10 +271,11 @@ impl EventStream {
         self.changed.notify_waiters();
     }
 
-    /// Becomes the stream's only reader. `after` is the last event the client
-    /// has (from `Last-Event-ID`); `None` starts after what earlier readers
-    /// were given. Earlier readers get [`Batch::Replaced`] from then on.
-    pub fn cursor(&self, after: Option<u64>) -> Cursor {
+    /// Becomes the stream's only reader, as [`Reader::new`] describes. HTTP
+    /// responses read through a `Reader`, which also tells the stream when
+    /// they end; this and [`EventStream::read`] are visible to the crate only
+    /// for the session's unit tests.
+    pub(crate) fn cursor(&self, after: Option<u64>) -> Cursor {
         let mut state = self.state.lock().expect("stream lock");
         state.reader += 1;
         state.reading = true;
@@ -286,7 +286,7 @@ impl EventStream {
     }
 
     /// Waits up to `quiet` for events past the cursor.
-    pub async fn read(&self, cursor: &mut Cursor, quiet: Duration) -> Batch {
+    pub(crate) async fn read(&self, cursor: &mut Cursor, quiet: Duration) -> Batch {
         let deadline = Instant::now() + quiet;
         loop {
             let notified = self.changed.notified();
@@ -326,7 +326,7 @@ impl EventStream {
     }
 
     /// The reader of `cursor` went away (its HTTP response ended).
-    pub fn release(&self, cursor: &Cursor) {
+    fn release(&self, cursor: &Cursor) {
         let mut state = self.state.lock().expect("stream lock");
         if state.reader == cursor.generation {
             state.reading = false;
@@ -349,7 +349,9 @@ pub struct Reader {
 }
 
 impl Reader {
-    /// Becomes `stream`'s reader after event `after` (see [`EventStream::cursor`]).
+    /// Becomes `stream`'s only reader, after event `after` (from
+    /// `Last-Event-ID`) or, with `None`, after what earlier readers were
+    /// given. Earlier readers get [`Batch::Replaced`] from then on.
     pub fn new(stream: Arc<EventStream>, after: Option<u64>) -> Self {
         let cursor = stream.cursor(after);
         Self { stream, cursor }
@@ -377,16 +379,9 @@ impl Drop for Reader {
 
 /// One reader's place in a stream (one HTTP response's worth).
 #[derive(Debug, Clone, Copy)]
-pub struct Cursor {
+pub(crate) struct Cursor {
     generation: u64,
     after: u64,
-}
-
-impl Cursor {
-    /// The last event number this reader has been given.
-    pub fn position(&self) -> u64 {
-        self.after
-    }
 }
 
 /// The streams of one session.
@@ -447,7 +442,7 @@ impl Streams {
             while let Some((at, oldest)) = registry.finished.front() {
                 let evict = registry.finished.len() > RETAINED_STREAMS
                     || now.duration_since(*at) > RETAIN_FOR
-                    || registry.retained_bytes > self.budget.retained
+                    || registry.retained_bytes > self.budget.stream
                     || self.budget.over();
                 if !evict {
                     break;

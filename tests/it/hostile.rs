@@ -1,11 +1,14 @@
 //! A hostile client and a misbehaving server: every malformed request is
 //! answered at once, memory stays bounded when nobody reads, a client with no
-//! GET stream still gets the server's requests, and logs keep secrets.
+//! GET stream still gets the server's requests, logs keep secrets, and a web
+//! page whose domain was rebound to loopback is refused.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::*;
 
@@ -87,6 +90,7 @@ async fn a_flood_nobody_reads_keeps_the_gateways_memory_bounded() {
     let http = gateway.http();
     let (session, _) = http.initialize().await;
     let before = rss_of(gateway.pid()).unwrap();
+    let peak = PeakRss::watch(gateway.pid());
     // Two calls in flight, so the flood belongs to neither and goes to the GET
     // stream, which nobody opens: 200 MB that no client will ever read.
     let sleeper = tokio::spawn({
@@ -97,14 +101,9 @@ async fn a_flood_nobody_reads_keeps_the_gateways_memory_bounded() {
         let (http, session) = (http.clone(), session.clone());
         async move { http.call(&session, 2, "flood", json!({"count": 20_000, "size": 10_000})).await }
     });
-    let mut peak = 0;
-    while !flood.is_finished() {
-        peak = peak.max(rss_of(gateway.pid()).unwrap_or(0));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     let reply = flood.await.unwrap();
     assert_eq!(reply.json["result"]["content"][0]["text"], "flooded 20000", "{}", reply.text);
-    peak = peak.max(rss_of(gateway.pid()).unwrap_or(0));
+    let peak = peak.get();
     let limit = 64 * 1024 * 1024;
     assert!(peak < before + limit, "the gateway grew from {before} to {peak} bytes");
     sleeper.abort();
@@ -133,4 +132,70 @@ async fn trace_logs_hold_no_secret() {
     // Runner tokens are JWTs, whose base64 starts with `eyJ`.
     assert!(!text.contains("eyJ"), "the log holds a runner token");
     assert!(!text.lines().any(|l| l.starts_with("INFO forged")), "a log line was forged");
+}
+
+/// Sends `request` on a connection of its own and reads until `until` has
+/// arrived or, with `None`, until the gateway closes the connection.
+async fn exchange(to: SocketAddr, request: &str, until: Option<&str>) -> String {
+    let mut stream = tokio::net::TcpStream::connect(to).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            if until.is_some_and(|u| String::from_utf8_lossy(&seen).contains(u)) {
+                return;
+            }
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no answer to {request}"));
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+#[tokio::test]
+async fn an_unguarded_gateway_refuses_host_names_that_are_not_loopback() {
+    // No API_KEY, so the gateway is bound to loopback and checks `Host`.
+    let gateway = Gateway::with(Options::default().echo());
+    let to = gateway.addr();
+    let port = to.port();
+    let initialize = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}})
+    .to_string();
+    let mcp = |host: &str| {
+        format!(
+            "POST /mcp HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\naccept: {ACCEPT_BOTH}\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\n\r\n{initialize}",
+            initialize.len()
+        )
+    };
+    let sse = |host: &str| {
+        format!("GET /sse HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\naccept: text/event-stream\r\n\r\n")
+    };
+
+    // A page whose domain now resolves to 127.0.0.1 sends its own name.
+    for host in ["evil.example".to_owned(), format!("evil.example:{port}")] {
+        for request in [mcp(&host), sse(&host)] {
+            let response = exchange(to, &request, None).await;
+            assert!(response.starts_with("HTTP/1.1 403"), "Host {host}: {response}");
+            assert!(response.contains("\"code\":-32600"), "Host {host}: {response}");
+            assert!(response.contains("DNS rebinding"), "Host {host}: {response}");
+        }
+    }
+    let health: Value = reqwest::get(format!("{}/healthz", gateway.url)).await.unwrap().json().await.unwrap();
+    assert_eq!(health["sessions"], 0, "a refused request started a session");
+
+    for host in [format!("127.0.0.1:{port}"), format!("localhost:{port}"), format!("[::1]:{port}")] {
+        let response = exchange(to, &mcp(&host), None).await;
+        assert!(response.starts_with("HTTP/1.1 200"), "Host {host}: {response}");
+        assert!(response.to_ascii_lowercase().contains("mcp-session-id: "), "Host {host}: {response}");
+        // The stream stays open; reading stops at its first event.
+        let response = exchange(to, &sse(&host), Some("data: /messages/?session_id=")).await;
+        assert!(response.starts_with("HTTP/1.1 200"), "Host {host}: {response}");
+        assert!(response.contains("event: endpoint"), "Host {host}: {response}");
+    }
 }

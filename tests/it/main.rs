@@ -30,6 +30,8 @@ mod isolation;
 mod lifecycle;
 /// The main path with the rmcp client: tools, code, packages, delete.
 mod local_path;
+/// Memory under clients that do not read: slow answers, an unread `/sse` stream.
+mod memory;
 /// Runner tokens and the rendezvous handshake.
 mod rendezvous;
 /// Faults: cut sockets, dropped streams, floods, SIGTERM under load.

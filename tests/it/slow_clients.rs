@@ -21,10 +21,6 @@ const LIST: &str = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#;
 /// the deadline itself (1 s in these tests) plus generous scheduling slack.
 const CLOSE_WITHIN: Duration = Duration::from_secs(10);
 
-fn address(gateway: &Gateway) -> SocketAddr {
-    gateway.url.trim_start_matches("http://").parse().unwrap()
-}
-
 /// A connection to the gateway from the loopback address `from`.
 async fn connect_from(from: Ipv4Addr, to: SocketAddr) -> TcpStream {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -116,7 +112,7 @@ async fn session_works(http: &Http) -> String {
 async fn half_sent_heads_are_closed_at_the_header_timeout_while_others_are_served() {
     let gateway =
         Gateway::with(Options::default().echo().env("HEADER_READ_TIMEOUT", "1s").env("IDLE_CONNECTION_TIMEOUT", "60s"));
-    let to = address(&gateway);
+    let to = gateway.addr();
     let mut attackers = Vec::new();
     for _ in 0..20 {
         attackers.push(tokio::spawn(dribble_head(to, "POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\n")));
@@ -145,7 +141,7 @@ async fn half_sent_heads_are_closed_at_the_header_timeout_while_others_are_serve
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dribbled_body_gets_408_and_the_connection_is_closed() {
     let gateway = Gateway::with(Options::default().echo().env("BODY_READ_TIMEOUT", "1s"));
-    let to = address(&gateway);
+    let to = gateway.addr();
     // (framing header, first piece of body, each later piece)
     let cases =
         [("content-length: 1000", "{\"jsonrpc\":", " "), ("transfer-encoding: chunked", "1\r\n{\r\n", "1\r\n \r\n")];
@@ -184,7 +180,7 @@ async fn a_flood_from_one_address_is_capped_and_others_are_served() {
             .env("MAX_CONNECTIONS", "100")
             .env("HEADER_READ_TIMEOUT", "60s"),
     );
-    let to = address(&gateway);
+    let to = gateway.addr();
     let attacker = Ipv4Addr::new(127, 0, 0, 2);
     let mut held = Vec::new();
     for _ in 0..12 {
@@ -214,7 +210,7 @@ async fn a_flood_over_the_total_cap_leaves_healthz_and_refuses_the_rest_with_503
             .env("MAX_CONNECTIONS_PER_IP", "8")
             .env("HEADER_READ_TIMEOUT", "60s"),
     );
-    let to = address(&gateway);
+    let to = gateway.addr();
     let session = session_works(&gateway.http()).await;
     let mut held = Vec::new();
     for last in [2, 3] {
@@ -324,7 +320,7 @@ async fn a_runner_dials_back_through_the_reserve_during_a_flood() {
             .env("RUNNER_RECONNECT_GRACE", "2s"),
     );
     proxy.forward_to(&gateway.url);
-    let to = address(&gateway);
+    let to = gateway.addr();
     let session = session_works(&gateway.http()).await;
     let mut held = Vec::new();
     for last in [2, 3] {

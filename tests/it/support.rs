@@ -126,6 +126,11 @@ impl Gateway {
         i32::try_from(self.child.id()).unwrap()
     }
 
+    /// The loopback address the gateway listens on, for raw sockets.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.url.trim_start_matches("http://").parse().expect("the gateway's URL is http://<ip>:<port>")
+    }
+
     pub fn mcp_url(&self) -> String {
         format!("{}/mcp", self.url)
     }
@@ -455,4 +460,53 @@ pub fn rss_of(pid: i32) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// The highest resident memory of a process since [`PeakRss::watch`],
+/// sampled every 10 ms by a thread that stops when this is dropped.
+pub struct PeakRss {
+    peak: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sampler: Option<std::thread::JoinHandle<()>>,
+    pid: i32,
+}
+
+impl PeakRss {
+    pub fn watch(pid: i32) -> Self {
+        use std::sync::atomic::Ordering;
+        let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(rss_of(pid).unwrap_or(0)));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // A thread rather than a task: it samples on time even while the
+        // test's runtime is busy (or single-threaded and blocked).
+        let sampler = std::thread::spawn({
+            let (peak, stop) = (peak.clone(), stop.clone());
+            move || {
+                while !stop.load(Ordering::Relaxed) {
+                    peak.fetch_max(rss_of(pid).unwrap_or(0), Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        });
+        PeakRss { peak, stop, sampler: Some(sampler), pid }
+    }
+
+    /// The peak so far, counting a sample taken now.
+    pub fn get(&self) -> u64 {
+        let now = rss_of(self.pid).unwrap_or(0);
+        self.peak.fetch_max(now, std::sync::atomic::Ordering::Relaxed).max(now)
+    }
+}
+
+impl Drop for PeakRss {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(sampler) = self.sampler.take() {
+            let _ = sampler.join();
+        }
+    }
+}
+
+/// Mebibytes, for messages about memory.
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
 }
