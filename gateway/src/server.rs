@@ -233,8 +233,12 @@ pub fn main() -> anyhow::Result<()> {
 fn init_tracing() {
     let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    for cap in dynogate_shared::names::LOG_CAPS {
-        filter = filter.add_directive(cap.parse().expect("log caps are valid directives"));
+    // Only a filter that reaches `trace` needs the caps: added to a quieter
+    // one, they would raise the WebSocket library to `debug`.
+    if filter.max_level_hint().is_none_or(|level| level == tracing_subscriber::filter::LevelFilter::TRACE) {
+        for cap in dynogate_shared::names::LOG_CAPS {
+            filter = filter.add_directive(cap.parse().expect("log caps are valid directives"));
+        }
     }
     use std::io::IsTerminal;
     tracing_subscriber::fmt()

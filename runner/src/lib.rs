@@ -97,8 +97,12 @@ fn init_tracing(executor: bool) {
     let default = if executor { "warn,dynogate_runner=info" } else { "info" };
     let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    for cap in dynogate_shared::names::LOG_CAPS {
-        filter = filter.add_directive(cap.parse().expect("log caps are valid directives"));
+    // Only a filter that reaches `trace` needs the caps: added to a quieter
+    // one, they would raise the WebSocket library to `debug`.
+    if filter.max_level_hint().is_none_or(|level| level == tracing_subscriber::filter::LevelFilter::TRACE) {
+        for cap in dynogate_shared::names::LOG_CAPS {
+            filter = filter.add_directive(cap.parse().expect("log caps are valid directives"));
+        }
     }
     // stdout is the MCP wire in `exec` mode, so logs always go to stderr.
     tracing_subscriber::fmt()

@@ -27,8 +27,8 @@ pub const RUNNER_SESSION_DIR_ENV: &str = "RUNNER_SESSION_DIR";
 pub const SECRET_ENV: &[&str] =
     &[TOKEN_ENV, "API_KEY", "HEROKU_API_KEY", "RENDEZVOUS_SECRET", "REDIS_URL", "REDIS_TLS_URL", "INFERENCE_KEY"];
 
-/// Log filter directives both binaries add on top of `RUST_LOG`, whatever
-/// it says: at `trace`, the WebSocket library prints every frame and the
+/// Log filter directives both binaries add on top of a `RUST_LOG` that
+/// reaches `trace`: there, the WebSocket library prints every frame and the
 /// handshake request, which carry runner tokens (and every payload).
 pub const LOG_CAPS: &[&str] = &["tungstenite=debug", "tokio_tungstenite=debug"];
 
