@@ -51,6 +51,16 @@ pub struct Args {
     #[arg(long, env = "SPAWNER")]
     pub spawner: Option<SpawnerKind>,
 
+    /// How local runners confine their sessions: `auto` (bubblewrap where it
+    /// works, else unconfined and said loudly), `bwrap` (confined or the
+    /// gateway does not start), `off`.
+    #[arg(long, env = "SANDBOX", default_value = "auto", value_parser = str::parse::<dynogate_shared::sandbox::Mode>)]
+    pub sandbox: dynogate_shared::sandbox::Mode,
+
+    /// Serve a non-loopback address even though local sessions cannot be sandboxed.
+    #[arg(long, env = "ALLOW_UNSANDBOXED", default_value_t = false)]
+    pub allow_unsandboxed: bool,
+
     /// Path of the runner binary (default: `runner` beside this binary; on
     /// Heroku the same path inside the slug).
     #[arg(long, env = "RUNNER_BIN")]
@@ -209,6 +219,10 @@ pub struct Config {
     pub rendezvous_secret: Secret,
     pub spawner: SpawnerKind,
     pub runner_bin: PathBuf,
+    /// What the operator asked for; at start-up, what was decided
+    /// ([`crate::spawn::sandbox::decide`]): `Bwrap` or `Off`.
+    pub sandbox: dynogate_shared::sandbox::Mode,
+    pub allow_unsandboxed: bool,
     /// Set when `spawner` is Heroku.
     pub heroku: Option<Heroku>,
     pub runner_command: Option<String>,
@@ -365,6 +379,8 @@ impl Args {
             rendezvous_secret,
             spawner,
             runner_bin,
+            sandbox: self.sandbox,
+            allow_unsandboxed: self.allow_unsandboxed,
             heroku,
             runner_command: self.runner_command.filter(|c| !c.trim().is_empty()),
             limits: Limits {

@@ -175,7 +175,7 @@ fn build_spawner(config: &Config) -> anyhow::Result<Arc<dyn Spawner>> {
             };
             Arc::new(HerokuSpawner::new(api, settings))
         }
-        _ => Arc::new(LocalSpawner::new(config.runner_bin.clone(), config.runner_command.clone())),
+        _ => Arc::new(LocalSpawner::new(config.runner_bin.clone(), config.runner_command.clone(), config.sandbox)),
     })
 }
 
@@ -195,7 +195,7 @@ async fn sweep(state: AppState, interval: std::time::Duration) {
 
 /// The `gateway` binary.
 pub fn main() -> anyhow::Result<()> {
-    let config = Args::parse().validate()?;
+    let mut config = Args::parse().validate()?;
     init_tracing();
     let open_files = listen::raise_open_files_limit();
     tracing::debug!(open_files, "open-files limit");
@@ -214,6 +214,16 @@ pub fn main() -> anyhow::Result<()> {
     }
     let runtime = runtime.enable_all().build().context("cannot start the async runtime")?;
     runtime.block_on(async move {
+        // Before listening: a gateway that must not serve says so and exits.
+        config.sandbox = match config.spawner {
+            SpawnerKind::Local => {
+                let public = !config.listen.ip().is_loopback();
+                crate::spawn::sandbox::decide(&config.runner_bin, config.sandbox, public, config.allow_unsandboxed)
+                    .await?
+            }
+            // A dyno is a machine of its own.
+            SpawnerKind::Heroku => dynogate_shared::sandbox::Mode::Off,
+        };
         let listener =
             TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
         let bound: SocketAddr = listener.local_addr()?;

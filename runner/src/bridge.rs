@@ -23,6 +23,7 @@ use crate::dial;
 use crate::link::Link;
 use crate::pumps::{feed_stdin, pump_stdout};
 use crate::relay::{End, Redialer, Relay};
+use crate::sandbox::Sandbox;
 use crate::workdir::Workdir;
 
 /// How long the first dial may keep retrying an unreachable gateway.
@@ -39,7 +40,9 @@ pub async fn run(dial: Dial) -> anyhow::Result<i32> {
             .context("cannot join the session")?;
         let workdir = Workdir::open(dial.session_dir.as_deref())?;
         let link = Link::open(socket);
-        let mut server = match child::start(&dial.server, workdir.path()) {
+        let started = Sandbox::prepare(&dial.sandbox, workdir.path(), &dial.server)
+            .and_then(|sandbox| child::start(&dial.server, workdir.path(), sandbox, &dial.server_env));
+        let mut server = match started {
             Ok(server) => server,
             Err(e) => {
                 warn!(error = format!("{e:#}"), "cannot start the MCP server");

@@ -3,12 +3,15 @@
 //! The server runs in a process group of its own, so stopping it reaches
 //! everything that stayed in that group; what left it (the executor's
 //! commands, code that called `setsid`) is still below the runner, a child
-//! subreaper, and [`crate::reap`] kills it once the server is gone. Its
-//! environment is the runner's minus every secret in [`SECRET_ENV`] (on
-//! Heroku every dyno gets every config var), plus [`SESSION_DIR_ENV`]. Its
-//! stderr is copied to the runner's log, line by line, and never onto the
-//! wire.
+//! subreaper, and [`crate::reap`] kills it once the server is gone. A local
+//! runner starts it in the session's [`Sandbox`], whose PID namespace takes
+//! everything with it. Its environment is built from an allowlist of the
+//! runner's (on Heroku every dyno gets every config var; see
+//! [`passes_to_server`]) plus the names in `SERVER_ENV`, never a secret of
+//! [`SECRET_ENV`], plus [`SESSION_DIR_ENV`]. Its stderr is copied to the
+//! runner's log, line by line, and never onto the wire.
 
+use std::ffi::OsString;
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
@@ -24,7 +27,9 @@ use tokio::task::AbortHandle;
 use tracing::{Instrument, info, warn};
 
 use crate::config::ServerCommand;
+use crate::exec::env::passes_to_server;
 use crate::reap;
+use crate::sandbox::Sandbox;
 
 /// A running MCP server.
 pub struct Server {
@@ -35,18 +40,25 @@ pub struct Server {
     /// Reaps orphans that exit while the server runs (never the server itself).
     reaper: AbortHandle,
     stopped: bool,
+    /// Dropped after the server: removes the session's cgroups.
+    sandbox: Option<Sandbox>,
     pub stdin: Option<ChildStdin>,
     pub stdout: Option<ChildStdout>,
 }
 
-/// Starts `command` with `workdir` as the session's directory.
-pub fn start(command: &ServerCommand, workdir: &Path) -> anyhow::Result<Server> {
-    let mut cmd = match command {
+/// Starts `command` with `workdir` as the session's directory, in `sandbox`
+/// when there is one. `extra_env` names variables the operator passes on
+/// (`SERVER_ENV`).
+pub fn start(
+    command: &ServerCommand,
+    workdir: &Path,
+    sandbox: Option<Sandbox>,
+    extra_env: &[String],
+) -> anyhow::Result<Server> {
+    let argv: Vec<OsString> = match command {
         ServerCommand::BuiltIn => {
             let me = std::env::current_exe().context("cannot locate the runner binary")?;
-            let mut cmd = Command::new(me);
-            cmd.arg("exec").arg("--workdir").arg(workdir).current_dir(workdir);
-            cmd
+            vec![me.into(), "exec".into(), "--workdir".into(), workdir.into()]
         }
         ServerCommand::Shell(line) => {
             let line = match crate::procfile::resolve(line, Path::new("Procfile")) {
@@ -56,18 +68,24 @@ pub fn start(command: &ServerCommand, workdir: &Path) -> anyhow::Result<Server> 
                 }
                 None => line.clone(),
             };
-            let mut cmd = Command::new("sh");
-            cmd.arg("-c").arg(line);
-            cmd
+            vec!["sh".into(), "-c".into(), line.into()]
         }
-        ServerCommand::Argv(argv) => {
+        ServerCommand::Argv(argv) => argv.iter().map(OsString::from).collect(),
+    };
+    let mut cmd = match &sandbox {
+        Some(sandbox) => sandbox.command(&argv, workdir),
+        None => {
             let mut cmd = Command::new(&argv[0]);
             cmd.args(&argv[1..]);
+            if *command == ServerCommand::BuiltIn {
+                cmd.current_dir(workdir);
+            }
             cmd
         }
     };
-    for name in SECRET_ENV {
-        cmd.env_remove(name);
+    cmd.env_clear().envs(server_env(std::env::vars_os(), extra_env));
+    if let Some(sandbox) = &sandbox {
+        cmd.envs(sandbox.env(workdir)).env_remove("TMPDIR");
     }
     cmd.env(SESSION_DIR_ENV, workdir)
         .stdin(Stdio::piped())
@@ -102,7 +120,20 @@ pub fn start(command: &ServerCommand, workdir: &Path) -> anyhow::Result<Server> 
         });
         let _ = tx.send(Some(status));
     });
-    Ok(Server { stdin, stdout, pgid, exit, reaper, stopped: false })
+    Ok(Server { stdin, stdout, pgid, exit, reaper, stopped: false, sandbox })
+}
+
+/// The server's environment: the names it may see, from the runner's own.
+/// Never a secret (on a dyno every config var is in the runner's
+/// environment), even when the operator lists one.
+fn server_env(
+    vars: impl Iterator<Item = (OsString, OsString)>,
+    extra: &[String],
+) -> impl Iterator<Item = (OsString, OsString)> {
+    vars.filter(move |(name, _)| {
+        let Some(name) = name.to_str() else { return false };
+        !SECRET_ENV.contains(&name) && (passes_to_server(name) || extra.iter().any(|e| e == name))
+    })
 }
 
 impl Server {
@@ -138,6 +169,9 @@ impl Server {
         // The server is gone, so nothing new can be started below the runner
         // except by what is left there, which this kills pass after pass.
         reap::kill_descendants(Some(self.pgid)).await;
+        if let Some(sandbox) = self.sandbox.take() {
+            sandbox.kill();
+        }
         self.stopped = true;
         status
     }
@@ -161,5 +195,20 @@ impl Drop for Server {
             // One pass, without waiting: a drop cannot await the rest.
             reap::kill_descendants_once(Some(self.pgid));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_server_sees_allowlisted_names_and_the_operators_but_never_a_secret() {
+        let vars = ["PATH", "EXEC_RUN_TIMEOUT", "PIP_INDEX_URL", "DATABASE_URL", "API_KEY", "GITHUB_TOKEN", "LANG"]
+            .map(|name| (OsString::from(name), OsString::from("v")));
+        let extra = ["GITHUB_TOKEN".to_owned(), "API_KEY".to_owned()];
+        let names: Vec<String> =
+            server_env(vars.into_iter(), &extra).map(|(name, _)| name.into_string().unwrap()).collect();
+        assert_eq!(names, ["PATH", "EXEC_RUN_TIMEOUT", "PIP_INDEX_URL", "GITHUB_TOKEN", "LANG"]);
     }
 }

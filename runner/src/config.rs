@@ -30,6 +30,9 @@ pub enum Command {
     /// executor runs every command through this).
     #[command(hide = true)]
     Limit(LimitArgs),
+    /// Check what would confine a session on this machine; print it in one
+    /// line, or fail saying why nothing would.
+    SandboxCheck,
 }
 
 /// Dialing back to a gateway and bridging a stdio MCP server.
@@ -75,9 +78,83 @@ pub struct DialArgs {
     #[arg(long, env = "HEARTBEAT_INTERVAL", default_value = "20s", value_parser = dynogate_shared::duration::parse)]
     pub heartbeat: Duration,
 
+    /// Comma-separated names of variables, beyond the built-in allowlist,
+    /// that the MCP server may see (a server that needs its own API key).
+    #[arg(long, env = "SERVER_ENV", value_delimiter = ',')]
+    pub server_env: Vec<String>,
+
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
+
     /// The MCP server to bridge, as a program and its arguments (after `--`).
     #[arg(last = true)]
     pub argv: Vec<String>,
+}
+
+/// How a local runner confines its session (see [`crate::sandbox`]).
+#[derive(Debug, ClapArgs)]
+pub struct SandboxArgs {
+    /// `auto`: confine with bubblewrap where it works, else run unconfined
+    /// and say so; `bwrap`: confine or refuse the session; `off`. Default:
+    /// `auto` for a local runner, `off` on a dyno (the dyno is the machine).
+    #[arg(long = "sandbox", env = "SANDBOX", value_parser = str::parse::<crate::sandbox::Mode>)]
+    pub mode: Option<crate::sandbox::Mode>,
+
+    /// Whether sandboxed code may use the network (installs need it).
+    #[arg(long = "sandbox-network", env = "SANDBOX_NETWORK", default_value = "on", value_parser = on_off)]
+    pub network: bool,
+
+    /// Memory of all of a session's processes and files together; 0 for no limit.
+    #[arg(long, env = "SESSION_MAX_MEMORY", default_value = "2GiB", value_parser = crate::size::parse)]
+    pub session_max_memory: u64,
+
+    /// Processes and threads of a session at once; 0 for no limit.
+    #[arg(long, env = "SESSION_MAX_PROCESSES", default_value_t = 512)]
+    pub session_max_processes: u64,
+
+    /// CPU cores' worth of time a session may use; 0 for no limit.
+    #[arg(long, env = "SESSION_MAX_CPUS", default_value_t = 1.0)]
+    pub session_max_cpus: f64,
+
+    /// Paths (colon-separated) a sandboxed MCP server may also see,
+    /// read-only: files a custom server needs beyond its program.
+    #[arg(long, env = "SANDBOX_BIND", value_delimiter = ':')]
+    pub bind: Vec<PathBuf>,
+
+    /// Bytes a sandboxed session may write (its directory and its `/tmp`,
+    /// each); 0 for no limit.
+    #[arg(long, env = "SESSION_MAX_DISK", default_value = "1GiB", value_parser = crate::size::parse)]
+    pub session_max_disk: u64,
+}
+
+impl SandboxArgs {
+    pub fn validate(self, local: bool) -> anyhow::Result<crate::sandbox::Settings> {
+        use crate::sandbox::Mode;
+        if !self.session_max_cpus.is_finite() || self.session_max_cpus < 0.0 {
+            bail!("SESSION_MAX_CPUS must be a number of cores, 0 for no limit");
+        }
+        let nonzero = |n: u64| (n > 0).then_some(n);
+        Ok(crate::sandbox::Settings {
+            mode: self.mode.unwrap_or(if local { Mode::Auto } else { Mode::Off }),
+            network: self.network,
+            disk: nonzero(self.session_max_disk),
+            bind: self.bind.into_iter().filter(|p| !p.as_os_str().is_empty()).collect(),
+            limits: crate::sandbox::cgroups::SessionLimits {
+                processes: nonzero(self.session_max_processes),
+                memory: nonzero(self.session_max_memory),
+                cpus: (self.session_max_cpus > 0.0).then_some(self.session_max_cpus),
+            },
+        })
+    }
+}
+
+/// `on`/`off` (and the usual synonyms) as a flag's value.
+fn on_off(value: &str) -> Result<bool, String> {
+    match value.to_ascii_lowercase().as_str() {
+        "on" | "true" | "1" | "yes" => Ok(true),
+        "off" | "false" | "0" | "no" => Ok(false),
+        other => Err(format!("expected on or off, not {other:?}")),
+    }
 }
 
 /// Everything the bridge needs, checked.
@@ -93,6 +170,8 @@ pub struct Dial {
     pub stop_grace: Duration,
     pub heartbeat: Duration,
     pub reconnect_window: Duration,
+    pub sandbox: crate::sandbox::Settings,
+    pub server_env: Vec<String>,
 }
 
 /// Which MCP server the runner starts.
@@ -126,7 +205,10 @@ impl DialArgs {
                 None => ServerCommand::BuiltIn,
             }
         };
+        let sandbox = self.sandbox.validate(self.local)?;
         Ok(Dial {
+            sandbox,
+            server_env: self.server_env.into_iter().map(|n| n.trim().to_owned()).filter(|n| !n.is_empty()).collect(),
             local: self.local,
             rendezvous: rendezvous_url(&gateway, &session)?,
             session_dir: self.session_dir,
@@ -191,6 +273,11 @@ pub struct ExecArgs {
     #[arg(long, env = "EXEC_MAX_FILE_SIZE", default_value = "1GiB", value_parser = crate::size::parse)]
     pub max_file_size: u64,
 
+    /// Calls of one session running at once; more wait (up to four times as
+    /// many), then are refused; 0 for no limit.
+    #[arg(long, env = "EXEC_MAX_CONCURRENT_CALLS", default_value_t = 4)]
+    pub max_concurrent_calls: usize,
+
     /// How often a call that carries a progress token hears that work goes on.
     #[arg(long, env = "EXEC_PROGRESS_INTERVAL", default_value = "10s", value_parser = dynogate_shared::duration::parse)]
     pub progress_interval: Duration,
@@ -215,6 +302,7 @@ pub struct Exec {
     /// Limits on snippets (and the builds that compile them).
     pub limits: Limits,
     pub progress_interval: Duration,
+    pub max_concurrent_calls: Option<usize>,
     pub cache_dir: PathBuf,
     pub allow_package_sources: bool,
 }
@@ -241,6 +329,7 @@ impl ExecArgs {
                 file_size: nonzero(self.max_file_size),
             },
             progress_interval: self.progress_interval,
+            max_concurrent_calls: (self.max_concurrent_calls > 0).then_some(self.max_concurrent_calls),
             cache_dir: self.cache_dir.unwrap_or_else(default_cache_dir),
             allow_package_sources: self.allow_package_sources,
         })
@@ -274,9 +363,22 @@ pub struct LimitArgs {
     /// RLIMIT_FSIZE, in bytes.
     #[arg(long)]
     pub fsize: Option<u64>,
-    /// A cgroup directory to move into first.
+    /// A cgroup directory to move into first (repeatable: one per hierarchy).
     #[arg(long)]
-    pub cgroup: Option<PathBuf>,
+    pub cgroup: Vec<PathBuf>,
+    /// A directory to give to `--uid`/`--gid` before becoming them (the
+    /// sandbox's session directory, made by root).
+    #[arg(long)]
+    pub chown: Option<PathBuf>,
+    /// The user to become (needs root).
+    #[arg(long)]
+    pub uid: Option<u32>,
+    /// The group to become, with no supplementary groups (needs root).
+    #[arg(long)]
+    pub gid: Option<u32>,
+    /// Set `no_new_privs`: no setuid program can give privileges back.
+    #[arg(long)]
+    pub no_new_privs: bool,
     /// The program and its arguments.
     #[arg(last = true, required = true)]
     pub argv: Vec<OsString>,
@@ -341,14 +443,17 @@ mod tests {
 
     #[test]
     fn the_limit_shim_takes_limits_then_a_program() {
-        let Some(Command::Limit(limit)) =
-            Args::try_parse_from(["runner", "limit", "--data", "5", "--cgroup", "/cg", "--", "python3", "-c", "x"])
-                .unwrap()
-                .command
+        let Some(Command::Limit(limit)) = Args::try_parse_from([
+            "runner", "limit", "--data", "5", "--cgroup", "/cg", "--cgroup", "/m", "--uid", "7", "--", "python3", "-c",
+            "x",
+        ])
+        .unwrap()
+        .command
         else {
             panic!("not limit")
         };
-        assert_eq!((limit.data, limit.cgroup.as_deref()), (Some(5), Some(std::path::Path::new("/cg"))));
+        assert_eq!((limit.data, limit.cgroup.as_slice()), (Some(5), ["/cg".into(), "/m".into()].as_slice()));
+        assert_eq!((limit.uid, limit.gid, limit.no_new_privs), (Some(7), None, false));
         assert_eq!(limit.argv, ["python3", "-c", "x"].map(OsString::from));
         assert!(Args::try_parse_from(["runner", "limit", "--data", "5"]).is_err(), "a program is required");
     }

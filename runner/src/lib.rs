@@ -15,6 +15,8 @@
 //!   and the replay window), [`link`] (one socket) and [`pumps`] (the
 //!   server's stdin and stdout).
 //! - [`reap`]: killing and reaping everything below the runner at the end.
+//! - [`sandbox`]: the per-session sandbox of a local runner (bubblewrap,
+//!   the session's user, its cgroups).
 //! - [`exec`]: the code executor (and `runner limit`, its resource-limit shim).
 //! - [`size`]: byte sizes in config vars.
 //! - [`workdir`]: the session's private directory.
@@ -30,6 +32,7 @@ pub mod procfile;
 pub mod pumps;
 pub mod reap;
 pub mod relay;
+pub mod sandbox;
 pub mod size;
 pub mod workdir;
 
@@ -43,11 +46,17 @@ pub fn main() -> anyhow::Result<()> {
         // Nothing else may start first: this process is about to become another program.
         return exec::limits::apply_and_exec(limit);
     }
+    if let Some(config::Command::SandboxCheck) = args.command {
+        return sandbox::check();
+    }
     init_tracing(args.command.is_some());
     // ring is the one TLS backend compiled in; `wss://` dials use it.
     let _ = rustls::crypto::ring::default_provider().install_default();
     match args.command {
         Some(config::Command::Exec(exec)) => {
+            // It may hold installer credentials (`PIP_INDEX_URL`, …), and
+            // code runs as the same user.
+            forbid_inspection();
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -58,7 +67,7 @@ pub fn main() -> anyhow::Result<()> {
             runtime.shutdown_timeout(std::time::Duration::from_millis(100));
             result
         }
-        Some(config::Command::Limit(_)) => unreachable!("handled above"),
+        Some(config::Command::Limit(_) | config::Command::SandboxCheck) => unreachable!("handled above"),
         None => {
             forbid_inspection();
             // Before anything is started, so no orphan can slip past it to init.

@@ -7,17 +7,21 @@
 //!   frames, [`frame::Control`] messages in binary frames.
 //! - [`token`]: the claims inside the runner's signed token.
 //! - [`secret`]: a string wrapper whose `Debug` and `Display` never show it.
+//! - [`cgroup`]: finding this process's cgroups, and a session's cgroup name.
 //! - [`duration`]: durations as written in config vars.
 //! - [`names`]: header, query and environment names both sides must agree on,
 //!   and how a session id is shown in logs.
+//! - [`sandbox`]: `SANDBOX`, the confinement mode both sides read.
 //! - [`window`]: the replay window and acknowledgements, the same rules on
 //!   both sides of the socket.
 //!
 //! Nothing here opens a socket or a file: both binaries (and tests) link it.
 
+pub mod cgroup;
 pub mod duration;
 pub mod frame;
 pub mod names;
+pub mod sandbox;
 pub mod secret;
 pub mod token;
 pub mod window;

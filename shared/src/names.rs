@@ -32,6 +32,8 @@ pub const SECRET_ENV: &[&str] =
 /// handshake request, which carry runner tokens (and every payload).
 pub const LOG_CAPS: &[&str] = &["tungstenite=debug", "tokio_tungstenite=debug"];
 
+/// How a local runner confines its session (see [`crate::sandbox::Mode`]).
+pub const SANDBOX_ENV: &str = "SANDBOX";
 /// How a session id appears in logs: a prefix, enough to tell sessions
 /// apart. The whole id is a bearer secret (it reaches the session's answers),
 /// so a log reader must not learn it.

@@ -1,7 +1,10 @@
 //! No code outlives its session: whichever way the runner ends its MCP
 //! server (DELETE while a call runs, the server killed, its grace expiring),
 //! every process below it is gone, including code that left its process
-//! group with `setsid` and its parent with a double fork.
+//! group with `setsid` and its parent with a double fork. These run without
+//! the sandbox (`SANDBOX=off`), whose PID namespace ends everything by
+//! itself: they test the runner's own reaping, which is all there is where
+//! no sandbox can be made (see `sandbox.rs` for the sandboxed cases).
 
 use std::path::Path;
 
@@ -106,7 +109,7 @@ fn is_zombie(pid: i32) -> bool {
 #[tokio::test]
 async fn delete_mid_call_leaves_no_process_behind() {
     let dir = tempfile::tempdir().unwrap();
-    let gateway = Gateway::start();
+    let gateway = Gateway::with(Options::default().env("SANDBOX", "off"));
     let http = gateway.http();
     let (session, _) = http.initialize().await;
     let runner = runner_pids(&session)[0];
@@ -137,7 +140,7 @@ async fn delete_mid_call_leaves_no_process_behind() {
 #[tokio::test]
 async fn a_killed_server_leaves_no_process_behind() {
     let dir = tempfile::tempdir().unwrap();
-    let gateway = Gateway::start();
+    let gateway = Gateway::with(Options::default().env("SANDBOX", "off"));
     let http = gateway.http();
     let (session, _) = http.initialize().await;
     let runner = runner_pids(&session)[0];
@@ -171,7 +174,10 @@ async fn a_server_past_its_grace_leaves_no_process_behind() {
         ),
     );
     let gateway = Gateway::with(
-        Options::default().env("RUNNER_COMMAND", server.display().to_string()).env("RUNNER_STOP_GRACE", "300ms"),
+        Options::default()
+            .env("RUNNER_COMMAND", server.display().to_string())
+            .env("RUNNER_STOP_GRACE", "300ms")
+            .env("SANDBOX", "off"),
     );
     let http = gateway.http();
     let (session, _) = http.initialize().await;

@@ -9,7 +9,10 @@ use crate::support::*;
 
 #[tokio::test]
 async fn killing_the_runner_mid_call_fails_the_call_fast_and_ends_the_session() {
-    let gateway = Gateway::start();
+    // Unsandboxed, so the session's files are on the host's disk and their
+    // removal can be watched (a sandbox keeps them in its own tmpfs; see
+    // `sandbox::killed_executor_or_runner_leaves_nothing`).
+    let gateway = Gateway::with(Options::default().env("SANDBOX", "off"));
     let http = gateway.http();
     let (session, _) = http.initialize().await;
     let runner = runner_pids(&session)[0];

@@ -38,6 +38,8 @@ mod rendezvous;
 mod resilience;
 /// Where server messages go: request streams, the GET stream, batches.
 mod routing;
+/// The local sandbox tried as an attacker: secrets, other sessions, signals, limits.
+mod sandbox;
 /// Slow and greedy clients: header and body deadlines, connection caps.
 mod slow_clients;
 /// The older SSE transport, server requests, origins, the Python SDK.

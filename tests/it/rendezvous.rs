@@ -91,7 +91,7 @@ fn read_when_written(dir: &std::path::Path, name: &str) -> Option<String> {
 #[tokio::test]
 async fn a_runner_speaking_another_protocol_version_is_refused_by_name() {
     let (dir, runner) = stand_in_runner();
-    let gateway = Gateway::with(Options::default().env("RUNNER_BIN", runner.to_str().unwrap()));
+    let gateway = Gateway::with(Options::default().env("RUNNER_BIN", runner.to_str().unwrap()).env("SANDBOX", "off"));
     let http = gateway.http();
     let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}});
     let pending = tokio::spawn({
@@ -126,8 +126,12 @@ async fn a_runner_speaking_another_protocol_version_is_refused_by_name() {
 #[tokio::test]
 async fn a_runner_that_never_dials_back_ends_in_a_clear_error_and_is_killed() {
     let (dir, runner) = stand_in_runner();
-    let gateway =
-        Gateway::with(Options::default().env("RUNNER_BIN", runner.to_str().unwrap()).env("DIAL_BACK_TIMEOUT", "1s"));
+    let gateway = Gateway::with(
+        Options::default()
+            .env("RUNNER_BIN", runner.to_str().unwrap())
+            .env("SANDBOX", "off")
+            .env("DIAL_BACK_TIMEOUT", "1s"),
+    );
     let started = std::time::Instant::now();
     let reply = gateway
         .http()

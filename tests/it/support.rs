@@ -40,6 +40,10 @@ pub struct Options {
     pub api_key: Option<String>,
     /// Where the gateway's (and its runners') log goes instead of the test's stderr.
     pub log_file: Option<PathBuf>,
+    /// The gateway's working directory.
+    pub cwd: Option<PathBuf>,
+    /// Start the gateway as this user (and group of the same id), not as the test's.
+    pub user: Option<u32>,
 }
 
 impl Options {
@@ -50,6 +54,16 @@ impl Options {
 
     pub fn api_key(mut self, key: &str) -> Self {
         self.api_key = Some(key.to_owned());
+        self
+    }
+
+    pub fn cwd(mut self, dir: &std::path::Path) -> Self {
+        self.cwd = Some(dir.to_owned());
+        self
+    }
+
+    pub fn user(mut self, uid: u32) -> Self {
+        self.user = Some(uid);
         self
     }
 
@@ -95,6 +109,13 @@ impl Gateway {
         }
         for (name, value) in &options.env {
             command.env(name, value);
+        }
+        if let Some(dir) = &options.cwd {
+            command.current_dir(dir);
+        }
+        if let Some(uid) = options.user {
+            use std::os::unix::process::CommandExt;
+            command.uid(uid).gid(uid);
         }
         if let Some(path) = &options.log_file {
             command.stderr(std::fs::File::create(path).expect("create the log file"));

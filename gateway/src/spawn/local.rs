@@ -4,15 +4,18 @@
 //! kills the runner and whatever it left in its group, and nothing else. The
 //! runner inherits the gateway's environment minus every secret in
 //! [`SECRET_ENV`]; its token comes in [`TOKEN_ENV`], never on the command line.
-//! The spawner makes the session's directory and removes it once the runner
-//! has exited, however it ended: a runner killed outright cannot remove it.
+//! The spawner makes the session's directory and removes it, and the
+//! session's cgroups, once the runner has exited, however it ended: a runner
+//! killed outright cannot remove them. Runners are told whether to sandbox
+//! their session (`SANDBOX`, as [`super::sandbox`] decided).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use dynogate_shared::names::{RUNNER_SESSION_DIR_ENV, SECRET_ENV, TOKEN_ENV};
+use dynogate_shared::names::{RUNNER_SESSION_DIR_ENV, SANDBOX_ENV, SECRET_ENV, TOKEN_ENV};
+use dynogate_shared::sandbox::Mode;
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use nix::sys::signal::{Signal, kill, killpg};
@@ -31,11 +34,13 @@ const TERM_GRACE: Duration = Duration::from_secs(4);
 pub struct LocalSpawner {
     runner_bin: PathBuf,
     runner_command: Option<String>,
+    /// What [`super::sandbox::decide`] decided; runners are told.
+    sandbox: Mode,
 }
 
 impl LocalSpawner {
-    pub fn new(runner_bin: PathBuf, runner_command: Option<String>) -> Self {
-        Self { runner_bin, runner_command }
+    pub fn new(runner_bin: PathBuf, runner_command: Option<String>, sandbox: Mode) -> Self {
+        Self { runner_bin, runner_command, sandbox }
     }
 }
 
@@ -57,7 +62,10 @@ impl Spawner for LocalSpawner {
             for name in SECRET_ENV {
                 command.env_remove(name);
             }
-            command.env(TOKEN_ENV, spec.token.expose()).env(RUNNER_SESSION_DIR_ENV, workdir.path());
+            command
+                .env(TOKEN_ENV, spec.token.expose())
+                .env(RUNNER_SESSION_DIR_ENV, workdir.path())
+                .env(SANDBOX_ENV, self.sandbox.as_str());
             match &self.runner_command {
                 Some(shell) => command.env("RUNNER_COMMAND", shell),
                 None => command.env_remove("RUNNER_COMMAND"),
@@ -83,9 +91,14 @@ impl Spawner for LocalSpawner {
                     Err(e) => format!("cannot wait for it: {e}"),
                 };
                 let _ = tx.send(Some(how));
-                // Usually the runner removed it already; removing a tree can
+                // Usually the runner removed them already; removing a tree can
                 // take a while, so it happens off the runtime's threads.
-                let removed = tokio::task::spawn_blocking(move || workdir.close()).await;
+                let raw_pid = pid.as_raw().unsigned_abs();
+                let removed = tokio::task::spawn_blocking(move || {
+                    super::sandbox::remove_cgroups(raw_pid);
+                    workdir.close()
+                })
+                .await;
                 if let Ok(Err(e)) = removed
                     && e.kind() != std::io::ErrorKind::NotFound
                 {

@@ -7,9 +7,11 @@
 //!
 //! - [`local`]: `runner --local` as a child process in its own process group.
 //! - [`heroku`]: a one-off dyno per session through the Platform API.
+//! - [`sandbox`]: what confines local runners' sessions, decided at start-up.
 
 pub mod heroku;
 pub mod local;
+pub mod sandbox;
 
 use std::time::Duration;
 

@@ -19,6 +19,10 @@ use std::time::Duration;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+/// Where a sandboxed executor makes its cgroups: a pids cgroup of the
+/// session's, delegated to the session's user.
+pub const DELEGATED_ENV: &str = "EXEC_PIDS_CGROUP";
+
 /// How long removing a command's cgroup may keep retrying while the
 /// processes just killed are reaped.
 const REMOVE_PATIENCE: Duration = Duration::from_secs(5);
@@ -32,8 +36,14 @@ pub struct PidsRoot {
 
 impl PidsRoot {
     /// Makes the executor's cgroup; `None` when this machine does not allow it.
+    /// In a sandbox the runner hands the executor a pids cgroup of the
+    /// session's to make it under ([`DELEGATED_ENV`]), since the executor's
+    /// own cgroup is not writable there.
     pub fn create() -> Option<PidsRoot> {
-        let parent = locate()?;
+        let parent = match std::env::var_os(DELEGATED_ENV).filter(|dir| !dir.is_empty()) {
+            Some(dir) => PathBuf::from(dir),
+            None => locate()?,
+        };
         let dir = parent.join(format!("dynogate-exec-{}", std::process::id()));
         if std::fs::create_dir(&dir).is_err() && !dir.is_dir() {
             return None;
@@ -159,73 +169,7 @@ fn remove_now(dir: &Path, patience: Duration) {
 fn locate() -> Option<PathBuf> {
     let memberships = std::fs::read_to_string("/proc/self/cgroup").ok()?;
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    find_pids_dir(&memberships, &mounts).filter(|dir| dir.is_dir())
-}
-
-/// Pure part of [`locate`]: v1's `pids` hierarchy first, else v2's unified one.
-fn find_pids_dir(memberships: &str, mounts: &str) -> Option<PathBuf> {
-    let mut v1_path = None;
-    let mut v2_path = None;
-    for line in memberships.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
-            continue;
-        };
-        if controllers.split(',').any(|c| c == "pids") {
-            v1_path = Some(path);
-        } else if controllers.is_empty() {
-            v2_path = Some(path);
-        }
-    }
-    for line in mounts.lines() {
-        // `id parent major:minor root mount-point options [optional…] - fstype source super-options`
-        let Some((left, right)) = line.split_once(" - ") else { continue };
-        let left: Vec<&str> = left.split(' ').collect();
-        let right: Vec<&str> = right.split(' ').collect();
-        let (Some(root), Some(mount_point)) = (left.get(3), left.get(4)) else { continue };
-        let (fstype, options) = (right.first().copied(), right.get(2).copied().unwrap_or(""));
-        let path = match fstype {
-            Some("cgroup") if options.split(',').any(|o| o == "pids") => v1_path,
-            Some("cgroup2") if v1_path.is_none() => v2_path,
-            _ => None,
-        };
-        if let Some(path) = path {
-            // A mount may show only part of the hierarchy (its `root`).
-            let inside = path.strip_prefix(root).unwrap_or(path).trim_start_matches('/');
-            return Some(Path::new(mount_point).join(inside));
-        }
-    }
-    None
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MOUNTS: &str = "\
-35 25 0:31 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
-36 25 0:32 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
-40 25 0:36 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw";
-
-    #[test]
-    fn the_v1_pids_hierarchy_wins() {
-        let memberships = "8:pids:/user/1000\n4:memory:/x\n0::/";
-        assert_eq!(find_pids_dir(memberships, MOUNTS), Some(PathBuf::from("/sys/fs/cgroup/pids/user/1000")));
-    }
-
-    #[test]
-    fn v2_alone_is_used_when_there_is_no_v1_pids() {
-        let mounts = "30 1 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate";
-        assert_eq!(
-            find_pids_dir("0::/user.slice/session-1.scope", mounts),
-            Some("/sys/fs/cgroup/user.slice/session-1.scope".into())
-        );
-    }
-
-    #[test]
-    fn a_mount_of_part_of_the_hierarchy_is_followed() {
-        let mounts = "36 25 0:32 /docker/abc /sys/fs/cgroup/pids ro - cgroup cgroup rw,pids";
-        assert_eq!(find_pids_dir("3:pids:/docker/abc/inner", mounts), Some("/sys/fs/cgroup/pids/inner".into()));
-        assert_eq!(find_pids_dir("3:cpu:/", "36 25 0:32 / /x rw - cgroup cgroup rw,cpu"), None);
-    }
+    dynogate_shared::cgroup::locate(&memberships, &mounts, dynogate_shared::cgroup::Controller::Pids)
+        .map(|hierarchy| hierarchy.dir)
+        .filter(|dir| dir.is_dir())
 }

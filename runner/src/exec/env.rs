@@ -54,6 +54,21 @@ fn installer_settings(language: Language) -> (&'static [&'static str], &'static 
     }
 }
 
+/// Whether the runner passes `name` on to the MCP server it starts: what
+/// code may see, what any installer may see, the executor's own settings
+/// (`EXEC_*`), its log filter, and what a buildpack's runtime needs to start.
+pub fn passes_to_server(name: &str) -> bool {
+    const RUNTIME: &[&str] = &["RUST_LOG", "LD_LIBRARY_PATH", "PYTHONHOME"];
+    CODE_ALLOWLIST.contains(&name)
+        || INSTALL_EXTRA.contains(&name)
+        || RUNTIME.contains(&name)
+        || name.starts_with("EXEC_")
+        || Language::ALL.into_iter().any(|language| {
+            let (prefixes, names) = installer_settings(language);
+            prefixes.iter().any(|p| name.starts_with(p)) || names.contains(&name)
+        })
+}
+
 /// An environment under construction.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Env(Vec<(String, OsString)>);

@@ -94,7 +94,7 @@ pub fn shim_args(limits: &Limits, cap: &ProcessCap) -> Vec<OsString> {
 /// Returns only if something failed.
 pub fn apply_and_exec(args: LimitArgs) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
-    if let Some(dir) = &args.cgroup {
+    for dir in &args.cgroup {
         let procs = dir.join("cgroup.procs");
         std::fs::write(&procs, std::process::id().to_string())
             .with_context(|| format!("cannot join the cgroup {}", dir.display()))?;
@@ -111,9 +111,37 @@ pub fn apply_and_exec(args: LimitArgs) -> anyhow::Result<()> {
     if let Some(bytes) = args.fsize {
         set(Resource::RLIMIT_FSIZE, bytes, bytes)?;
     }
+    become_user(&args)?;
     let (program, rest) = args.argv.split_first().context("no program to run")?;
     let error = std::process::Command::new(program).args(rest).exec();
     Err(error).with_context(|| format!("cannot run {}", program.to_string_lossy()))
+}
+
+/// Hands the session directory over and becomes the session's user, for
+/// good: real, effective and saved ids all change, supplementary groups go,
+/// and with them every capability.
+fn become_user(args: &LimitArgs) -> anyhow::Result<()> {
+    use nix::unistd::{Gid, Uid, setgroups, setresgid, setresuid};
+    if let Some(dir) = &args.chown {
+        std::os::unix::fs::chown(dir, args.uid, args.gid)
+            .with_context(|| format!("cannot give {} to the session's user", dir.display()))?;
+    }
+    if let Some(gid) = args.gid {
+        let gid = Gid::from_raw(gid);
+        setgroups(&[]).context("cannot drop supplementary groups")?;
+        setresgid(gid, gid, gid).context("cannot become the session's group")?;
+    }
+    if let Some(uid) = args.uid {
+        let uid = Uid::from_raw(uid);
+        setresuid(uid, uid, uid).context("cannot become the session's user")?;
+        if setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0)).is_ok() {
+            anyhow::bail!("dropping privileges did not hold");
+        }
+    }
+    if args.no_new_privs {
+        nix::sys::prctl::set_no_new_privs().context("cannot set no_new_privs")?;
+    }
+    Ok(())
 }
 
 /// Lowers a limit; never asks for more than the current hard limit allows.

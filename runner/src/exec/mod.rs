@@ -76,6 +76,8 @@ pub struct Executor {
 
 struct Inner {
     session: Session,
+    /// Calls running at once (`EXEC_MAX_CONCURRENT_CALLS`); `None` for no cap.
+    calls: Option<Gate>,
     /// Each toolchain is looked for once, on first use (or at start-up).
     python: OnceCell<Option<python::Python>>,
     node: OnceCell<Option<node::Node>>,
@@ -87,6 +89,7 @@ impl Executor {
     pub fn new(workdir: PathBuf, settings: Exec, supervisor: Supervisor) -> Self {
         Self {
             inner: Arc::new(Inner {
+                calls: settings.max_concurrent_calls.map(Gate::new),
                 session: Session::new(workdir, settings, supervisor),
                 python: OnceCell::new(),
                 node: OnceCell::new(),
@@ -255,6 +258,18 @@ impl ServerHandler for Executor {
             Err(e) => return Ok(failure(format!("Invalid arguments for {}: {e}", request.name)).into()),
         };
         let packages = args.packages.unwrap_or_default();
+        // Extra calls wait their turn, a bounded number of them; past that
+        // they are refused at once rather than pile up.
+        let _turn = match &self.inner.calls {
+            None => None,
+            Some(gate) => tokio::select! {
+                turn = gate.enter() => match turn {
+                    Ok(turn) => Some(turn),
+                    Err(full) => return Ok(failure(full).into()),
+                },
+                () = context.ct.cancelled() => return Ok(failure("the call was cancelled".to_owned()).into()),
+            },
+        };
         let stage = Stage::default();
         let reporter = Reporter {
             peer: context.peer.clone(),
@@ -272,6 +287,74 @@ impl ServerHandler for Executor {
             Err(message) => failure(message),
         }
         .into())
+    }
+}
+
+/// At most a number of calls at once, and a bounded queue of others.
+struct Gate {
+    running: tokio::sync::Semaphore,
+    limit: usize,
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+impl Gate {
+    /// How many calls may wait, per call allowed to run.
+    const QUEUE_PER_SLOT: usize = 4;
+
+    fn new(limit: usize) -> Self {
+        Gate { running: tokio::sync::Semaphore::new(limit), limit, waiting: Default::default() }
+    }
+
+    /// A turn to run; an error naming the limit when the queue is full.
+    async fn enter(&self) -> Result<tokio::sync::SemaphorePermit<'_>, String> {
+        use std::sync::atomic::Ordering;
+        if let Ok(turn) = self.running.try_acquire() {
+            return Ok(turn);
+        }
+        let queue = self.limit * Self::QUEUE_PER_SLOT;
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= queue {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(format!(
+                "Too many calls at once in this session: {} running and {queue} waiting \
+                 (EXEC_MAX_CONCURRENT_CALLS={}); try again when one finishes",
+                self.limit, self.limit
+            ));
+        }
+        // Counted out however the wait ends, a cancelled call included.
+        struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let _waiting = Waiting(&self.waiting);
+        Ok(self.running.acquire().await.expect("the semaphore is never closed"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::FutureExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn calls_past_the_limit_wait_in_a_bounded_queue() {
+        let gate = Gate::new(1);
+        let first = gate.enter().await.unwrap();
+        let mut queued: Vec<_> = (0..Gate::QUEUE_PER_SLOT).map(|_| Box::pin(gate.enter())).collect();
+        for call in &mut queued {
+            assert!(call.as_mut().now_or_never().is_none(), "waits its turn");
+        }
+        let refused = gate.enter().now_or_never().expect("refused at once").unwrap_err();
+        assert!(refused.contains("EXEC_MAX_CONCURRENT_CALLS=1"), "{refused}");
+        // A waiting call that gives up frees its place in the queue.
+        drop(queued.pop());
+        let mut late = Box::pin(gate.enter());
+        assert!(late.as_mut().now_or_never().is_none(), "queued, not refused");
+        drop(first);
+        let turn = queued[0].as_mut().await.unwrap();
+        drop(turn);
     }
 }
 

@@ -122,6 +122,14 @@ fn dial() -> Dial {
         stop_grace: Duration::from_secs(2),
         heartbeat: HEARTBEAT,
         reconnect_window: RECONNECT_WINDOW,
+        sandbox: crate::sandbox::Settings {
+            mode: crate::sandbox::Mode::Off,
+            network: true,
+            disk: None,
+            limits: Default::default(),
+            bind: Vec::new(),
+        },
+        server_env: Vec::new(),
     }
 }
 

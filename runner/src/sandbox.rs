@@ -1,0 +1,266 @@
+//! The sandbox a local runner starts its MCP server in: one per session.
+//!
+//! Built with bubblewrap (Debian's `bubblewrap`), a small, audited tool that
+//! uses what the kernel offers: a mount namespace with the filesystem of
+//! [`mounts`] (system read-only, no other session, no home, no gateway
+//! files, the session directory a sized tmpfs), a PID namespace (code sees
+//! and can signal only its own session's processes, and when the sandbox's
+//! first process dies the kernel kills every process left in it, `setsid`
+//! escapees included), IPC and UTS namespaces, and `--die-with-parent`, so a
+//! runner SIGKILLed takes its sandbox with it. As root, bubblewrap runs
+//! without a user namespace and `runner limit` drops to the session's own
+//! unprivileged [`identity`] inside; as any other user, bubblewrap makes a
+//! user namespace and code keeps that user's id, confined by the other
+//! namespaces. Either way `no_new_privs` is set, so no setuid program gives
+//! privileges back. The session's [`cgroups`] bound all of its processes
+//! together. The network is shared unless `SANDBOX_NETWORK=off`.
+//!
+//! On a dyno (`runner` without `--local`) the dyno is the machine and there
+//! is no sandbox.
+
+pub mod cgroups;
+pub mod identity;
+pub mod mounts;
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use anyhow::{Context, bail};
+pub use dynogate_shared::sandbox::Mode;
+
+use self::cgroups::{SessionGroups, SessionLimits};
+use self::identity::Identity;
+use crate::config::ServerCommand;
+
+/// The sandbox's settings, from the runner's configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub mode: Mode,
+    pub network: bool,
+    pub disk: Option<u64>,
+    pub limits: SessionLimits,
+    /// More paths the sandbox sees, read-only (`SANDBOX_BIND`).
+    pub bind: Vec<PathBuf>,
+}
+
+/// A session's sandbox, ready to start its MCP server.
+#[derive(Debug)]
+pub struct Sandbox {
+    bwrap: PathBuf,
+    exe: PathBuf,
+    /// Set when the runner is root: who code runs as.
+    identity: Option<Identity>,
+    fs: Vec<OsString>,
+    network: bool,
+    groups: Option<SessionGroups>,
+    /// The session's pids cgroup, writable inside for the executor.
+    delegated: Option<PathBuf>,
+}
+
+impl Sandbox {
+    /// The sandbox for the session in `workdir`, `None` when there is none
+    /// (mode `off`, or `auto` where bubblewrap cannot run: logged loudly).
+    pub fn prepare(settings: &Settings, workdir: &Path, server: &ServerCommand) -> anyhow::Result<Option<Sandbox>> {
+        if settings.mode == Mode::Off {
+            return Ok(None);
+        }
+        // The gateway checked this machine at start-up and said `bwrap`;
+        // a runner started by hand (`auto`) checks for itself.
+        let found = match settings.mode {
+            Mode::Bwrap => crate::exec::process::find_program("bwrap")
+                .context("bubblewrap (`bwrap`) is not installed; on Debian or Ubuntu: apt-get install bubblewrap"),
+            _ => usable_bwrap(),
+        };
+        let bwrap = match found {
+            Ok(bwrap) => bwrap,
+            Err(e) if settings.mode == Mode::Auto => {
+                tracing::error!("code runs UNCONFINED in this session (SANDBOX=auto): {e:#}");
+                return Ok(None);
+            }
+            Err(e) => return Err(e.context("SANDBOX=bwrap, and bubblewrap cannot confine this session")),
+        };
+        let exe = std::env::current_exe().context("cannot locate the runner binary")?;
+        let pid = std::process::id();
+        let identity = nix::unistd::geteuid().is_root().then(|| {
+            let read = |file| std::fs::read_to_string(file).unwrap_or_default();
+            Identity::for_runner(pid, &read("/proc/self/uid_map"), &read("/proc/self/gid_map"))
+        });
+        // bubblewrap fails on a path that is not there: only what exists.
+        let dir = |name: &str| std::env::var_os(name).map(PathBuf::from).filter(|d| d.is_dir());
+        let fs = mounts::plan(&mounts::Inputs {
+            workdir: workdir.to_owned(),
+            disk: settings.disk,
+            runner_exe: exe.clone(),
+            path: std::env::var_os("PATH")
+                .map(|p| std::env::split_paths(&p).filter(|d| d.is_dir()).collect())
+                .unwrap_or_default(),
+            home: dir("HOME"),
+            tmpdir: dir("TMPDIR"),
+            cwd: std::env::current_dir().ok(),
+            extra: program_of(server).into_iter().chain(settings.bind.iter().cloned()).filter(|p| p.exists()).collect(),
+        });
+        let outcome = SessionGroups::create(&settings.limits, pid);
+        tracing::info!(
+            user = ?identity.map(|i| i.uid),
+            network = settings.network,
+            limits = %outcome.enforced.join(" "),
+            "session sandboxed with bubblewrap"
+        );
+        if !outcome.missing.is_empty() {
+            tracing::warn!(missing = %outcome.missing.join("; "), "some per-session limits do not hold here");
+        }
+        let delegated = outcome
+            .groups
+            .as_ref()
+            .and_then(|groups| groups.delegate_pids(identity.map(|i| i.uid)))
+            .map(Path::to_owned);
+        Ok(Some(Sandbox { bwrap, exe, identity, fs, network: settings.network, groups: outcome.groups, delegated }))
+    }
+
+    /// The command that runs `argv` in the sandbox, in `workdir`.
+    pub fn command(&self, argv: &[OsString], workdir: &Path) -> tokio::process::Command {
+        // The first process joins the session's cgroups, then becomes bubblewrap.
+        let mut command = tokio::process::Command::new(&self.exe);
+        command.arg("limit");
+        for dir in self.groups.iter().flat_map(|g| g.dirs()) {
+            command.arg("--cgroup").arg(dir);
+        }
+        command.arg("--").arg(&self.bwrap);
+        command.args(namespaces(self.identity.is_none(), self.network));
+        command.args(&self.fs);
+        if let Some(dir) = &self.delegated {
+            command.arg("--bind").arg(dir).arg(dir);
+        }
+        command.arg("--").arg(&self.exe).arg("limit").arg("--no-new-privs");
+        if let Some(identity) = self.identity {
+            command
+                .arg("--chown")
+                .arg(workdir)
+                .arg("--uid")
+                .arg(identity.uid.to_string())
+                .arg("--gid")
+                .arg(identity.gid.to_string());
+        }
+        command.arg("--").args(argv);
+        command
+    }
+
+    /// Variables the sandboxed server gets on top of its allowlisted ones:
+    /// the session's own home, caches and package-manager configuration, all
+    /// in its directory (its `/tmp` is private to the sandbox), and the
+    /// cgroup the executor may make per-command cgroups in.
+    pub fn env(&self, workdir: &Path) -> Vec<(OsString, OsString)> {
+        let cache = workdir.join(".cache");
+        let mut env: Vec<(OsString, OsString)> = vec![
+            ("HOME".into(), workdir.into()),
+            ("XDG_CACHE_HOME".into(), cache.clone().into()),
+            ("EXEC_CACHE_DIR".into(), cache.join("dynogate-exec").into()),
+        ];
+        if let Some(dir) = &self.delegated {
+            env.push((crate::exec::cgroup::DELEGATED_ENV.into(), dir.into()));
+        }
+        env
+    }
+
+    /// Kills every process the session has left.
+    pub fn kill(&self) {
+        if let Some(groups) = &self.groups {
+            groups.kill();
+        }
+    }
+}
+
+/// The file a custom MCP server starts from, so the sandbox can show it:
+/// an absolute path, or a name found on `PATH`. Files it needs beyond that
+/// (a project directory under a covered one) go in `SANDBOX_BIND`.
+fn program_of(server: &ServerCommand) -> Option<PathBuf> {
+    let first = match server {
+        ServerCommand::BuiltIn => return None,
+        ServerCommand::Argv(argv) => argv.first()?.clone(),
+        ServerCommand::Shell(line) => line.split_whitespace().next()?.to_owned(),
+    };
+    let path = PathBuf::from(&first);
+    if path.is_absolute() { Some(path) } else { crate::exec::process::find_program(&first) }
+}
+
+/// The namespace flags: a user namespace only for an unprivileged runner.
+fn namespaces(user_namespace: bool, network: bool) -> Vec<&'static str> {
+    let mut flags = vec!["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"];
+    if user_namespace {
+        // Code may not make namespaces of its own inside.
+        flags.extend(["--unshare-user", "--disable-userns"]);
+    } else {
+        // Root inside keeps only what `runner limit` needs to become the
+        // session's user.
+        flags.extend([
+            "--cap-drop",
+            "ALL",
+            "--cap-add",
+            "CAP_CHOWN",
+            "--cap-add",
+            "CAP_SETUID",
+            "--cap-add",
+            "CAP_SETGID",
+        ]);
+    }
+    if !network {
+        flags.push("--unshare-net");
+    }
+    flags.extend(["--die-with-parent", "--new-session"]);
+    flags
+}
+
+/// bubblewrap's path, once it has been seen to confine a process here.
+fn usable_bwrap() -> anyhow::Result<PathBuf> {
+    let bwrap = crate::exec::process::find_program("bwrap")
+        .context("bubblewrap (`bwrap`) is not installed; on Debian or Ubuntu: apt-get install bubblewrap")?;
+    let root = nix::unistd::geteuid().is_root();
+    let output = std::process::Command::new(&bwrap)
+        .args(namespaces(!root, true))
+        .args(["--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "--", "true"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .context("cannot run bubblewrap")?;
+    if !output.status.success() {
+        bail!(
+            "bubblewrap cannot make namespaces here ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(bwrap)
+}
+
+/// `runner sandbox-check`: prints what would protect a session on this
+/// machine, one line; fails when nothing would.
+pub fn check() -> anyhow::Result<()> {
+    let bwrap = usable_bwrap()?;
+    let who = if nix::unistd::geteuid().is_root() {
+        "code runs as an unprivileged user of its own"
+    } else {
+        "code keeps this user's id in a user namespace"
+    };
+    println!("bubblewrap ({}): mount, PID, IPC and UTS namespaces; {who}", bwrap.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_drops_to_a_user_and_others_use_a_user_namespace() {
+        let root = namespaces(false, true);
+        assert!(!root.contains(&"--unshare-user"));
+        assert!(root.windows(2).any(|w| w == ["--cap-drop", "ALL"]));
+        let user = namespaces(true, false);
+        assert!(user.contains(&"--unshare-user") && user.contains(&"--disable-userns"));
+        assert!(user.contains(&"--unshare-net"));
+        for flags in [root, user] {
+            assert!(flags.contains(&"--unshare-pid") && flags.contains(&"--die-with-parent"));
+        }
+    }
+}
