@@ -70,9 +70,19 @@ pub struct Args {
     #[arg(long, env = "HEROKU_API_KEY", hide_env_values = true)]
     pub heroku_api_key: Option<Secret>,
 
-    /// The Heroku app whose one-off dynos run the sessions (normally this app).
+    /// The gateway's own Heroku app (its slug is what runner dynos run).
     #[arg(long, env = "HEROKU_APP_NAME")]
     pub heroku_app_name: Option<String>,
+
+    /// The app whose one-off dynos run the sessions, holding no config var
+    /// (default: HEROKU_APP_NAME with `-run`, created if missing).
+    #[arg(long, env = "HEROKU_RUNNER_APP")]
+    pub heroku_runner_app: Option<String>,
+
+    /// Let HEROKU_RUNNER_APP be the gateway's own app, whose config vars
+    /// (API_KEY, HEROKU_API_KEY, …) every runner dyno then receives.
+    #[arg(long, env = "ALLOW_SHARED_RUNNER_APP", default_value_t = false)]
+    pub allow_shared_runner_app: bool,
 
     /// Base URL of the Platform API.
     #[arg(long, env = "HEROKU_API_URL", default_value = "https://api.heroku.com")]
@@ -201,6 +211,8 @@ pub enum SpawnerKind {
 pub struct Heroku {
     pub api_key: Secret,
     pub app_name: String,
+    /// Where runner dynos run.
+    pub runner_app: String,
     pub api_url: Url,
     pub dyno_size: String,
     pub dyno_ttl: Duration,
@@ -337,6 +349,11 @@ impl Args {
             SpawnerKind::Local => None,
             SpawnerKind::Heroku => Some(Heroku {
                 api_key: self.heroku_api_key.context("SPAWNER=heroku needs HEROKU_API_KEY")?,
+                runner_app: runner_app(
+                    self.heroku_app_name.as_deref(),
+                    self.heroku_runner_app.as_deref(),
+                    self.allow_shared_runner_app,
+                )?,
                 app_name: self.heroku_app_name.context("SPAWNER=heroku needs HEROKU_APP_NAME")?,
                 api_url: self.heroku_api_url,
                 dyno_size: self.dyno_size,
@@ -455,6 +472,28 @@ fn default_runner_bin() -> anyhow::Result<PathBuf> {
     Ok(me.with_file_name("runner"))
 }
 
+/// The app runner dynos run in: never the gateway's own unless allowed,
+/// since a one-off dyno receives every config var of its app.
+fn runner_app(gateway: Option<&str>, asked: Option<&str>, allow_shared: bool) -> anyhow::Result<String> {
+    let gateway = gateway.context("SPAWNER=heroku needs HEROKU_APP_NAME")?;
+    let app = match asked.map(str::trim).filter(|a| !a.is_empty()) {
+        Some(app) => app.to_owned(),
+        None => crate::spawn::heroku::runner_app::default_name(gateway),
+    };
+    if app == gateway && !allow_shared {
+        bail!(
+            "HEROKU_RUNNER_APP is the gateway's own app {gateway}: every runner dyno would receive its config vars \
+             (API_KEY, HEROKU_API_KEY, RENDEZVOUS_SECRET, add-on URLs), where executed code can read them. Leave \
+             HEROKU_RUNNER_APP unset (a separate app is created and kept on this slug), name another app, or set \
+             ALLOW_SHARED_RUNNER_APP=true"
+        );
+    }
+    if app == gateway {
+        tracing::warn!("runner dynos run in the gateway's own app: code on them can read its config vars");
+    }
+    Ok(app)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -561,5 +600,14 @@ mod tests {
         assert_eq!(url.as_str(), "http://127.0.0.1:4321/");
         let config = args(&["--gateway-url", "https://x.herokuapp.com"]).validate().unwrap();
         assert_eq!(config.runner_base_url("0.0.0.0:1".parse().unwrap()).unwrap().as_str(), "https://x.herokuapp.com/");
+    }
+
+    #[test]
+    fn runner_dynos_never_share_the_gateways_app_unless_allowed() {
+        assert_eq!(runner_app(Some("gw"), None, false).unwrap(), "gw-run");
+        assert_eq!(runner_app(Some("gw"), Some("sandbox"), false).unwrap(), "sandbox");
+        let refused = runner_app(Some("gw"), Some("gw"), false).unwrap_err().to_string();
+        assert!(refused.contains("ALLOW_SHARED_RUNNER_APP"), "{refused}");
+        assert_eq!(runner_app(Some("gw"), Some("gw"), true).unwrap(), "gw");
     }
 }

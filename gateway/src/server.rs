@@ -67,6 +67,7 @@ async fn request_span(request: Request, next: Next) -> Response {
 pub async fn serve(config: Config, listener: TcpListener, drain: CancellationToken) -> anyhow::Result<()> {
     let bound = listener.local_addr().context("listener has no address")?;
     let spawner = build_spawner(&config)?;
+    spawner.prepare().await?;
     // A token must outlive the wait for a runner's first dial or its redial,
     // plus slack; sessions hand their runner a fresh one well before expiry.
     let token_ttl = config.timeouts.dial_back.max(config.timeouts.reconnect_grace) + std::time::Duration::from_secs(60);
@@ -165,6 +166,7 @@ fn build_spawner(config: &Config) -> anyhow::Result<Arc<dyn Spawner>> {
                 heroku.app_name.clone(),
                 RetryPolicy::default(),
             )?;
+            let runners = api.for_app(&heroku.runner_app);
             let settings = HerokuSettings {
                 runner_bin: config.runner_bin.display().to_string(),
                 runner_command: config.runner_command.clone(),
@@ -173,7 +175,7 @@ fn build_spawner(config: &Config) -> anyhow::Result<Arc<dyn Spawner>> {
                 rate_limit_reserve: heroku.rate_limit_reserve,
                 watch_for: config.timeouts.dial_back,
             };
-            Arc::new(HerokuSpawner::new(api, settings))
+            Arc::new(HerokuSpawner::new(runners, api, settings))
         }
         _ => Arc::new(LocalSpawner::new(config.runner_bin.clone(), config.runner_command.clone(), config.sandbox)),
     })

@@ -1,11 +1,15 @@
 //! A fake of Heroku's Platform API that really runs dynos on this machine.
 //!
-//! `POST /apps/{app}/dynos` starts the requested command with `sh -c`, in a
-//! process group of its own, with the app's config vars plus the request's
-//! `env` (as Heroku does); `GET` reports `up` while the process runs and
-//! `down`/`crashed` after; `actions/stop` sends SIGTERM and SIGKILL after a
-//! grace, like the platform. It checks the headers the real API requires and
-//! records every call so tests can see what the gateway did.
+//! `POST /apps/{app}/dynos` starts the requested command under a launcher
+//! (`sh`, which stays its parent) in a process group of its own, with that
+//! app's config vars plus the request's `env`, both in the launcher's
+//! environment too, as Heroku's dyno launcher holds them; `GET` reports `up`
+//! while the process runs and `down`/`crashed` after; `actions/stop` sends
+//! SIGTERM and SIGKILL after a grace, like the platform. Apps can be read and
+//! created, and slugs released on them. It starts with one app, `my-app`,
+//! holding the config vars given and one release (`slug-1`). It checks the
+//! headers the real API requires and records every call so tests can see
+//! what the gateway did.
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
@@ -24,21 +28,39 @@ use serde_json::{Value, json};
 /// What the fake was asked to do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Call {
-    Create { command: String, env: BTreeMap<String, String>, body: Value },
+    Create { app: String, command: String, env: BTreeMap<String, String>, body: Value },
+    CreateApp(Value),
+    Release { app: String, slug: String },
     Stop(String),
     List,
     Get(String),
 }
 
 struct Dyno {
+    app: String,
     id: String,
     name: String,
     command: String,
     child: Child,
 }
 
+/// An app: its config vars, stack and region, and released slugs in order.
+#[derive(Default, Clone)]
+struct AppState {
+    config_vars: Vec<(String, String)>,
+    stack: String,
+    region: String,
+    slugs: Vec<String>,
+}
+
+/// The app the fake starts with, as the gateway's tests name it.
+pub const GATEWAY_APP: &str = "my-app";
+/// Where the gateway runs runner dynos by default.
+pub const RUNNER_APP: &str = "my-app-run";
+
 #[derive(Default)]
 struct Inner {
+    apps: BTreeMap<String, AppState>,
     dynos: Vec<Dyno>,
     calls: Vec<Call>,
     next: u32,
@@ -50,7 +72,6 @@ struct Inner {
 struct Fake {
     inner: Arc<Mutex<Inner>>,
     key: String,
-    config_vars: Vec<(String, String)>,
 }
 
 /// A running fake Platform API; every dyno it started is killed on drop.
@@ -61,15 +82,23 @@ pub struct FakeHeroku {
 }
 
 impl FakeHeroku {
-    /// Starts the fake. `config_vars` are what every dyno sees in its
-    /// environment, as an app's config vars are.
+    /// Starts the fake with the app [`GATEWAY_APP`], whose config vars are
+    /// `config_vars`: what each of its dynos sees in its environment.
     pub async fn start(key: &str, config_vars: &[(&str, &str)]) -> Self {
-        let fake = Fake {
-            inner: Arc::default(),
-            key: key.to_owned(),
-            config_vars: config_vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
-        };
+        let fake = Fake { inner: Arc::default(), key: key.to_owned() };
+        fake.inner.lock().unwrap().apps.insert(
+            GATEWAY_APP.to_owned(),
+            AppState {
+                config_vars: config_vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+                stack: "heroku-24".into(),
+                region: "us".into(),
+                slugs: vec!["slug-1".into()],
+            },
+        );
         let app = axum::Router::new()
+            .route("/apps", post(create_app))
+            .route("/apps/{app}", get(app_info))
+            .route("/apps/{app}/releases", get(releases).post(release))
             .route("/apps/{app}/dynos", post(create).get(list))
             .route("/apps/{app}/dynos/{id}", get(info))
             .route("/apps/{app}/dynos/{id}/actions/stop", post(stop))
@@ -96,6 +125,23 @@ impl FakeHeroku {
             .collect()
     }
 
+    /// The apps dynos were created in, in order.
+    pub fn dyno_apps(&self) -> Vec<String> {
+        self.calls()
+            .into_iter()
+            .filter_map(|c| match c {
+                Call::Create { app, .. } => Some(app),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// An app's stack and released slugs, if it exists.
+    pub fn app(&self, name: &str) -> Option<(String, Vec<String>)> {
+        let inner = self.fake.inner.lock().unwrap();
+        inner.apps.get(name).map(|app| (app.stack.clone(), app.slugs.clone()))
+    }
+
     pub fn stops(&self) -> Vec<String> {
         self.calls()
             .into_iter()
@@ -111,10 +157,12 @@ impl FakeHeroku {
         self.fake.inner.lock().unwrap().refuse = Some((status, id.to_owned(), message.to_owned()));
     }
 
-    /// Starts a dyno directly (as if created before the gateway started).
+    /// Starts a dyno of the runner app directly (as if created before the
+    /// gateway started).
     pub fn launch(&self, command: &str) -> (String, i32) {
         let mut inner = self.fake.inner.lock().unwrap();
-        let dyno = self.fake.run(&mut inner, command, &BTreeMap::new());
+        inner.apps.entry(RUNNER_APP.to_owned()).or_default();
+        let dyno = self.fake.run(&mut inner, RUNNER_APP, command, &BTreeMap::new());
         let pid = i32::try_from(dyno.child.id()).unwrap();
         let id = dyno.id.clone();
         inner.dynos.push(dyno);
@@ -139,19 +187,22 @@ impl Drop for FakeHeroku {
 }
 
 impl Fake {
-    fn run(&self, inner: &mut Inner, command: &str, env: &BTreeMap<String, String>) -> Dyno {
+    fn run(&self, inner: &mut Inner, app: &str, command: &str, env: &BTreeMap<String, String>) -> Dyno {
         use std::os::unix::process::CommandExt;
         inner.next += 1;
         let name = format!("run.{}", inner.next);
         let workdir = std::env::temp_dir();
+        let config_vars = inner.apps.get(app).map(|a| a.config_vars.clone()).unwrap_or_default();
+        // The launcher stays the command's parent (no `exec`), holding the
+        // dyno's whole environment, as Heroku's does.
         let mut cmd = Command::new("sh");
-        cmd.arg("-c").arg(command).current_dir(workdir).env_clear();
+        cmd.arg("-c").arg(format!("{command}\nexit $?")).current_dir(workdir).env_clear();
         for name in ["PATH", "HOME", "TMPDIR", "PIP_FIND_LINKS", "PIP_CERT", "PIP_DEFAULT_TIMEOUT"] {
             if let Some(value) = std::env::var_os(name) {
                 cmd.env(name, value);
             }
         }
-        cmd.envs(self.config_vars.iter().map(|(k, v)| (k, v)))
+        cmd.envs(config_vars.iter().map(|(k, v)| (k, v)))
             .envs(env)
             .env("DYNO", &name)
             .stdin(Stdio::null())
@@ -159,7 +210,7 @@ impl Fake {
             .stderr(Stdio::inherit())
             .process_group(0);
         let child = cmd.spawn().expect("the fake runs the dyno's command");
-        Dyno { id: format!("dyno-{}", inner.next), name, command: command.to_owned(), child }
+        Dyno { app: app.to_owned(), id: format!("dyno-{}", inner.next), name, command: command.to_owned(), child }
     }
 }
 
@@ -192,34 +243,118 @@ fn describe(dyno: &mut Dyno) -> Value {
         _ => "crashed",
     };
     json!({"id": dyno.id, "name": dyno.name, "state": state, "command": dyno.command, "type": "run",
-           "attach_url": null, "size": "Standard-1X", "app": {"name": "my-app"}})
+           "attach_url": null, "size": "Standard-1X", "app": {"name": dyno.app}})
 }
 
-async fn create(State(fake): State<Fake>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
+fn no_app() -> Response {
+    refusal(404, "not_found", "Couldn't find that app.")
+}
+
+fn describe_app(name: &str, app: &AppState) -> Value {
+    json!({"name": name, "stack": {"name": app.stack}, "region": {"name": app.region}})
+}
+
+async fn app_info(State(fake): State<Fake>, headers: HeaderMap, Path(app): Path<String>) -> Response {
+    if let Some(refused) = refused(&fake, &headers) {
+        return refused;
+    }
+    let inner = fake.inner.lock().unwrap();
+    match inner.apps.get(&app) {
+        Some(state) => Json(describe_app(&app, state)).into_response(),
+        None => no_app(),
+    }
+}
+
+async fn create_app(State(fake): State<Fake>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
+    if let Some(refused) = refused(&fake, &headers) {
+        return refused;
+    }
+    let mut inner = fake.inner.lock().unwrap();
+    inner.calls.push(Call::CreateApp(body.clone()));
+    let name = body["name"].as_str().unwrap_or_default().to_owned();
+    if inner.apps.contains_key(&name) {
+        return refusal(422, "invalid_params", "Name is already taken");
+    }
+    let state = AppState {
+        config_vars: Vec::new(),
+        stack: body["stack"].as_str().unwrap_or("heroku-24").to_owned(),
+        region: body["region"].as_str().unwrap_or("us").to_owned(),
+        slugs: Vec::new(),
+    };
+    let answer = describe_app(&name, &state);
+    inner.apps.insert(name, state);
+    (StatusCode::CREATED, Json(answer)).into_response()
+}
+
+async fn releases(State(fake): State<Fake>, headers: HeaderMap, Path(app): Path<String>) -> Response {
+    if let Some(refused) = refused(&fake, &headers) {
+        return refused;
+    }
+    let inner = fake.inner.lock().unwrap();
+    let Some(state) = inner.apps.get(&app) else { return no_app() };
+    // Newest first, as `Range: version ..; order=desc` asks.
+    let all: Vec<Value> = state
+        .slugs
+        .iter()
+        .enumerate()
+        .rev()
+        .map(|(i, slug)| json!({"version": i + 1, "status": "succeeded", "slug": {"id": slug}}))
+        .collect();
+    Json(all).into_response()
+}
+
+async fn release(
+    State(fake): State<Fake>,
+    headers: HeaderMap,
+    Path(app): Path<String>,
+    Json(body): Json<Value>,
+) -> Response {
+    if let Some(refused) = refused(&fake, &headers) {
+        return refused;
+    }
+    let mut inner = fake.inner.lock().unwrap();
+    let slug = body["slug"].as_str().unwrap_or_default().to_owned();
+    inner.calls.push(Call::Release { app: app.clone(), slug: slug.clone() });
+    let Some(state) = inner.apps.get_mut(&app) else { return no_app() };
+    state.slugs.push(slug.clone());
+    let version = state.slugs.len();
+    (StatusCode::CREATED, Json(json!({"version": version, "status": "succeeded", "slug": {"id": slug}})))
+        .into_response()
+}
+
+async fn create(
+    State(fake): State<Fake>,
+    headers: HeaderMap,
+    Path(app): Path<String>,
+    Json(body): Json<Value>,
+) -> Response {
     if let Some(refused) = refused(&fake, &headers) {
         return refused;
     }
     let command = body["command"].as_str().unwrap_or_default().to_owned();
     let env: BTreeMap<String, String> = serde_json::from_value(body["env"].clone()).unwrap_or_default();
     let mut inner = fake.inner.lock().unwrap();
-    inner.calls.push(Call::Create { command: command.clone(), env: env.clone(), body: body.clone() });
+    inner.calls.push(Call::Create { app: app.clone(), command: command.clone(), env: env.clone(), body: body.clone() });
     if let Some((status, id, message)) = inner.refuse.clone() {
         return refusal(status, &id, &message);
     }
-    let mut dyno = fake.run(&mut inner, &command, &env);
+    if !inner.apps.contains_key(&app) {
+        return no_app();
+    }
+    let mut dyno = fake.run(&mut inner, &app, &command, &env);
     let mut answer = describe(&mut dyno);
     answer["state"] = json!("starting");
     inner.dynos.push(dyno);
     (StatusCode::CREATED, [("ratelimit-remaining", "4000")], Json(answer)).into_response()
 }
 
-async fn list(State(fake): State<Fake>, headers: HeaderMap) -> Response {
+async fn list(State(fake): State<Fake>, headers: HeaderMap, Path(app): Path<String>) -> Response {
     if let Some(refused) = refused(&fake, &headers) {
         return refused;
     }
     let mut inner = fake.inner.lock().unwrap();
     inner.calls.push(Call::List);
-    let all: Vec<Value> = inner.dynos.iter_mut().map(describe).collect();
+    let all: Vec<Value> = inner.dynos.iter_mut().filter(|d| d.app == app).map(describe).collect();
     Json(all).into_response()
 }
 

@@ -2,7 +2,7 @@ use serde_json::json;
 
 // Multi-threaded runtimes: the fake API runs in this process and must keep
 // answering while a test thread blocks waiting for the gateway to exit.
-use crate::fake_heroku::FakeHeroku;
+use crate::fake_heroku::{FakeHeroku, GATEWAY_APP, RUNNER_APP};
 use crate::support::*;
 
 const HEROKU_KEY: &str = "heroku-platform-key";
@@ -16,9 +16,54 @@ fn heroku(fake: &FakeHeroku) -> Options {
         .env("HEROKU_API_URL", &fake.url)
 }
 
-/// The config vars a real app would have, which every dyno receives.
-fn config_vars() -> [(&'static str, &'static str); 3] {
-    [("API_KEY", CLIENT_KEY), ("HEROKU_API_KEY", HEROKU_KEY), ("RENDEZVOUS_SECRET", SECRET)]
+/// The config vars a real gateway app would have, which every dyno of that
+/// app receives.
+fn config_vars() -> [(&'static str, &'static str); 4] {
+    [
+        ("API_KEY", CLIENT_KEY),
+        ("HEROKU_API_KEY", HEROKU_KEY),
+        ("RENDEZVOUS_SECRET", SECRET),
+        ("DATABASE_URL", "postgres://u:heroku-db-password-9a1@db.example/x"),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runner_dynos_run_in_an_app_of_their_own_where_code_finds_no_secret() {
+    let fake = FakeHeroku::start(HEROKU_KEY, &config_vars()).await;
+    let gateway = Gateway::with(heroku(&fake));
+    // Made at start-up, like the gateway's app, and on its slug.
+    let client = gateway.client().await;
+    assert_eq!(fake.app(RUNNER_APP), Some(("heroku-24".to_owned(), vec!["slug-1".to_owned()])));
+    // The fake runs dynos on this machine, beside the gateway itself, so the
+    // code looks where a dyno's secrets would be: every process of its dyno,
+    // from itself up to the launcher that started the runner.
+    let snoop = r#"
+import os
+def stat(pid):
+    return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+seen, pid, launcher = [], os.getpid(), False
+while pid > 1 and not launcher:
+    cmdline = open(f"/proc/{pid}/cmdline", "rb").read().decode("latin-1")
+    launcher = ("exit " + "$?") in cmdline
+    try:
+        seen.append(open(f"/proc/{pid}/environ", "rb").read().decode("latin-1"))
+    except OSError as e:
+        seen.append(f"unreadable {pid}: {e}")
+    seen.append(cmdline)
+    pid = int(stat(pid)[1])
+print(len(seen) // 2, launcher)
+print("\n".join(seen))
+"#;
+    let result = client.call_tool(tool_call("code_exec_python", json!({"code": snoop}))).await.unwrap();
+    let printed = exec_result_of(&result)["stdout"].as_str().unwrap().to_owned();
+    let first = printed.lines().next().unwrap_or_default().to_owned();
+    assert!(first.ends_with(" True"), "the code reached its dyno's launcher: {printed}");
+    assert!(printed.contains("RUNNER_TOKEN") || printed.contains("unreadable"), "{printed}");
+    for (name, value) in config_vars() {
+        assert!(!printed.contains(value), "{name} of the gateway's app reached code on a runner dyno");
+    }
+    assert_eq!(fake.dyno_apps(), [RUNNER_APP], "no dyno in the gateway's app {GATEWAY_APP}");
+    client.cancel().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -42,6 +42,12 @@ pub enum SpawnError {
 
 /// Starts runners.
 pub trait Spawner: Send + Sync + 'static {
+    /// Gets ready to start runners, once, before the gateway serves: an
+    /// error stops the gateway with its message.
+    fn prepare(&self) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
     /// Whether a new session may start now; the message says why not.
     fn admit(&self) -> Result<(), String> {
         Ok(())

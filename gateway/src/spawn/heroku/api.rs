@@ -1,5 +1,7 @@
 //! A small client for the part of Heroku's Platform API that one-off dynos
-//! need: create, get, list and stop.
+//! need: create, get, list and stop; and for keeping the runner app in step
+//! with the gateway's (an app's info, creating an app, its latest release,
+//! releasing a slug).
 //!
 //! Every call carries the v3 `Accept` header, the bearer key and a
 //! `User-Agent`. The retry rules follow what the platform documents:
@@ -86,6 +88,39 @@ pub struct CreateDyno {
     pub time_to_live: u64,
 }
 
+/// An app as the API describes it (the fields we use).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct App {
+    pub name: String,
+    #[serde(default)]
+    pub stack: Option<Named>,
+    #[serde(default)]
+    pub region: Option<Named>,
+}
+
+/// `{"name": …}`, as stacks and regions appear in an app.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Named {
+    pub name: String,
+}
+
+/// A release as the API describes it (the fields we use).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Release {
+    #[serde(default)]
+    pub version: u64,
+    #[serde(default)]
+    pub status: String,
+    #[serde(default)]
+    pub slug: Option<Id>,
+}
+
+/// `{"id": …}`, as a release's slug appears.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Id {
+    pub id: String,
+}
+
 /// Extra retries a particular call wants for statuses that are normally final.
 #[derive(Debug, Clone, Copy, Default)]
 struct Tolerate {
@@ -128,6 +163,42 @@ impl Api {
             .build()
             .map_err(|e| anyhow::anyhow!("cannot build the Heroku API client: {e}"))?;
         Ok(Self { http, base, key, app, retry, remaining: Arc::new(AtomicI64::new(-1)) })
+    }
+
+    /// The same client (key, retries, rate-limit budget) bound to another app.
+    pub fn for_app(&self, app: &str) -> Api {
+        Api { app: app.to_owned(), ..self.clone() }
+    }
+
+    pub fn app(&self) -> &str {
+        &self.app
+    }
+
+    /// The app this client is bound to.
+    pub async fn app_info(&self) -> Result<App, ApiError> {
+        let path = format!("apps/{}", self.app);
+        parse(self.call::<()>(Method::GET, &path, None, Tolerate::default()).await?).await
+    }
+
+    /// Creates the app this client is bound to, on `stack` in `region`.
+    pub async fn create_app(&self, stack: Option<&str>, region: Option<&str>) -> Result<App, ApiError> {
+        let body = serde_json::json!({"name": self.app, "stack": stack, "region": region});
+        parse(self.call(Method::POST, "apps", Some(&body), Tolerate::default()).await?).await
+    }
+
+    /// The app's newest release that succeeded and has a slug, if any.
+    pub async fn latest_release(&self) -> Result<Option<Release>, ApiError> {
+        let path = format!("apps/{}/releases", self.app);
+        let response = self.call_with_range(&path, Some("version ..; order=desc, max=20")).await?;
+        let releases: Vec<Release> = parse(response).await?;
+        Ok(releases.into_iter().find(|r| r.status == "succeeded" && r.slug.is_some()))
+    }
+
+    /// Releases `slug` (an id from any app of the account) on this app.
+    pub async fn release_slug(&self, slug: &str, description: &str) -> Result<Release, ApiError> {
+        let path = format!("apps/{}/releases", self.app);
+        let body = serde_json::json!({"slug": slug, "description": description});
+        parse(self.call(Method::POST, &path, Some(&body), Tolerate::default()).await?).await
     }
 
     /// The last `RateLimit-Remaining` Heroku reported, if any.

@@ -1,4 +1,5 @@
-//! The Heroku spawner: each runner is a one-off dyno of the gateway's own app.
+//! The Heroku spawner: each runner is a one-off dyno of the runner app, an
+//! app apart from the gateway's that holds no secret ([`runner_app`]).
 //!
 //! A session's dyno is created detached (`attach: false`) with a command that
 //! runs the runner from the slug and names the session; the runner's token,
@@ -12,8 +13,11 @@
 //! touched.
 //!
 //! - [`api`]: the Platform API client, with its retry and rate-limit rules.
+//! - [`runner_app`]: the app runner dynos run in, created and kept on the
+//!   gateway's slug.
 
 pub mod api;
+pub mod runner_app;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -47,13 +51,18 @@ pub struct HerokuSettings {
 /// Starts runners as one-off dynos.
 #[derive(Debug, Clone)]
 pub struct HerokuSpawner {
+    /// Bound to the runner app: dynos are created, listed and stopped there.
     api: Api,
+    /// Bound to the gateway's own app, whose slug the runner app runs.
+    gateway: Api,
     settings: HerokuSettings,
 }
 
 impl HerokuSpawner {
-    pub fn new(api: Api, settings: HerokuSettings) -> Self {
-        Self { api, settings }
+    /// `api` is bound to the app runner dynos run in, `gateway` to the
+    /// gateway's own (the same app only when the operator allowed it).
+    pub fn new(api: Api, gateway: Api, settings: HerokuSettings) -> Self {
+        Self { api, gateway, settings }
     }
 
     /// The dyno's command: the runner, the marker and the session, nothing secret.
@@ -84,6 +93,10 @@ fn spawn_error(error: ApiError) -> SpawnError {
 }
 
 impl Spawner for HerokuSpawner {
+    fn prepare(&self) -> BoxFuture<'_, anyhow::Result<()>> {
+        runner_app::prepare(&self.gateway, &self.api).boxed()
+    }
+
     fn admit(&self) -> Result<(), String> {
         match self.api.remaining() {
             Some(remaining) if remaining < self.settings.rate_limit_reserve => Err(format!(

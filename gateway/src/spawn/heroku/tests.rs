@@ -20,7 +20,8 @@ fn policy() -> api::RetryPolicy {
 fn spawner(server: &MockServer) -> HerokuSpawner {
     let api = Api::new(url::Url::parse(&server.uri()).unwrap(), Secret::new(KEY), "my-app".into(), policy()).unwrap();
     HerokuSpawner::new(
-        api,
+        api.clone(),
+        api.for_app("my-gw"),
         HerokuSettings {
             runner_bin: "/app/target/release/runner".into(),
             runner_command: Some("mcp-python".into()),
@@ -287,4 +288,106 @@ async fn an_endless_dyno_list_ends_the_listing_with_an_error() {
     let api = Api::new(url::Url::parse(&server.uri()).unwrap(), Secret::new(KEY), "my-app".into(), policy()).unwrap();
     assert!(api.list_dynos().await.is_err());
     assert_eq!(pages.load(std::sync::atomic::Ordering::SeqCst), api::MAX_PAGES);
+}
+
+fn release(version: u64, slug: &str) -> Value {
+    json!({"version": version, "status": "succeeded", "slug": {"id": slug}, "description": "Deploy"})
+}
+
+#[tokio::test]
+async fn a_missing_runner_app_is_created_like_the_gateways_and_gets_its_slug() {
+    let server = MockServer::start().await;
+    let spawner = spawner(&server);
+    Mock::given(method("GET"))
+        .and(path("/apps/my-app"))
+        .respond_with(error(404, "not_found", "Couldn't find that app."))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/apps/my-gw"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"name": "my-gw", "stack": {"name": "heroku-24"}, "region": {"name": "eu"}})),
+        )
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/apps"))
+        .respond_with(ResponseTemplate::new(201).set_body_json(json!({"name": "my-app"})))
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/apps/my-gw/releases"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!([
+            {"version": 8, "status": "failed", "slug": {"id": "slug-8"}},
+            release(7, "slug-7"),
+        ])))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/apps/my-app/releases"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!([])))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/apps/my-app/releases"))
+        .respond_with(ResponseTemplate::new(201).set_body_json(release(1, "slug-7")))
+        .expect(1)
+        .mount(&server)
+        .await;
+    spawner.prepare().await.unwrap();
+    let all = requests(&server).await;
+    let create = all.iter().find(|r| r.method.as_str() == "POST" && r.url.path() == "/apps").unwrap();
+    let body: Value = serde_json::from_slice(&create.body).unwrap();
+    assert_eq!(body, json!({"name": "my-app", "stack": "heroku-24", "region": "eu"}));
+    let released = all.iter().find(|r| r.method.as_str() == "POST" && r.url.path() == "/apps/my-app/releases").unwrap();
+    let body: Value = serde_json::from_slice(&released.body).unwrap();
+    assert_eq!(body["slug"], "slug-7", "the newest release that succeeded, not the failed one");
+    let listing = all.iter().find(|r| r.url.path() == "/apps/my-gw/releases").unwrap();
+    assert_eq!(listing.headers.get("range").unwrap(), "version ..; order=desc, max=20");
+}
+
+#[tokio::test]
+async fn a_runner_app_on_the_gateways_slug_is_left_alone() {
+    let server = MockServer::start().await;
+    let spawner = spawner(&server);
+    Mock::given(method("GET"))
+        .and(path("/apps/my-app"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"name": "my-app"})))
+        .mount(&server)
+        .await;
+    for app in ["my-gw", "my-app"] {
+        Mock::given(method("GET"))
+            .and(path(format!("/apps/{app}/releases")))
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!([release(3, "slug-3")])))
+            .mount(&server)
+            .await;
+    }
+    Mock::given(method("POST")).respond_with(error(500, "x", "no writes expected")).expect(0).mount(&server).await;
+    spawner.prepare().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_runner_app_that_cannot_be_created_stops_the_gateway_with_the_reason() {
+    let server = MockServer::start().await;
+    let spawner = spawner(&server);
+    Mock::given(method("GET"))
+        .and(path("/apps/my-app"))
+        .respond_with(error(404, "not_found", "Couldn't find that app."))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/apps/my-gw"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"name": "my-gw"})))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/apps"))
+        .respond_with(error(422, "invalid_params", "Name is already taken"))
+        .mount(&server)
+        .await;
+    let error = format!("{:#}", spawner.prepare().await.unwrap_err());
+    assert!(error.contains("HEROKU_RUNNER_APP") && error.contains("Name is already taken"), "{error}");
+    assert!(!error.contains(KEY));
 }
