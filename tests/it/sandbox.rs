@@ -436,4 +436,15 @@ async fn an_unprivileged_gateway_confines_its_sessions_too() {
     }
     let probe = python(&http, &a, 2, &format!("import os\nprint(os.path.exists({dir_b:?}))")).await;
     assert_eq!(stdout(&probe), "False");
+    // Code runs as the gateway's own user here, yet cannot plant anything
+    // in B's home nor signal anything outside its session.
+    let plant = "import os, site\nd = site.getusersitepackages()\nos.makedirs(d, exist_ok=True)\n\
+                 open(os.path.join(d, 'usercustomize.py'), 'w').write(\"print('PLANTED')\")\nprint('ok')";
+    python(&http, &a, 3, plant).await;
+    let clean = python(&http, &b, 2, "print('b')").await;
+    assert_eq!(stdout(&clean), "b", "A's plant ran in B");
+    let _ =
+        http.call(&a, 4, "code_exec_python", json!({ "code": "import os, signal; os.kill(-1, signal.SIGKILL)" })).await;
+    assert!(!gone(gateway.pid()), "the gateway was killed");
+    assert_eq!(stdout(&python(&http, &b, 3, "print('b lives')").await), "b lives");
 }
