@@ -118,7 +118,7 @@ pub struct SandboxArgs {
 
     /// Paths (colon-separated) a sandboxed MCP server may also see,
     /// read-only: files a custom server needs beyond its program.
-    #[arg(long, env = "SANDBOX_BIND", value_delimiter = ':')]
+    #[arg(long = "sandbox-bind", env = "SANDBOX_BIND", value_delimiter = ':')]
     pub bind: Vec<PathBuf>,
 
     /// Bytes a sandboxed session may write (its directory and its `/tmp`,
