@@ -469,3 +469,41 @@ async fn the_gateway_lists_every_installed_language_and_relays_progress() {
     let progress = reply.events().iter().filter(|e| e["method"] == "notifications/progress").count();
     assert!(progress >= 2, "progress reaches the client on the request's stream: {}", reply.text);
 }
+
+/// A `python3` that starts only with the `LD_LIBRARY_PATH` its runtime needs,
+/// as Heroku's shared-library Python does (its `.profile.d` script sets it).
+fn python_needing_its_library_path() -> (tempfile::TempDir, String) {
+    let real = std::env::split_paths(&std::env::var_os("PATH").unwrap())
+        .map(|dir| dir.join("python3"))
+        .find(|p| p.is_file())
+        .expect("python3 on PATH");
+    let (dir, _) = script(
+        "python3",
+        &format!(
+            "case \"$LD_LIBRARY_PATH\" in *\"/opt/dynogate-test-python/lib\"*) ;; *)\n\
+             echo 'python3: error while loading shared libraries: libpython3.12.so.1.0: cannot open shared object file' >&2\n\
+             exit 127 ;;\nesac\nexec \"{}\" \"$@\"",
+            real.display()
+        ),
+    );
+    let path = format!("{}:/usr/local/bin:/usr/bin:/bin", dir.path().display());
+    (dir, path)
+}
+
+#[tokio::test]
+async fn a_buildpack_python_runs_with_its_library_path_and_is_not_offered_without_it() {
+    if !have("python3") {
+        return;
+    }
+    let (_dir, path) = python_needing_its_library_path();
+    let mut broken = Exec::start(&[("PATH", &path)]).await;
+    assert!(!broken.tools().await.contains(&"code_exec_python".to_owned()), "a python that cannot start is offered");
+
+    let library = "/opt/dynogate-test-python/lib";
+    let mut exec = Exec::start(&[("PATH", &path), ("LD_LIBRARY_PATH", library), ("API_KEY", "must-not-leak")]).await;
+    assert!(exec.tools().await.contains(&"code_exec_python".to_owned()));
+    let seen = exec
+        .run("code_exec_python", "import os; print(os.environ.get('LD_LIBRARY_PATH'), os.environ.get('API_KEY'))", &[])
+        .await;
+    assert_eq!(seen["stdout"], format!("{library} None"), "{seen}");
+}

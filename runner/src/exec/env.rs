@@ -5,6 +5,9 @@
 //! `REDIS_URL`, or any other config var. Installers additionally get their
 //! own tool's settings (`PIP_*`, `UV_*`, `npm_config_*`, `GOPROXY`, …),
 //! proxies and CA bundles, so that mirrors and corporate proxies keep working.
+//! Both keep what an interpreter installed by a buildpack needs to start
+//! ([`RUNTIME_PATHS`]): Heroku's Python is a shared library found through
+//! `LD_LIBRARY_PATH`, and cannot start without it.
 
 use std::ffi::{OsStr, OsString};
 use std::path::Path;
@@ -14,6 +17,12 @@ use super::tools::Language;
 /// Variables code may see, when the executor has them.
 const CODE_ALLOWLIST: &[&str] =
     &["PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TERM", "USER", "LOGNAME", "TMPDIR"];
+
+/// Where a buildpack's runtime finds itself: set by its `.profile.d` script
+/// on a dyno, passed to code and installers when the executor has them.
+/// `LIBRARY_PATH` lets native builds link against that runtime.
+pub const RUNTIME_PATHS: &[&str] =
+    &["LD_LIBRARY_PATH", "LIBRARY_PATH", "PYTHONHOME", "GEM_PATH", "NODE_HOME", "GOROOT"];
 
 /// Names every installer may also see.
 const INSTALL_EXTRA: &[&str] = &[
@@ -58,10 +67,10 @@ fn installer_settings(language: Language) -> (&'static [&'static str], &'static 
 /// code may see, what any installer may see, the executor's own settings
 /// (`EXEC_*`), its log filter, and what a buildpack's runtime needs to start.
 pub fn passes_to_server(name: &str) -> bool {
-    const RUNTIME: &[&str] = &["RUST_LOG", "LD_LIBRARY_PATH", "PYTHONHOME"];
     CODE_ALLOWLIST.contains(&name)
+        || RUNTIME_PATHS.contains(&name)
         || INSTALL_EXTRA.contains(&name)
-        || RUNTIME.contains(&name)
+        || name == "RUST_LOG"
         || name.starts_with("EXEC_")
         || Language::ALL.into_iter().any(|language| {
             let (prefixes, names) = installer_settings(language);
@@ -76,7 +85,13 @@ pub struct Env(Vec<(String, OsString)>);
 impl Env {
     /// What code sees: the allowlisted variables the executor has.
     pub fn for_code() -> Env {
-        Env(CODE_ALLOWLIST.iter().filter_map(|name| Some(((*name).to_owned(), std::env::var_os(name)?))).collect())
+        Env::for_code_from(|name| std::env::var_os(name))
+    }
+
+    /// [`Env::for_code`] from any source of variables.
+    fn for_code_from(get: impl Fn(&str) -> Option<OsString>) -> Env {
+        let names = CODE_ALLOWLIST.iter().chain(RUNTIME_PATHS);
+        Env(names.filter_map(|name| Some(((*name).to_owned(), get(name)?))).collect())
     }
 
     /// What `language`'s installer (or compiler) sees.
@@ -131,9 +146,25 @@ mod tests {
     fn code_sees_only_allowlisted_names_and_its_own_dirs_first() {
         let env = Env::for_code().prepend_path(Path::new("/s/.venv/bin")).set("VIRTUAL_ENV", "/s/.venv");
         for (name, _) in env.0.iter() {
-            assert!(CODE_ALLOWLIST.contains(&name.as_str()) || name == "VIRTUAL_ENV", "{name}");
+            let name = name.as_str();
+            assert!(CODE_ALLOWLIST.contains(&name) || RUNTIME_PATHS.contains(&name) || name == "VIRTUAL_ENV", "{name}");
         }
         assert!(env.get("PATH").unwrap().to_string_lossy().starts_with("/s/.venv/bin"));
+    }
+
+    #[test]
+    fn a_buildpacks_runtime_paths_reach_code_and_secrets_do_not() {
+        let given = |name: &str| match name {
+            "LD_LIBRARY_PATH" => Some(OsString::from("/app/.heroku/python/lib")),
+            "PYTHONHOME" => Some(OsString::from("/app/.heroku/python")),
+            "API_KEY" | "DATABASE_URL" => Some(OsString::from("secret")),
+            _ => None,
+        };
+        let env = Env::for_code_from(given);
+        assert_eq!(env.get("LD_LIBRARY_PATH").unwrap(), "/app/.heroku/python/lib");
+        assert_eq!(env.get("PYTHONHOME").unwrap(), "/app/.heroku/python");
+        assert!(env.get("API_KEY").is_none() && env.get("DATABASE_URL").is_none());
+        assert!(passes_to_server("LD_LIBRARY_PATH") && passes_to_server("GEM_PATH"));
     }
 
     #[test]

@@ -44,8 +44,8 @@ impl Python {
     /// Looks for `python3` and `uv`; `None` when there is no Python.
     pub async fn discover(supervisor: &Supervisor) -> Option<Python> {
         let shim = process::find_program("python3")?;
-        let resolved = Session::probe(supervisor, &shim, &["-c", "import sys; print(sys.executable)"]).await;
-        let interpreter = resolved.map(|out| PathBuf::from(out.trim())).filter(|p| p.is_absolute()).unwrap_or(shim);
+        let resolved = Session::probe(supervisor, &shim, &["-c", "import sys; print(sys.executable)"]).await?;
+        let interpreter = Some(PathBuf::from(resolved.trim())).filter(|p| p.is_absolute()).unwrap_or(shim);
         let uv = process::find_program("uv");
         tracing::debug!(interpreter = %interpreter.display(), uv = ?uv, "python found");
         Some(Python { interpreter, uv, lock: Mutex::new(()) })

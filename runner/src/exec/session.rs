@@ -127,7 +127,19 @@ impl Session {
             limits: None,
         };
         let out = supervisor.run(&job).await.ok()?;
-        (out.code == 0 && !out.timed_out).then_some(out.stdout)
+        if out.code == 0 && !out.timed_out {
+            return Some(out.stdout);
+        }
+        // Present but broken (a buildpack's interpreter without its
+        // LD_LIBRARY_PATH, say): say so, since its tool is then not offered.
+        let why = out.stderr.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("no message");
+        tracing::warn!(
+            program = %program.display(),
+            code = out.code,
+            timed_out = out.timed_out,
+            "found on PATH but cannot start, so its tool is not offered: {why}"
+        );
+        None
     }
 }
 
