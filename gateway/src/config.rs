@@ -25,7 +25,8 @@ pub struct Args {
     #[arg(long, env = "PORT", default_value_t = 8000)]
     pub port: u16,
 
-    /// Address to bind. Defaults to 0.0.0.0 when API_KEY is set, else 127.0.0.1.
+    /// Address to bind. Defaults to `::` (IPv6 and IPv4, as Fir's web dynos
+    /// require) when API_KEY is set, else 127.0.0.1.
     #[arg(long, env = "BIND_ADDRESS")]
     pub bind: Option<IpAddr>,
 
@@ -293,7 +294,7 @@ impl Args {
     /// Checks the arguments and turns them into a [`Config`].
     pub fn validate(self) -> anyhow::Result<Config> {
         let bind = self.bind.unwrap_or(if self.api_key.is_some() {
-            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+            IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
         } else {
             IpAddr::V4(Ipv4Addr::LOCALHOST)
         });

@@ -6,7 +6,7 @@
 //! and ends every session (runners told to stop, processes reaped) inside
 //! Heroku's 30 s; [`main`] is the binary: configuration, logging, signals.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -67,12 +67,12 @@ async fn request_span(request: Request, next: Next) -> Response {
 pub async fn serve(config: Config, listener: TcpListener, drain: CancellationToken) -> anyhow::Result<()> {
     let bound = listener.local_addr().context("listener has no address")?;
     let spawner = build_spawner(&config)?;
-    spawner.prepare().await?;
+    let learned_url = spawner.prepare().await?;
     // A token must outlive the wait for a runner's first dial or its redial,
     // plus slack; sessions hand their runner a fresh one well before expiry.
     let token_ttl = config.timeouts.dial_back.max(config.timeouts.reconnect_grace) + std::time::Duration::from_secs(60);
     let state = AppState::new(crate::Shared {
-        runner_url: config.runner_base_url(bound),
+        runner_url: config.runner_base_url(bound).or(learned_url),
         api_key: config.api_key.as_ref().map(auth::ApiKey::new),
         sessions: crate::sessions::Sessions::new(config.limits.max_sessions),
         spawner,
@@ -83,8 +83,9 @@ pub async fn serve(config: Config, listener: TcpListener, drain: CancellationTok
         tracker: TaskTracker::new(),
         config: Arc::new(config),
     });
-    if state.runner_url.is_none() {
-        warn!("{}", crate::config::NO_PUBLIC_URL);
+    match &state.runner_url {
+        None => warn!("{}", crate::config::NO_PUBLIC_URL),
+        Some(url) => info!(%url, "runners dial back to this URL"),
     }
     let tracker = state.tracker.clone();
     if let Some(heroku) = &state.config.heroku {
@@ -226,8 +227,16 @@ pub fn main() -> anyhow::Result<()> {
             // A dyno is a machine of its own.
             SpawnerKind::Heroku => dynogate_shared::sandbox::Mode::Off,
         };
-        let listener =
-            TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
+        let listener = match TcpListener::bind(config.listen).await {
+            Ok(listener) => listener,
+            // A machine without IPv6 still serves IPv4 on the default bind.
+            Err(e) if config.listen.ip() == IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) => {
+                warn!("cannot listen on {} ({e}); listening on IPv4 only", config.listen);
+                let v4 = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), config.listen.port());
+                TcpListener::bind(v4).await.with_context(|| format!("cannot listen on {v4}"))?
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot listen on {}", config.listen)),
+        };
         let bound: SocketAddr = listener.local_addr()?;
         info!(
             auth = if config.api_key.is_some() { "api key" } else { "none (loopback only)" },

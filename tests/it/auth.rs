@@ -68,3 +68,51 @@ fn a_public_bind_without_a_key_is_refused_with_a_clear_message() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("without API_KEY") && stderr.contains("--allow-unauthenticated"), "{stderr}");
 }
+
+/// A gateway with a key listens on every address, IPv6 and IPv4 alike (Fir's
+/// web dynos require `::`), and its local runners dial back on loopback.
+#[tokio::test]
+async fn a_public_gateway_serves_ipv6_and_ipv4() {
+    use std::io::BufRead;
+    // reqwest is built without a default TLS backend.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut child = std::process::Command::new(GATEWAY)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("PORT", "0")
+        .env("API_KEY", KEY)
+        .env("RUNNER_BIN", RUNNER)
+        .env("RUNNER_COMMAND", ECHO)
+        .env("RENDEZVOUS_SECRET", SECRET)
+        .env("ALLOW_UNSANDBOXED", "true")
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the gateway");
+    // SIGTERM, so the gateway ends its sessions and their runners first.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(self.0.id()).unwrap());
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let _ = self.0.wait();
+        }
+    }
+    let stdout = child.stdout.take().unwrap();
+    let guard = Kill(child);
+    let line = std::io::BufReader::new(stdout).lines().next().expect("a first line").unwrap();
+    let bound = line.rsplit(' ').next().unwrap().to_owned();
+    let port = bound.rsplit(':').next().unwrap().to_owned();
+    assert!(bound.starts_with("http://[::]:") || bound.starts_with("http://0.0.0.0:"), "{line}");
+    let v6 = bound.starts_with("http://[::]:");
+    let hosts = if v6 { vec!["127.0.0.1", "[::1]"] } else { vec!["127.0.0.1"] };
+    for host in hosts {
+        let http = Http::new(format!("http://{host}:{port}/mcp"), Some(KEY.to_owned()));
+        let (session, _) = http.initialize().await;
+        let reply = http.call(&session, 1, "echo", json!({"text": host})).await;
+        assert_eq!(reply.json["result"]["content"][0]["text"], host, "{host}: {}", reply.text);
+    }
+    drop(guard);
+}

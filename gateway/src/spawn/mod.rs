@@ -43,9 +43,10 @@ pub enum SpawnError {
 /// Starts runners.
 pub trait Spawner: Send + Sync + 'static {
     /// Gets ready to start runners, once, before the gateway serves: an
-    /// error stops the gateway with its message.
-    fn prepare(&self) -> BoxFuture<'_, anyhow::Result<()>> {
-        Box::pin(std::future::ready(Ok(())))
+    /// error stops the gateway with its message. Returns the gateway's public
+    /// URL when the spawner learned it (Heroku's `web_url`).
+    fn prepare(&self) -> BoxFuture<'_, anyhow::Result<Option<Url>>> {
+        Box::pin(std::future::ready(Ok(None)))
     }
 
     /// Whether a new session may start now; the message says why not.

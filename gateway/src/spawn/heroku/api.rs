@@ -96,6 +96,21 @@ pub struct App {
     pub stack: Option<Named>,
     #[serde(default)]
     pub region: Option<Named>,
+    /// `https://<app>-<hex>.herokuapp.com/` for apps made since 2023.
+    #[serde(default)]
+    pub web_url: Option<String>,
+    /// `cedar` or `fir`.
+    #[serde(default)]
+    pub generation: Option<Named>,
+}
+
+impl App {
+    /// Whether the app is built with Cloud Native Buildpacks (Fir, or a
+    /// `cnb` stack), whose dyno commands run through `launcher`.
+    pub fn is_cnb(&self) -> bool {
+        self.stack.as_ref().is_some_and(|s| s.name == "cnb")
+            || self.generation.as_ref().is_some_and(|g| g.name == "fir")
+    }
 }
 
 /// `{"name": …}`, as stacks and regions appear in an app.

@@ -22,6 +22,7 @@ pub mod runner_app;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use anyhow::Context;
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use tokio::time::Instant;
@@ -56,18 +57,23 @@ pub struct HerokuSpawner {
     /// Bound to the gateway's own app, whose slug the runner app runs.
     gateway: Api,
     settings: HerokuSettings,
+    /// Set at start-up when the app runs on Cloud Native Buildpacks.
+    cnb: std::sync::Arc<std::sync::OnceLock<bool>>,
 }
 
 impl HerokuSpawner {
     /// `api` is bound to the app runner dynos run in, `gateway` to the
     /// gateway's own (the same app only when the operator allowed it).
     pub fn new(api: Api, gateway: Api, settings: HerokuSettings) -> Self {
-        Self { api, gateway, settings }
+        Self { api, gateway, settings, cnb: Default::default() }
     }
 
-    /// The dyno's command: the runner, the marker and the session, nothing secret.
+    /// The dyno's command: the runner, the marker and the session, nothing
+    /// secret; through `launcher` on a Cloud Native Buildpacks app, which is
+    /// what sets up the runtime's environment there.
     pub fn command(&self, session: &str) -> String {
-        format!("{} {MARKER} --session {session}", self.settings.runner_bin)
+        let launcher = if self.cnb.get() == Some(&true) { "launcher " } else { "" };
+        format!("{launcher}{} {MARKER} --session {session}", self.settings.runner_bin)
     }
 }
 
@@ -93,8 +99,21 @@ fn spawn_error(error: ApiError) -> SpawnError {
 }
 
 impl Spawner for HerokuSpawner {
-    fn prepare(&self) -> BoxFuture<'_, anyhow::Result<()>> {
-        runner_app::prepare(&self.gateway, &self.api).boxed()
+    fn prepare(&self) -> BoxFuture<'_, anyhow::Result<Option<url::Url>>> {
+        async move {
+            let own = self
+                .gateway
+                .app_info()
+                .await
+                .with_context(|| format!("cannot read the gateway's app {}", self.gateway.app()))?;
+            if own.is_cnb() {
+                info!("the app is built with Cloud Native Buildpacks: runner dynos start through `launcher`");
+                let _ = self.cnb.set(true);
+            }
+            runner_app::prepare(&self.gateway, &self.api, &own).await?;
+            Ok(own.web_url.as_deref().and_then(|url| url::Url::parse(url).ok()))
+        }
+        .boxed()
     }
 
     fn admit(&self) -> Result<(), String> {

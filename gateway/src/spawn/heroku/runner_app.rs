@@ -14,7 +14,7 @@
 use anyhow::{Context, bail};
 use tracing::{info, warn};
 
-use super::api::{Api, ApiError};
+use super::api::{Api, ApiError, App};
 
 /// Longest Heroku app name.
 const MAX_NAME: usize = 30;
@@ -27,17 +27,16 @@ pub fn default_name(gateway: &str) -> String {
     format!("{}{suffix}", stem.trim_end_matches('-'))
 }
 
-/// Makes sure the runner app exists and runs the gateway app's current slug.
-/// Creating the app is required; a failed slug sync only warns (runners then
-/// run the slug released there before).
-pub async fn prepare(gateway: &Api, runner: &Api) -> anyhow::Result<()> {
+/// Makes sure the runner app exists and runs the gateway app's current slug;
+/// `own` is the gateway's app. Creating the app is required; a failed slug
+/// sync only warns (runners then run the slug released there before).
+pub async fn prepare(gateway: &Api, runner: &Api, own: &App) -> anyhow::Result<()> {
     if gateway.app() == runner.app() {
         return Ok(());
     }
     match runner.app_info().await {
         Ok(_) => {}
         Err(ApiError::Refused { status: 404, .. }) => {
-            let own = gateway.app_info().await.with_context(|| format!("cannot read the app {}", gateway.app()))?;
             let stack = own.stack.as_ref().map(|s| s.name.as_str());
             let region = own.region.as_ref().map(|r| r.name.as_str());
             runner.create_app(stack, region).await.with_context(|| {

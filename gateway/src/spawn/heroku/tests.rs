@@ -352,11 +352,13 @@ async fn a_missing_runner_app_is_created_like_the_gateways_and_gets_its_slug() {
 async fn a_runner_app_on_the_gateways_slug_is_left_alone() {
     let server = MockServer::start().await;
     let spawner = spawner(&server);
-    Mock::given(method("GET"))
-        .and(path("/apps/my-app"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"name": "my-app"})))
-        .mount(&server)
-        .await;
+    for app in ["my-app", "my-gw"] {
+        Mock::given(method("GET"))
+            .and(path(format!("/apps/{app}")))
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({"name": app})))
+            .mount(&server)
+            .await;
+    }
     for app in ["my-gw", "my-app"] {
         Mock::given(method("GET"))
             .and(path(format!("/apps/{app}/releases")))
@@ -390,4 +392,37 @@ async fn a_runner_app_that_cannot_be_created_stops_the_gateway_with_the_reason()
     let error = format!("{:#}", spawner.prepare().await.unwrap_err());
     assert!(error.contains("HEROKU_RUNNER_APP") && error.contains("Name is already taken"), "{error}");
     assert!(!error.contains(KEY));
+}
+
+#[tokio::test]
+async fn a_cnb_app_gives_its_url_and_its_dynos_start_through_launcher() {
+    let server = MockServer::start().await;
+    let spawner = spawner(&server);
+    Mock::given(method("GET"))
+        .and(path("/apps/my-gw"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "name": "my-gw", "stack": {"name": "cnb"}, "generation": {"name": "fir"},
+            "web_url": "https://my-gw-0123456789ab.herokuapp.com/"
+        })))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/apps/my-app"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"name": "my-app"})))
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/apps/my-gw/releases"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!([])))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST")).and(path("/apps/my-app/dynos")).respond_with(created()).mount(&server).await;
+    let url = spawner.prepare().await.unwrap();
+    assert_eq!(url.unwrap().as_str(), "https://my-gw-0123456789ab.herokuapp.com/");
+    spawner.spawn(spec()).await.unwrap();
+    let create = requests(&server).await.into_iter().find(|r| r.url.path() == "/apps/my-app/dynos").unwrap();
+    let body: Value = serde_json::from_slice(&create.body).unwrap();
+    let command = body["command"].as_str().unwrap();
+    assert!(command.starts_with("launcher /app/target/release/runner --spawned-by dynogate"), "{command}");
+    assert_eq!(session_of(command), Some("abc123"), "the sweeper still recognises it");
 }
