@@ -379,6 +379,10 @@ pub struct LimitArgs {
     /// Set `no_new_privs`: no setuid program can give privileges back.
     #[arg(long)]
     pub no_new_privs: bool,
+    /// PROGRAM is bubblewrap: give it the sandbox's seccomp filter
+    /// (`--seccomp FD`), in a memory file made here.
+    #[arg(long)]
+    pub seccomp_bwrap: bool,
     /// The program and its arguments.
     #[arg(last = true, required = true)]
     pub argv: Vec<OsString>,

@@ -13,7 +13,8 @@
 //! user namespace and code keeps that user's id, confined by the other
 //! namespaces. Either way `no_new_privs` is set, so no setuid program gives
 //! privileges back. The session's [`cgroups`] bound all of its processes
-//! together. The network is shared unless `SANDBOX_NETWORK=off`.
+//! together, and a [`seccomp`] filter takes away kernel interfaces code has
+//! no use for. The network is shared unless `SANDBOX_NETWORK=off`.
 //!
 //! On a dyno (`runner` without `--local`) the dyno is the machine and there
 //! is no sandbox.
@@ -21,6 +22,7 @@
 pub mod cgroups;
 pub mod identity;
 pub mod mounts;
+pub mod seccomp;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -122,7 +124,7 @@ impl Sandbox {
     pub fn command(&self, argv: &[OsString], workdir: &Path) -> tokio::process::Command {
         // The first process joins the session's cgroups, then becomes bubblewrap.
         let mut command = tokio::process::Command::new(&self.exe);
-        command.arg("limit");
+        command.arg("limit").arg("--seccomp-bwrap");
         for dir in self.groups.iter().flat_map(|g| g.dirs()) {
             command.arg("--cgroup").arg(dir);
         }

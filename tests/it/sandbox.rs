@@ -448,3 +448,30 @@ async fn an_unprivileged_gateway_confines_its_sessions_too() {
     assert!(!gone(gateway.pid()), "the gateway was killed");
     assert_eq!(stdout(&python(&http, &b, 3, "print('b lives')").await), "b lives");
 }
+
+#[tokio::test]
+async fn kernel_interfaces_code_has_no_use_for_are_absent() {
+    if !sandbox_works() || std::env::consts::ARCH != "x86_64" {
+        return;
+    }
+    let gateway = Gateway::start();
+    let http = gateway.http();
+    let (session, _) = http.initialize().await;
+    // keyctl, bpf, io_uring_setup, perf_event_open and userfaultfd by number
+    // (x86_64), then something ordinary.
+    let code = r#"
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+for number in (250, 321, 425, 298, 323):
+    ctypes.set_errno(0)
+    result = libc.syscall(number, 0, 0, 0, 0, 0)
+    print(number, result, ctypes.get_errno())
+print(os.getpid() > 0)
+"#;
+    let result = python(&http, &session, 1, code).await;
+    let out = stdout(&result);
+    for number in ["250", "321", "425", "298", "323"] {
+        assert!(out.contains(&format!("{number} -1 38")), "syscall {number} was not refused with ENOSYS: {result}");
+    }
+    assert!(out.ends_with("True"), "{result}");
+}

@@ -113,7 +113,12 @@ pub fn apply_and_exec(args: LimitArgs) -> anyhow::Result<()> {
     }
     become_user(&args)?;
     let (program, rest) = args.argv.split_first().context("no program to run")?;
-    let error = std::process::Command::new(program).args(rest).exec();
+    let mut command = std::process::Command::new(program);
+    if args.seccomp_bwrap {
+        let fd = crate::sandbox::seccomp::descriptor()?;
+        command.arg("--seccomp").arg(fd.to_string());
+    }
+    let error = command.args(rest).exec();
     Err(error).with_context(|| format!("cannot run {}", program.to_string_lossy()))
 }
 
