@@ -158,6 +158,17 @@ fn listen_settings(config: &Config) -> listen::Settings {
     }
 }
 
+/// The runner's path as a dyno's command names it: relative to the app's
+/// root (the working directory of every dyno) when it is inside it, so the
+/// same command works where the slug is `/app` and where it is `/workspace`.
+fn dyno_path(runner_bin: &std::path::Path) -> String {
+    let relative = std::env::current_dir().ok().and_then(|cwd| runner_bin.strip_prefix(cwd).ok().map(|p| p.to_owned()));
+    match relative {
+        Some(inside) => format!("./{}", inside.display()),
+        None => runner_bin.display().to_string(),
+    }
+}
+
 fn build_spawner(config: &Config) -> anyhow::Result<Arc<dyn Spawner>> {
     Ok(match (config.spawner, &config.heroku) {
         (SpawnerKind::Heroku, Some(heroku)) => {
@@ -169,7 +180,7 @@ fn build_spawner(config: &Config) -> anyhow::Result<Arc<dyn Spawner>> {
             )?;
             let runners = api.for_app(&heroku.runner_app);
             let settings = HerokuSettings {
-                runner_bin: config.runner_bin.display().to_string(),
+                runner_bin: dyno_path(&config.runner_bin),
                 runner_command: config.runner_command.clone(),
                 size: Some(heroku.dyno_size.clone()),
                 ttl: heroku.dyno_ttl,

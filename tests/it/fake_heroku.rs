@@ -191,7 +191,9 @@ impl Fake {
         use std::os::unix::process::CommandExt;
         inner.next += 1;
         let name = format!("run.{}", inner.next);
-        let workdir = std::env::temp_dir();
+        // A dyno starts in the app's root, where the slug is: here, this
+        // repository, whose `target/` holds the binaries.
+        let workdir = env!("CARGO_MANIFEST_DIR");
         let config_vars = inner.apps.get(app).map(|a| a.config_vars.clone()).unwrap_or_default();
         // The launcher stays the command's parent (no `exec`), holding the
         // dyno's whole environment, as Heroku's does.

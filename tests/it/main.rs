@@ -14,6 +14,8 @@ mod auth;
 mod bench_smoke;
 /// No code outlives its session: detached processes are killed however the server ends.
 mod cleanup;
+/// The Heroku Button's files: app.json and what each buildpack detects.
+mod deploy;
 /// Every refused request: status code and JSON-RPC error.
 mod errors;
 /// The code executor's four languages, packages, limits, cancellation and progress.
