@@ -85,7 +85,7 @@ pub fn start(
     };
     cmd.env_clear().envs(server_env(std::env::vars_os(), extra_env));
     if let Some(sandbox) = &sandbox {
-        cmd.envs(sandbox.env(workdir)).env_remove("TMPDIR");
+        sandbox.set_env(&mut cmd, workdir);
     }
     cmd.env(SESSION_DIR_ENV, workdir)
         .stdin(Stdio::piped())

@@ -148,21 +148,21 @@ impl Sandbox {
         command
     }
 
-    /// Variables the sandboxed server gets on top of its allowlisted ones:
-    /// the session's own home, caches and package-manager configuration, all
-    /// in its directory (its `/tmp` is private to the sandbox), and the
-    /// cgroup the executor may make per-command cgroups in.
-    pub fn env(&self, workdir: &Path) -> Vec<(OsString, OsString)> {
+    /// Sets what the sandboxed server gets on top of its allowlisted
+    /// variables: the session's own home, caches and package-manager
+    /// configuration, all in its directory; no `TMPDIR` (its `/tmp` is
+    /// private to the sandbox); and the cgroup the executor may make
+    /// per-command cgroups in.
+    pub fn set_env(&self, command: &mut tokio::process::Command, workdir: &Path) {
         let cache = workdir.join(".cache");
-        let mut env: Vec<(OsString, OsString)> = vec![
-            ("HOME".into(), workdir.into()),
-            ("XDG_CACHE_HOME".into(), cache.clone().into()),
-            ("EXEC_CACHE_DIR".into(), cache.join("dynogate-exec").into()),
-        ];
+        command
+            .env("HOME", workdir)
+            .env("XDG_CACHE_HOME", &cache)
+            .env("EXEC_CACHE_DIR", cache.join("dynogate-exec"))
+            .env_remove("TMPDIR");
         if let Some(dir) = &self.delegated {
-            env.push((crate::exec::cgroup::DELEGATED_ENV.into(), dir.into()));
+            command.env(crate::exec::cgroup::DELEGATED_ENV, dir);
         }
-        env
     }
 
     /// Kills every process the session has left.

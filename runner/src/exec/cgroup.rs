@@ -79,15 +79,7 @@ impl PidsRoot {
 
 impl Drop for PidsRoot {
     fn drop(&mut self) {
-        if let Ok(entries) = std::fs::read_dir(&self.dir) {
-            for entry in entries.flatten() {
-                if entry.path().is_dir() {
-                    kill_members(&entry.path());
-                    remove_now(&entry.path(), Duration::from_millis(500));
-                }
-            }
-        }
-        remove_now(&self.dir, Duration::from_millis(500));
+        remove_tree(&self.dir, Duration::from_millis(500));
     }
 }
 
@@ -132,7 +124,7 @@ impl Drop for CommandGroup {
                     tracing::debug!(cgroup = %dir.display(), "cgroup still busy; left for the executor's exit");
                 });
             }
-            Err(_) => remove_now(&dir, Duration::from_millis(200)),
+            Err(_) => remove_tree(&dir, Duration::from_millis(200)),
         }
     }
 }
@@ -156,12 +148,29 @@ pub fn kill_members(dir: &Path) {
     }
 }
 
-/// Removes an empty cgroup, retrying briefly.
-fn remove_now(dir: &Path, patience: Duration) {
+/// Removes a cgroup and every cgroup below it, killing what is still in
+/// them and retrying for up to `patience` each while killed processes are
+/// reaped. Gone already counts as removed.
+pub fn remove_tree(dir: &Path, patience: Duration) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_tree(&entry.path(), patience);
+            }
+        }
+    }
     let deadline = std::time::Instant::now() + patience;
-    while std::fs::remove_dir(dir).is_err() && dir.exists() && std::time::Instant::now() < deadline {
+    loop {
         kill_members(dir);
-        std::thread::sleep(Duration::from_millis(10));
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+            Err(e) if std::time::Instant::now() >= deadline => {
+                tracing::debug!(cgroup = %dir.display(), "cgroup still busy: {e}");
+                return;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use dynogate_shared::cgroup::{Controller, Hierarchy, locate, session_group};
 
-use crate::exec::cgroup::kill_members;
+use crate::exec::cgroup::{kill_members, remove_tree};
 
 /// How long removal keeps retrying while killed processes are reaped.
 const REMOVE_PATIENCE: Duration = Duration::from_secs(5);
@@ -127,33 +127,7 @@ impl Drop for SessionGroups {
     fn drop(&mut self) {
         self.kill();
         for dir in &self.dirs {
-            remove(dir, REMOVE_PATIENCE);
-        }
-    }
-}
-
-/// Kills what is left in a cgroup and removes it, retrying while killed
-/// processes are reaped. Also used for a runner that could not do it itself.
-pub fn remove(dir: &Path, patience: Duration) {
-    // The executor's own cgroups below it first (left when it was SIGKILLed).
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for entry in entries.flatten() {
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                remove(&entry.path(), patience);
-            }
-        }
-    }
-    let deadline = std::time::Instant::now() + patience;
-    loop {
-        kill_members(dir);
-        match std::fs::remove_dir(dir) {
-            Ok(()) => return,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
-            Err(e) if std::time::Instant::now() >= deadline => {
-                tracing::warn!(cgroup = %dir.display(), "cannot remove the session's cgroup: {e}");
-                return;
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            remove_tree(dir, REMOVE_PATIENCE);
         }
     }
 }
