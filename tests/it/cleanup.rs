@@ -16,25 +16,13 @@ use serde_json::json;
 use crate::support::*;
 
 /// Python that double-forks a `sleep` into a session of its own, detached
-/// from every pipe (so a call can end without it), which writes its pid to `pidfile`.
+/// from every pipe, which writes its pid to `pidfile`.
 fn detach(pidfile: &Path) -> String {
-    format!(
-        r#"
-import os
-if os.fork() == 0:
-    os.setsid()
-    if os.fork() == 0:
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        with open("{pidfile}.tmp", "w") as f:
-            f.write(str(os.getpid()))
-        os.replace("{pidfile}.tmp", "{pidfile}")
-        os.execvp("sleep", ["sleep", "1000"])
-    os._exit(0)
-"#,
+    double_fork(&format!(
+        "with open(\"{pidfile}.tmp\", \"w\") as f:\n    f.write(str(os.getpid()))\n\
+         os.replace(\"{pidfile}.tmp\", \"{pidfile}\")\nos.execvp(\"sleep\", [\"sleep\", \"1000\"])",
         pidfile = pidfile.display()
-    )
+    ))
 }
 
 /// The pid in `pidfile`, once it is there.
@@ -92,13 +80,6 @@ async fn start_blocking_call(
     })
     .await;
     (call, found.unwrap())
-}
-
-fn pid_with_arg(needle: &str) -> Option<i32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .find(|pid| argv_of(*pid).is_some_and(|argv| argv.iter().any(|a| a.contains(needle))))
 }
 
 fn is_zombie(pid: i32) -> bool {

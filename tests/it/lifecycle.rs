@@ -28,10 +28,7 @@ async fn killing_the_runner_mid_call_fails_the_call_fast_and_ends_the_session() 
     let python = {
         let mut found = None;
         eventually("the long call is running", || {
-            found = std::fs::read_dir("/proc")
-                .unwrap()
-                .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-                .find(|pid| argv_of(*pid).is_some_and(|argv| argv.iter().any(|a| a.contains(marker))));
+            found = pid_with_arg(marker);
             found.is_some()
         })
         .await;

@@ -389,6 +389,24 @@ fn parent_of(pid: i32) -> Option<i32> {
     stat.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// The first process with an argument containing `needle`.
+pub fn pid_with_arg(needle: &str) -> Option<i32> {
+    processes().into_iter().find(|(_, argv)| argv.iter().any(|a| a.contains(needle))).map(|(pid, _)| pid)
+}
+
+/// Python that leaves something behind the way hostile code would: a
+/// double fork into a session of its own, detached from every pipe (so the
+/// call can end without it), whose grandchild runs `grandchild` (Python; it
+/// may use `os` and `sys`). The code carries on after the fork.
+pub fn double_fork(grandchild: &str) -> String {
+    let body: String = grandchild.lines().map(|line| format!("        {line}\n")).collect();
+    format!(
+        "import os, sys\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        \
+         null = os.open(os.devnull, os.O_RDWR)\n        for fd in (0, 1, 2):\n            os.dup2(null, fd)\n\
+         {body}    os._exit(0)\n"
+    )
+}
+
 /// Whether a process is gone (or a zombie: dead, not yet reaped).
 pub fn gone(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
