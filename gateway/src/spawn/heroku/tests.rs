@@ -175,11 +175,7 @@ async fn a_dyno_missing_just_after_creation_is_looked_up_again() {
         .up_to_n_times(2)
         .mount(&server)
         .await;
-    Mock::given(method("GET"))
-        .and(path("/apps/my-app/dynos/d1"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(dyno("d1", "x", "up")))
-        .mount(&server)
-        .await;
+    answer_get(&server, "/apps/my-app/dynos/d1", dyno("d1", "x", "up")).await;
     let found = spawner(&server).api.dyno("d1").await.unwrap();
     assert_eq!(found.state, "up");
 }
@@ -188,11 +184,7 @@ async fn a_dyno_missing_just_after_creation_is_looked_up_again() {
 async fn a_crashed_dyno_ends_its_session_early() {
     let server = MockServer::start().await;
     Mock::given(method("POST")).respond_with(created()).mount(&server).await;
-    Mock::given(method("GET"))
-        .and(path("/apps/my-app/dynos/d1"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(dyno("d1", "x", "crashed")))
-        .mount(&server)
-        .await;
+    answer_get(&server, "/apps/my-app/dynos/d1", dyno("d1", "x", "crashed")).await;
     let mut runner = spawner(&server).spawn(spec()).await.unwrap();
     let why = tokio::time::timeout(Duration::from_secs(20), runner.exited()).await.expect("noticed");
     assert!(why.contains("crashed"), "{why}");
@@ -290,6 +282,15 @@ async fn an_endless_dyno_list_ends_the_listing_with_an_error() {
     assert_eq!(pages.load(std::sync::atomic::Ordering::SeqCst), api::MAX_PAGES);
 }
 
+/// Answers every `GET path` with `body`.
+async fn answer_get(server: &MockServer, at: impl AsRef<str>, body: Value) {
+    Mock::given(method("GET"))
+        .and(path(at.as_ref()))
+        .respond_with(ResponseTemplate::new(200).set_body_json(body))
+        .mount(server)
+        .await;
+}
+
 fn release(version: u64, slug: &str) -> Value {
     json!({"version": version, "status": "succeeded", "slug": {"id": slug}, "description": "Deploy"})
 }
@@ -317,19 +318,16 @@ async fn a_missing_runner_app_is_created_like_the_gateways_and_gets_its_slug() {
         .expect(1)
         .mount(&server)
         .await;
-    Mock::given(method("GET"))
-        .and(path("/apps/my-gw/releases"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!([
+    answer_get(
+        &server,
+        "/apps/my-gw/releases",
+        json!([
             {"version": 8, "status": "failed", "slug": {"id": "slug-8"}},
             release(7, "slug-7"),
-        ])))
-        .mount(&server)
-        .await;
-    Mock::given(method("GET"))
-        .and(path("/apps/my-app/releases"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!([])))
-        .mount(&server)
-        .await;
+        ]),
+    )
+    .await;
+    answer_get(&server, "/apps/my-app/releases", json!([])).await;
     Mock::given(method("POST"))
         .and(path("/apps/my-app/releases"))
         .respond_with(ResponseTemplate::new(201).set_body_json(release(1, "slug-7")))
@@ -353,18 +351,10 @@ async fn a_runner_app_on_the_gateways_slug_is_left_alone() {
     let server = MockServer::start().await;
     let spawner = spawner(&server);
     for app in ["my-app", "my-gw"] {
-        Mock::given(method("GET"))
-            .and(path(format!("/apps/{app}")))
-            .respond_with(ResponseTemplate::new(200).set_body_json(json!({"name": app})))
-            .mount(&server)
-            .await;
+        answer_get(&server, format!("/apps/{app}"), json!({"name": app})).await;
     }
     for app in ["my-gw", "my-app"] {
-        Mock::given(method("GET"))
-            .and(path(format!("/apps/{app}/releases")))
-            .respond_with(ResponseTemplate::new(200).set_body_json(json!([release(3, "slug-3")])))
-            .mount(&server)
-            .await;
+        answer_get(&server, format!("/apps/{app}/releases"), json!([release(3, "slug-3")])).await;
     }
     Mock::given(method("POST")).respond_with(error(500, "x", "no writes expected")).expect(0).mount(&server).await;
     spawner.prepare().await.unwrap();
@@ -379,11 +369,7 @@ async fn a_runner_app_that_cannot_be_created_stops_the_gateway_with_the_reason()
         .respond_with(error(404, "not_found", "Couldn't find that app."))
         .mount(&server)
         .await;
-    Mock::given(method("GET"))
-        .and(path("/apps/my-gw"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"name": "my-gw"})))
-        .mount(&server)
-        .await;
+    answer_get(&server, "/apps/my-gw", json!({"name": "my-gw"})).await;
     Mock::given(method("POST"))
         .and(path("/apps"))
         .respond_with(error(422, "invalid_params", "Name is already taken"))
@@ -398,24 +384,17 @@ async fn a_runner_app_that_cannot_be_created_stops_the_gateway_with_the_reason()
 async fn a_cnb_app_gives_its_url_and_its_dynos_start_through_launcher() {
     let server = MockServer::start().await;
     let spawner = spawner(&server);
-    Mock::given(method("GET"))
-        .and(path("/apps/my-gw"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+    answer_get(
+        &server,
+        "/apps/my-gw",
+        json!({
             "name": "my-gw", "stack": {"name": "cnb"}, "generation": {"name": "fir"},
             "web_url": "https://my-gw-0123456789ab.herokuapp.com/"
-        })))
-        .mount(&server)
-        .await;
-    Mock::given(method("GET"))
-        .and(path("/apps/my-app"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"name": "my-app"})))
-        .mount(&server)
-        .await;
-    Mock::given(method("GET"))
-        .and(path("/apps/my-gw/releases"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!([])))
-        .mount(&server)
-        .await;
+        }),
+    )
+    .await;
+    answer_get(&server, "/apps/my-app", json!({"name": "my-app"})).await;
+    answer_get(&server, "/apps/my-gw/releases", json!([])).await;
     Mock::given(method("POST")).and(path("/apps/my-app/dynos")).respond_with(created()).mount(&server).await;
     let url = spawner.prepare().await.unwrap();
     assert_eq!(url.unwrap().as_str(), "https://my-gw-0123456789ab.herokuapp.com/");
