@@ -40,13 +40,21 @@ pub async fn run(dial: Dial) -> anyhow::Result<i32> {
             .context("cannot join the session")?;
         let workdir = Workdir::open(dial.session_dir.as_deref())?;
         let link = Link::open(socket);
-        let started = Sandbox::prepare(&dial.sandbox, workdir.path(), &dial.server)
-            .and_then(|sandbox| child::start(&dial.server, workdir.path(), sandbox, &dial.server_env));
+        // The client is told the cause in words it can act on; the details
+        // (paths, the command line) stay in this log.
+        let started = match Sandbox::prepare(&dial.sandbox, workdir.path(), &dial.server) {
+            Ok(sandbox) => child::start(&dial.server, workdir.path(), sandbox, &dial.server_env)
+                .map_err(|e| (e, "cannot start the session's MCP server".to_owned())),
+            Err(e) => {
+                let told = format!("the session cannot be sandboxed here: {e}");
+                Err((e, told))
+            }
+        };
         let mut server = match started {
             Ok(server) => server,
-            Err(e) => {
-                warn!(error = format!("{e:#}"), "cannot start the MCP server");
-                link.send_control(&Control::ChildExited { code: Some(127), signal: None });
+            Err((e, told)) => {
+                warn!(error = format!("{e:#}"), "{told}");
+                link.send_control(&Control::Bye { reason: told });
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, link.closed()).await;
                 return Ok(1);
             }
