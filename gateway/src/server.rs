@@ -238,6 +238,9 @@ pub fn main() -> anyhow::Result<()> {
             // A dyno is a machine of its own.
             SpawnerKind::Heroku => dynogate_shared::sandbox::Mode::Off,
         };
+        if config.spawner == SpawnerKind::Local && config.runner_command.is_none() {
+            crate::spawn::tools::obtain_uv(&config.runner_bin).await;
+        }
         let listener = match TcpListener::bind(config.listen).await {
             Ok(listener) => listener,
             // A machine without IPv6 still serves IPv4 on the default bind.

@@ -33,6 +33,9 @@ pub enum Command {
     /// Check what would confine a session on this machine; print it in one
     /// line, or fail saying why nothing would.
     SandboxCheck,
+    /// Make sure this machine's sessions have `uv`: find it, or install it
+    /// once into EXEC_TOOLS_DIR; print where it is.
+    ObtainUv(ExecArgs),
 }
 
 /// Dialing back to a gateway and bridging a stdio MCP server.
@@ -290,6 +293,16 @@ pub struct ExecArgs {
     /// Accept paths, URLs and VCS references in `packages`, not only names.
     #[arg(long, env = "EXEC_ALLOW_PACKAGE_SOURCES", default_value_t = false)]
     pub allow_package_sources: bool,
+
+    /// Tools the executor obtained itself (uv), shared by every session on
+    /// this machine (default: `tools/` in the cache directory).
+    #[arg(long, env = "EXEC_TOOLS_DIR")]
+    pub tools_dir: Option<PathBuf>,
+
+    /// With no `uv` on PATH, install it once from the package index into
+    /// EXEC_TOOLS_DIR (false: install Python packages with pip).
+    #[arg(long, env = "EXEC_OBTAIN_UV", default_value_t = true, action = clap::ArgAction::Set)]
+    pub obtain_uv: bool,
 }
 
 /// The executor's checked settings.
@@ -305,6 +318,8 @@ pub struct Exec {
     pub max_concurrent_calls: Option<usize>,
     pub cache_dir: PathBuf,
     pub allow_package_sources: bool,
+    pub tools_dir: PathBuf,
+    pub obtain_uv: bool,
 }
 
 impl ExecArgs {
@@ -317,6 +332,7 @@ impl ExecArgs {
         }
         let nonzero = |n: u64| (n > 0).then_some(n);
         let cpu = self.max_cpu.as_secs() + u64::from(self.max_cpu.subsec_nanos() > 0);
+        let cache_dir = self.cache_dir.unwrap_or_else(default_cache_dir);
         Ok(Exec {
             workdir: self.workdir,
             run_timeout: self.run_timeout,
@@ -330,14 +346,29 @@ impl ExecArgs {
             },
             progress_interval: self.progress_interval,
             max_concurrent_calls: (self.max_concurrent_calls > 0).then_some(self.max_concurrent_calls),
-            cache_dir: self.cache_dir.unwrap_or_else(default_cache_dir),
+            tools_dir: self.tools_dir.unwrap_or_else(|| tools_dir_in(&cache_dir)),
+            cache_dir,
             allow_package_sources: self.allow_package_sources,
+            obtain_uv: self.obtain_uv,
         })
     }
 }
 
+/// Where the executor keeps the tools it obtained, in a cache directory.
+pub fn tools_dir_in(cache_dir: &std::path::Path) -> PathBuf {
+    cache_dir.join("tools")
+}
+
+/// The machine's tools directory as `runner exec` would find it from this
+/// process's environment (`EXEC_TOOLS_DIR`, else `tools/` in
+/// `EXEC_CACHE_DIR` or the default cache): what a sandbox shows its session.
+pub fn machine_tools_dir() -> PathBuf {
+    let set = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    set("EXEC_TOOLS_DIR").unwrap_or_else(|| tools_dir_in(&set("EXEC_CACHE_DIR").unwrap_or_else(default_cache_dir)))
+}
+
 /// Where shared download caches live unless `EXEC_CACHE_DIR` says otherwise.
-fn default_cache_dir() -> PathBuf {
+pub fn default_cache_dir() -> PathBuf {
     let nonempty = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
     if let Some(xdg) = nonempty("XDG_CACHE_HOME") {
         return xdg.join("dynogate-exec");

@@ -67,6 +67,13 @@ pub fn main() -> anyhow::Result<()> {
             runtime.shutdown_timeout(std::time::Duration::from_millis(100));
             result
         }
+        Some(config::Command::ObtainUv(exec)) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(exec::uv::obtain_for_machine(exec.validate()?))
+        }
         Some(config::Command::Limit(_) | config::Command::SandboxCheck) => unreachable!("handled above"),
         None => {
             forbid_inspection();

@@ -58,6 +58,8 @@ pub struct Sandbox {
     groups: Option<SessionGroups>,
     /// The session's pids cgroup, writable inside for the executor.
     delegated: Option<PathBuf>,
+    /// The machine's tools directory (uv), shown read-only.
+    tools: Option<PathBuf>,
 }
 
 impl Sandbox {
@@ -90,6 +92,9 @@ impl Sandbox {
         });
         // bubblewrap fails on a path that is not there: only what exists.
         let dir = |name: &str| std::env::var_os(name).map(PathBuf::from).filter(|d| d.is_dir());
+        // Made now, so a uv the gateway obtains later shows through the mount.
+        let tools = crate::config::machine_tools_dir();
+        let tools = std::fs::create_dir_all(&tools).is_ok().then_some(tools);
         let fs = mounts::plan(&mounts::Inputs {
             workdir: workdir.to_owned(),
             disk: settings.disk,
@@ -100,7 +105,12 @@ impl Sandbox {
             home: dir("HOME"),
             tmpdir: dir("TMPDIR"),
             cwd: std::env::current_dir().ok(),
-            extra: program_of(server).into_iter().chain(settings.bind.iter().cloned()).filter(|p| p.exists()).collect(),
+            extra: program_of(server)
+                .into_iter()
+                .chain(tools.clone())
+                .chain(settings.bind.iter().cloned())
+                .filter(|p| p.exists())
+                .collect(),
         });
         let outcome = SessionGroups::create(&settings.limits, pid);
         tracing::info!(
@@ -117,7 +127,16 @@ impl Sandbox {
             .as_ref()
             .and_then(|groups| groups.delegate_pids(identity.map(|i| i.uid)))
             .map(Path::to_owned);
-        Ok(Some(Sandbox { bwrap, exe, identity, fs, network: settings.network, groups: outcome.groups, delegated }))
+        Ok(Some(Sandbox {
+            bwrap,
+            exe,
+            identity,
+            fs,
+            network: settings.network,
+            groups: outcome.groups,
+            delegated,
+            tools,
+        }))
     }
 
     /// The command that runs `argv` in the sandbox, in `workdir`.
@@ -151,8 +170,9 @@ impl Sandbox {
     /// Sets what the sandboxed server gets on top of its allowlisted
     /// variables: the session's own home, caches and package-manager
     /// configuration, all in its directory; no `TMPDIR` (its `/tmp` is
-    /// private to the sandbox); and the cgroup the executor may make
-    /// per-command cgroups in.
+    /// private to the sandbox); the machine's tools, which it may use but
+    /// not change (so it never obtains one itself); and the cgroup the
+    /// executor may make per-command cgroups in.
     pub fn set_env(&self, command: &mut tokio::process::Command, workdir: &Path) {
         let cache = workdir.join(".cache");
         command
@@ -163,6 +183,10 @@ impl Sandbox {
         if let Some(dir) = &self.delegated {
             command.env(crate::exec::cgroup::DELEGATED_ENV, dir);
         }
+        if let Some(tools) = &self.tools {
+            command.env("EXEC_TOOLS_DIR", tools);
+        }
+        command.env("EXEC_OBTAIN_UV", "false");
     }
 
     /// Kills every process the session has left.

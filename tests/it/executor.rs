@@ -118,15 +118,88 @@ async fn python_installs_from_pypi_into_its_session_only() {
     assert!(elsewhere["stderr"].as_str().unwrap().contains("ModuleNotFoundError"));
 }
 
-#[tokio::test]
-async fn python_installs_with_pip_when_uv_is_absent() {
+/// PATH without any directory that holds `uv`.
+fn path_without_uv() -> String {
     let path = std::env::var_os("PATH").unwrap();
     let without_uv: Vec<_> = std::env::split_paths(&path).filter(|dir| !dir.join("uv").exists()).collect();
-    let path = std::env::join_paths(without_uv).unwrap();
-    let mut exec = Exec::start(&[("PATH", path.to_str().unwrap())]).await;
+    std::env::join_paths(without_uv).unwrap().into_string().unwrap()
+}
+
+/// Which installer put a distribution into the session's venv.
+const INSTALLER: &str = "import importlib.metadata as m, sys; \
+    print(m.distribution(sys.argv[0] if len(sys.argv) > 1 else 'tomli_w').read_text('INSTALLER').strip())";
+
+#[tokio::test]
+async fn python_installs_with_pip_when_uv_is_absent_and_may_not_be_obtained() {
+    let cache = tempfile::tempdir().unwrap();
+    let cache_dir = cache.path().to_str().unwrap();
+    let path = path_without_uv();
+    let env = [("PATH", path.as_str()), ("EXEC_CACHE_DIR", cache_dir), ("EXEC_OBTAIN_UV", "false")];
+    let mut exec = Exec::start(&env).await;
     let code = "import tomli_w, sys; print(tomli_w.dumps({'b': 2}).strip(), sys.prefix.endswith('.venv'))";
     let installed = exec.run("code_exec_python", code, &["tomli-w"]).await;
     assert_eq!(installed, json!({"returncode": 0, "stdout": "b = 2 True", "stderr": ""}));
+    assert_eq!(exec.run("code_exec_python", INSTALLER, &[]).await["stdout"], "pip");
+    assert!(!cache.path().join("tools").exists(), "nothing obtained");
+}
+
+#[tokio::test]
+async fn without_uv_the_first_python_install_obtains_it_once_and_later_sessions_use_it() {
+    let cache = tempfile::tempdir().unwrap();
+    let cache_dir = cache.path().to_str().unwrap();
+    let path = path_without_uv();
+    let env = [("PATH", path.as_str()), ("EXEC_CACHE_DIR", cache_dir)];
+    let mut first = Exec::start(&env).await;
+    let code = "import tomli_w; print(tomli_w.dumps({'c': 3}).strip())";
+    assert_eq!(first.run("code_exec_python", code, &["tomli-w"]).await["stdout"], "c = 3");
+    assert_eq!(first.run("code_exec_python", INSTALLER, &[]).await["stdout"], "uv", "the first install used it");
+    let versions: Vec<_> = std::fs::read_dir(cache.path().join("tools").join("uv"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|name| !name.starts_with('.'))
+        .collect();
+    assert_eq!(versions.len(), 1, "one version, no partial install left: {versions:?}");
+    let uv = cache.path().join("tools").join("uv").join(&versions[0]).join("bin").join("uv");
+    let obtained = std::fs::metadata(&uv).expect("uv obtained into the tools directory").modified().unwrap();
+
+    let mut second = Exec::start(&env).await;
+    assert_eq!(second.run("code_exec_python", code, &["tomli-w"]).await["stdout"], "c = 3");
+    assert_eq!(second.run("code_exec_python", INSTALLER, &[]).await["stdout"], "uv");
+    assert_eq!(std::fs::metadata(&uv).unwrap().modified().unwrap(), obtained, "obtained once");
+    assert!(!cache.path().join("pip").exists(), "pip never ran an install");
+}
+
+#[tokio::test]
+async fn a_package_that_must_be_compiled_where_there_is_no_compiler_fails_saying_so() {
+    // A PATH with Python and uv but no compiler, as on a heroku-24 dyno.
+    let bin = tempfile::tempdir().unwrap();
+    for tool in ["python3", "uv"] {
+        let found = std::env::split_paths(&std::env::var_os("PATH").unwrap())
+            .map(|dir| dir.join(tool))
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| panic!("{tool} on PATH"));
+        std::os::unix::fs::symlink(found, bin.path().join(tool)).unwrap();
+    }
+    let path = bin.path().to_str().unwrap().to_owned();
+    let mut exec = Exec::start(&[("PATH", &path), ("EXEC_ALLOW_PACKAGE_SOURCES", "true")]).await;
+    let made = exec
+        .run(
+            "code_exec_python",
+            "import os\nos.makedirs('ext', exist_ok=True)\n\
+             open('ext/speedy.c', 'w').write('int speedy(void) { return 1; }\\n')\n\
+             open('ext/setup.py', 'w').write(\"from setuptools import setup, Extension\\n\
+             setup(name='speedy', version='1.0', ext_modules=[Extension('speedy', ['speedy.c'])])\\n\")\n\
+             print('ok')",
+            &[],
+        )
+        .await;
+    assert_eq!(made["stdout"], "ok", "{made}");
+    let failed = exec.run("code_exec_python", "import speedy", &["./ext"]).await;
+    assert_ne!(failed["returncode"], 0, "{failed}");
+    let stderr = failed["stderr"].as_str().unwrap();
+    assert!(stderr.starts_with("Dependency install failed:"), "{stderr}");
+    assert!(stderr.contains("This package has to be compiled, and this machine has no `"), "{stderr}");
+    assert!(stderr.contains("a wheel for this platform"), "{stderr}");
 }
 
 #[tokio::test]

@@ -461,3 +461,44 @@ print(os.getpid() > 0)
     }
     assert!(out.ends_with("True"), "{result}");
 }
+
+#[tokio::test]
+async fn sandboxed_sessions_install_with_the_uv_the_gateway_obtained_and_cannot_change_it() {
+    if !sandbox_works() {
+        return;
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let path = std::env::var_os("PATH").unwrap();
+    let without_uv: Vec<_> = std::env::split_paths(&path).filter(|dir| !dir.join("uv").exists()).collect();
+    let path = std::env::join_paths(without_uv).unwrap().into_string().unwrap();
+    let gateway =
+        Gateway::with(Options::default().env("PATH", path).env("XDG_CACHE_HOME", cache.path().to_str().unwrap()));
+    let versions = cache.path().join("dynogate-exec").join("tools").join("uv");
+    let obtained = || {
+        std::fs::read_dir(&versions)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path().join("bin").join("uv"))
+            .find(|uv| uv.is_file() && !uv.to_string_lossy().contains(".partial-"))
+    };
+    eventually("the gateway obtained uv at start-up", || obtained().is_some()).await;
+    let uv = obtained().unwrap();
+    let before = std::fs::read(&uv).unwrap();
+
+    let http = gateway.http();
+    let (session, _) = http.initialize().await;
+    let code = format!(
+        "import importlib.metadata as m\n\
+         print(m.distribution('tomli_w').read_text('INSTALLER').strip())\n\
+         try:\n    open({uv:?}, 'ab').write(b'tampered')\n    print('changed')\n\
+         except OSError as e:\n    print('refused', e.errno)",
+        uv = uv.to_str().unwrap()
+    );
+    let reply = http.call(&session, 1, "code_exec_python", json!({"code": code, "packages": ["tomli-w"]})).await;
+    let result = exec_result(&reply.json);
+    let lines: Vec<&str> = stdout(&result).lines().collect();
+    assert_eq!(lines.first(), Some(&"uv"), "the session installed with the obtained uv: {result}");
+    assert!(lines.get(1).is_some_and(|l| l.starts_with("refused")), "{result}");
+    assert_eq!(std::fs::read(&uv).unwrap(), before, "the machine's uv is unchanged");
+}

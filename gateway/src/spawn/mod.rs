@@ -8,10 +8,12 @@
 //! - [`local`]: `runner --local` as a child process in its own process group.
 //! - [`heroku`]: a one-off dyno per session through the Platform API.
 //! - [`sandbox`]: what confines local runners' sessions, decided at start-up.
+//! - [`tools`]: the tools local sessions use (uv), obtained at start-up.
 
 pub mod heroku;
 pub mod local;
 pub mod sandbox;
+pub mod tools;
 
 use std::time::Duration;
 

@@ -22,10 +22,13 @@
 //! - [`env`]: the environments code and installers see.
 //! - [`eof`]: noticing that stdin closed, to kill running commands at once.
 //! - [`packages`]: refusing package specs that are not plain names.
+//! - [`compiler`]: saying so when an install needed a compiler the machine lacks.
 //! - [`progress`]: progress notifications during long calls.
 //! - [`python`], [`node`], [`ruby`], [`go`]: each language's toolchain.
+//! - [`uv`]: finding uv, and obtaining it once per machine.
 
 pub mod cgroup;
+pub mod compiler;
 pub mod env;
 pub mod eof;
 pub mod go;
@@ -38,6 +41,7 @@ pub mod python;
 pub mod ruby;
 pub mod session;
 pub mod tools;
+pub mod uv;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -104,7 +108,8 @@ impl Executor {
     }
 
     async fn python(&self) -> Option<&python::Python> {
-        self.inner.python.get_or_init(|| python::Python::discover(self.supervisor())).await.as_ref()
+        let tools = &self.inner.session.settings.tools_dir;
+        self.inner.python.get_or_init(|| python::Python::discover(self.supervisor(), tools)).await.as_ref()
     }
 
     async fn node(&self) -> Option<&node::Node> {
@@ -176,11 +181,12 @@ impl Executor {
                 return Ok(ExecResult { returncode: -2, stdout: String::new(), stderr });
             }
             if out.code != 0 {
-                return Ok(ExecResult {
-                    returncode: out.code,
-                    stdout: out.stdout.trim().to_owned(),
-                    stderr: format!("Dependency install failed:\n{}", out.stderr.trim()),
-                });
+                let mut stderr = format!("Dependency install failed:\n{}", out.stderr.trim());
+                if let Some(note) = compiler::note(language, &out.stderr) {
+                    stderr.push_str("\n\n");
+                    stderr.push_str(&note);
+                }
+                return Ok(ExecResult { returncode: out.code, stdout: out.stdout.trim().to_owned(), stderr });
             }
         }
         stage.set("running");

@@ -7,12 +7,13 @@
 //! that asks for packages, inside the session directory, so installs never
 //! leak into another session. `uv` is used when present (it links packages
 //! from its machine-wide cache, so a repeated install takes milliseconds; it
-//! tries the cache alone first), `pip` otherwise (with its own shared cache). Code runs as `python -c`, as
-//! in the template.
+//! tries the cache alone first), and obtained once per machine when it is
+//! not ([`super::uv`]); `pip` otherwise (with its own shared cache). Code
+//! runs as `python -c`, as in the template.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, OnceCell};
 use tokio::time::Instant;
 
 use super::Toolchain;
@@ -22,6 +23,7 @@ use super::process::{self, Output, Supervisor};
 use super::progress::Stage;
 use super::session::{Session, os_args};
 use super::tools::Language;
+use super::uv;
 
 /// Written into the venv once something was installed: from then on code
 /// runs with the venv's interpreter.
@@ -35,20 +37,49 @@ const PIP_TO_UV: [(&str, &str); 3] =
 #[derive(Debug)]
 pub struct Python {
     interpreter: PathBuf,
+    /// The uv found at start-up.
     uv: Option<PathBuf>,
+    /// The uv obtained at the first install, where none was found.
+    obtained: OnceCell<Option<PathBuf>>,
     /// Installs into one venv must not overlap.
     lock: Mutex<()>,
 }
 
 impl Python {
     /// Looks for `python3` and `uv`; `None` when there is no Python.
-    pub async fn discover(supervisor: &Supervisor) -> Option<Python> {
+    pub async fn discover(supervisor: &Supervisor, tools_dir: &Path) -> Option<Python> {
         let shim = process::find_program("python3")?;
         let resolved = Session::probe(supervisor, &shim, &["-c", "import sys; print(sys.executable)"]).await?;
         let interpreter = Some(PathBuf::from(resolved.trim())).filter(|p| p.is_absolute()).unwrap_or(shim);
-        let uv = process::find_program("uv");
+        let uv = uv::find(tools_dir);
         tracing::debug!(interpreter = %interpreter.display(), uv = ?uv, "python found");
-        Some(Python { interpreter, uv, lock: Mutex::new(()) })
+        Some(Python { interpreter, uv, obtained: OnceCell::new(), lock: Mutex::new(()) })
+    }
+
+    /// The uv installs use: the one found, else one obtained now (once;
+    /// when allowed), else none and pip is used.
+    async fn uv(&self, session: &Session) -> Option<&Path> {
+        if let Some(uv) = &self.uv {
+            return Some(uv);
+        }
+        let settings = &session.settings;
+        if !settings.obtain_uv {
+            return None;
+        }
+        let obtained = self.obtained.get_or_init(|| async {
+            let deadline = session.install_deadline();
+            match uv::obtain(&session.supervisor, &self.interpreter, &settings.tools_dir, deadline).await {
+                Ok(uv) => {
+                    tracing::info!(uv = %uv.display(), "obtained uv for Python installs");
+                    Some(uv)
+                }
+                Err(e) => {
+                    tracing::warn!("no uv, so Python packages install with pip, more slowly: {e:#}");
+                    None
+                }
+            }
+        });
+        obtained.await.as_deref()
     }
 
     /// The interpreter code runs with (the venv's once packages went into it) and the venv.
@@ -67,7 +98,7 @@ impl Python {
     /// when the package is already in the machine's cache. Code keeps
     /// running with the machine's interpreter until something is installed.
     pub async fn prepare(&self, session: &Session) {
-        let Some(uv) = &self.uv else { return };
+        let Some(uv) = self.uv.as_deref() else { return };
         let _one_at_a_time = self.lock.lock().await;
         let deadline = session.install_deadline();
         let env = Self::install_env(session);
@@ -87,7 +118,7 @@ impl Python {
         if process::exists(&venv.join("bin").join("python")) {
             return Ok(Output::skipped());
         }
-        let (program, args) = match &self.uv {
+        let (program, args) = match self.uv(session).await {
             Some(uv) => (
                 uv,
                 os_args([
@@ -100,7 +131,7 @@ impl Python {
             ),
             // Without pip inside: pip installs from outside with --python, which is much faster.
             None => (
-                &self.interpreter,
+                self.interpreter.as_path(),
                 os_args(["-m".into(), "venv".into(), "--without-pip".into(), venv.into_os_string()]),
             ),
         };
@@ -127,6 +158,9 @@ impl Python {
 impl Toolchain for Python {
     async fn install(&self, session: &Session, specs: &[Spec], _stage: &Stage) -> std::io::Result<Output> {
         let _one_at_a_time = self.lock.lock().await;
+        if all_installed(&session.venv(), specs) {
+            return Ok(Output::skipped());
+        }
         let out = self.install_locked(session, specs).await?;
         if out.code == 0 && !out.timed_out {
             std::fs::write(session.venv().join(INSTALLED_MARKER), "")?;
@@ -156,7 +190,7 @@ impl Python {
             return Ok(created);
         }
         let packages = || specs.iter().map(|spec| spec.as_str().into());
-        let Some(uv) = &self.uv else {
+        let Some(uv) = self.uv(session).await else {
             let mut args = os_args([
                 "-m".into(),
                 "pip".into(),
@@ -189,5 +223,100 @@ impl Python {
             return Ok(cached);
         }
         session.run_tool(uv, install(false), session.root(), env, deadline).await
+    }
+}
+
+/// Whether every spec is a bare name, or a name pinned with `==`, already in
+/// the venv, so no installer need run: pip takes most of a second to find
+/// out, uv tens of milliseconds. Anything else (ranges, extras) asks the
+/// installer.
+fn all_installed(venv: &Path, specs: &[Spec]) -> bool {
+    let Some(installed) = distributions(venv) else { return false };
+    specs.iter().all(|spec| {
+        let Spec::Name(spec) = spec else { return false };
+        let (name, version) = match spec.split_once("==") {
+            Some((name, version)) => (name, Some(version)),
+            None => (spec.as_str(), None),
+        };
+        if !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            || version.is_some_and(|v| !v.chars().all(|c| c.is_ascii_alphanumeric() || "._+!".contains(c)))
+        {
+            return false;
+        }
+        let name = normalize(name);
+        installed.iter().any(|(n, v)| *n == name && version.is_none_or(|wanted| v == wanted))
+    })
+}
+
+/// `(normalized name, version)` of each distribution in the venv's
+/// site-packages, from its `<name>-<version>.dist-info` directories.
+fn distributions(venv: &Path) -> Option<Vec<(String, String)>> {
+    let lib = std::fs::read_dir(venv.join("lib")).ok()?;
+    let site = lib
+        .filter_map(Result::ok)
+        .find(|e| e.file_name().to_string_lossy().starts_with("python"))?
+        .path()
+        .join("site-packages");
+    let entries = std::fs::read_dir(site).ok()?;
+    Some(
+        entries
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter_map(|name| {
+                let stem = name.strip_suffix(".dist-info")?;
+                // The name part of a dist-info never holds a `-` (it is escaped as `_`).
+                let (name, version) = stem.split_once('-')?;
+                Some((normalize(name), version.to_owned()))
+            })
+            .collect(),
+    )
+}
+
+/// A distribution name as the index compares them: lower case, each run of
+/// `-`, `_` and `.` one `-`.
+fn normalize(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for c in name.chars() {
+        if "-_.".contains(c) {
+            if !out.ends_with('-') {
+                out.push('-');
+            }
+        } else {
+            out.push(c.to_ascii_lowercase());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn venv_with(dists: &[&str]) -> tempfile::TempDir {
+        let venv = tempfile::tempdir().unwrap();
+        let site = venv.path().join("lib").join("python3.12").join("site-packages");
+        std::fs::create_dir_all(&site).unwrap();
+        for dist in dists {
+            std::fs::create_dir(site.join(dist)).unwrap();
+        }
+        venv
+    }
+
+    fn names(specs: &[&str]) -> Vec<Spec> {
+        specs.iter().map(|s| Spec::Name((*s).to_owned())).collect()
+    }
+
+    #[test]
+    fn installed_distributions_are_found_by_normalized_name_and_exact_pin() {
+        let venv = venv_with(&["six-1.16.0.dist-info", "tomli_w-1.0.0.dist-info", "Jinja2-3.1.4.dist-info", "six"]);
+        let has = |specs: &[&str]| all_installed(venv.path(), &names(specs));
+        assert!(has(&["six"]));
+        assert!(has(&["six==1.16.0", "tomli-w", "TOMLI.W", "jinja2"]));
+        assert!(!has(&["six==1.17.0"]), "another version");
+        assert!(!has(&["six>=1"]), "a range asks the installer");
+        assert!(!has(&["jinja2[i18n]"]), "extras ask the installer");
+        assert!(!has(&["six", "numpy"]), "one missing");
+        let source = [Spec::Source("./six".into())];
+        assert!(!all_installed(venv.path(), &source));
+        assert!(!all_installed(Path::new("/nonexistent"), &names(&["six"])));
     }
 }
