@@ -1,9 +1,16 @@
 //! A fake of Heroku's Platform API that really runs dynos on this machine.
 //!
-//! `POST /apps/{app}/dynos` starts the requested command under a launcher
-//! (`sh`, which stays its parent) in a process group of its own, with that
-//! app's config vars plus the request's `env`, both in the launcher's
-//! environment too, as Heroku's dyno launcher holds them; `GET` reports `up`
+//! `POST /apps/{app}/dynos` starts the requested command the way Heroku
+//! starts a dyno: in the slug's directory, under a launcher (`bash`, which
+//! stays its parent) in a process group of its own, with a minimal
+//! environment (`PATH=/usr/local/bin:/usr/bin:/bin`, `HOME` = the slug,
+//! `DYNO=run.N`, no `PORT`), that app's config vars and the request's `env`,
+//! after sourcing the slug's `.profile.d/*.sh`. The slug is built like one of
+//! this repository's real builds: `target/` (this repository's), and a
+//! buildpack-style Python whose interpreter is reachable only through its
+//! `.profile.d` script and starts only with the `LD_LIBRARY_PATH` and
+//! `PYTHONHOME` that script sets, as Heroku's shared-library Python does,
+//! with `uv` beside it as `requirements.txt` brings it. `GET` reports `up`
 //! while the process runs and `down`/`crashed` after; `actions/stop` sends
 //! SIGTERM and SIGKILL after a grace, like the platform. Apps can be read and
 //! created, and slugs released on them. It starts with one app, `my-app`,
@@ -12,6 +19,7 @@
 //! what the gateway did.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -72,6 +80,8 @@ struct Inner {
 struct Fake {
     inner: Arc<Mutex<Inner>>,
     key: String,
+    /// The app directory every dyno starts in.
+    slug: Arc<tempfile::TempDir>,
 }
 
 /// A running fake Platform API; every dyno it started is killed on drop.
@@ -85,7 +95,7 @@ impl FakeHeroku {
     /// Starts the fake with the app [`GATEWAY_APP`], whose config vars are
     /// `config_vars`: what each of its dynos sees in its environment.
     pub async fn start(key: &str, config_vars: &[(&str, &str)]) -> Self {
-        let fake = Fake { inner: Arc::default(), key: key.to_owned() };
+        let fake = Fake { inner: Arc::default(), key: key.to_owned(), slug: Arc::new(build_slug()) };
         fake.inner.lock().unwrap().apps.insert(
             GATEWAY_APP.to_owned(),
             AppState {
@@ -169,6 +179,11 @@ impl FakeHeroku {
         (id, pid)
     }
 
+    /// The app directory dynos start in.
+    pub fn slug(&self) -> &std::path::Path {
+        self.fake.slug.path()
+    }
+
     /// Pids of the processes leading each dyno, by dyno id.
     pub fn pids(&self) -> Vec<(String, i32)> {
         let inner = self.fake.inner.lock().unwrap();
@@ -191,15 +206,19 @@ impl Fake {
         use std::os::unix::process::CommandExt;
         inner.next += 1;
         let name = format!("run.{}", inner.next);
-        // A dyno starts in the app's root, where the slug is: here, this
-        // repository, whose `target/` holds the binaries.
-        let workdir = env!("CARGO_MANIFEST_DIR");
         let config_vars = inner.apps.get(app).map(|a| a.config_vars.clone()).unwrap_or_default();
         // The launcher stays the command's parent (no `exec`), holding the
         // dyno's whole environment, as Heroku's does.
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c").arg(format!("{command}\nexit $?")).current_dir(workdir).env_clear();
-        for name in ["PATH", "HOME", "TMPDIR", "PIP_FIND_LINKS", "PIP_CERT", "PIP_DEFAULT_TIMEOUT"] {
+        let mut cmd = Command::new("bash");
+        cmd.arg("-c")
+            .arg(format!("for f in .profile.d/*.sh; do [ -r \"$f\" ] && . \"$f\"; done\n{command}\nexit $?"))
+            .current_dir(self.slug.path())
+            .env_clear()
+            .env("PATH", DYNO_PATH)
+            .env("HOME", self.slug.path());
+        // Where this machine reaches PyPI through settings of its own, the
+        // runner app would have them as config vars.
+        for name in ["PIP_FIND_LINKS", "PIP_CERT", "PIP_DEFAULT_TIMEOUT", "UV_INDEX_URL", "PIP_INDEX_URL"] {
             if let Some(value) = std::env::var_os(name) {
                 cmd.env(name, value);
             }
@@ -214,6 +233,74 @@ impl Fake {
         let child = cmd.spawn().expect("the fake runs the dyno's command");
         Dyno { app: app.to_owned(), id: format!("dyno-{}", inner.next), name, command: command.to_owned(), child }
     }
+}
+
+/// `PATH` as a dyno starts with it, before `.profile.d`.
+const DYNO_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// The slug every dyno runs: this repository's `target/`, and a Python as
+/// the heroku/python buildpack leaves it (`.heroku/python`, its
+/// `.profile.d/python.sh`, uv from `requirements.txt`). The interpreter is
+/// this machine's, behind a launcher that refuses to start, as a
+/// shared-library build would, unless `LD_LIBRARY_PATH` holds the slug's
+/// library directory.
+fn build_slug() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let slug = tempfile::Builder::new().prefix("fake-slug-").tempdir().unwrap();
+    let root = slug.path();
+    std::os::unix::fs::symlink(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"), root.join("target")).unwrap();
+    let python = root.join(".heroku").join("python");
+    let (bin, lib) = (python.join("bin"), python.join("lib"));
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(&lib).unwrap();
+    let find = |tool: &str, path: &std::ffi::OsStr| {
+        std::env::split_paths(path).map(|dir| dir.join(tool)).find(|p| p.is_file())
+    };
+    let real = find("python3", DYNO_PATH.as_ref()).expect("python3 in /usr/bin, which the fake slug's Python runs");
+    let facts = Command::new(&real)
+        .args([
+            "-c",
+            "import sys, sysconfig; print('%d.%d' % sys.version_info[:2]); print(sysconfig.get_path('stdlib'))",
+        ])
+        .output()
+        .unwrap();
+    let facts = String::from_utf8(facts.stdout).unwrap();
+    let mut facts = facts.lines();
+    let (version, stdlib) = (facts.next().unwrap().to_owned(), facts.next().unwrap().to_owned());
+    // PYTHONHOME points at `.heroku/python`, so its standard library is found there.
+    std::os::unix::fs::symlink(&stdlib, lib.join(format!("python{version}"))).unwrap();
+    let launcher = bin.join("python3");
+    std::fs::write(
+        &launcher,
+        format!(
+            "#!/bin/bash\n\
+             case \":$LD_LIBRARY_PATH:\" in *\":{lib}:\"*) ;; *)\n\
+             echo \"python3: error while loading shared libraries: libpython{version}.so.1.0: cannot open shared \
+             object file: No such file or directory\" >&2\n\
+             exit 127 ;;\nesac\n\
+             exec -a \"$0\" {real} \"$@\"\n",
+            lib = lib.display(),
+            real = std::fs::canonicalize(&real).unwrap().display(),
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&launcher, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink("python3", bin.join("python")).unwrap();
+    if let Some(uv) = find("uv", &std::env::var_os("PATH").unwrap_or_default()) {
+        std::os::unix::fs::symlink(uv, bin.join("uv")).unwrap();
+    }
+    let profile = root.join(".profile.d");
+    std::fs::create_dir(&profile).unwrap();
+    std::fs::write(
+        profile.join("python.sh"),
+        "export PATH=\"$HOME/.heroku/python/bin:$PATH\"\n\
+         export PYTHONHOME=\"$HOME/.heroku/python\"\n\
+         export LD_LIBRARY_PATH=\"$HOME/.heroku/python/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}\"\n\
+         export LIBRARY_PATH=\"$HOME/.heroku/python/lib${LIBRARY_PATH:+:$LIBRARY_PATH}\"\n\
+         export PYTHONUNBUFFERED=true\n",
+    )
+    .unwrap();
+    slug
 }
 
 /// The refusal the real API would give a request without its headers, if any.

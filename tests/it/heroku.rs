@@ -66,6 +66,25 @@ print("\n".join(seen))
     client.cancel().await.unwrap();
 }
 
+/// What a user who pressed the Button does first: the official Python SDK
+/// runs code on a dyno, installs numpy there and runs again. The dyno starts
+/// as Heroku starts one (see `fake_heroku`), with a Python that works only
+/// with what its `.profile.d` script sets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_sdk_runs_code_and_installs_numpy_on_a_dyno_started_like_herokus() {
+    let fake = FakeHeroku::start(HEROKU_KEY, &config_vars()).await;
+    let gateway = Gateway::with(heroku(&fake));
+    let report =
+        crate::transports::run_python_sdk("py-sdk-1", &["http", &gateway.mcp_url(), "install"], Some(CLIENT_KEY)).await;
+    assert_eq!(report["result"], json!({"returncode": 0, "stdout": "4", "stderr": ""}), "{report}");
+    let steps = report["steps"].as_array().unwrap();
+    let python = fake.slug().join(".heroku").join("python").join("bin").join("python3");
+    assert_eq!(steps[0]["stdout"], python.to_str().unwrap(), "the slug's Python, through .profile.d: {report}");
+    assert_eq!(steps[1], json!({"returncode": 0, "stdout": "10", "stderr": ""}), "numpy installed: {report}");
+    assert_eq!(steps[2], json!({"returncode": 0, "stdout": "True True", "stderr": ""}), "and kept: {report}");
+    assert_eq!(fake.dyno_apps(), [RUNNER_APP]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_runs_on_a_dyno_and_its_dyno_is_stopped_at_the_end() {
     let fake = FakeHeroku::start(HEROKU_KEY, &config_vars()).await;

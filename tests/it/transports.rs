@@ -154,11 +154,21 @@ fn python_sdk(venv: &str) -> PathBuf {
 }
 
 async fn run_python_client(venv: &str, mode: &str, url: &str) -> Value {
+    run_python_sdk(venv, &[mode, url], None).await
+}
+
+/// Runs `tests/py/sdk_client.py` with `args` in a venv `scripts/test` made,
+/// sending `api_key` when given; returns its JSON report.
+pub async fn run_python_sdk(venv: &str, args: &[&str], api_key: Option<&str>) -> Value {
+    let mode = args[0];
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("py").join("sdk_client.py");
     let mut command = tokio::process::Command::new(python_sdk(venv));
-    command.arg(script).arg(mode).arg(url).kill_on_drop(true);
+    command.arg(script).args(args).kill_on_drop(true);
+    if let Some(key) = api_key {
+        command.env("MCP_API_KEY", key);
+    }
     let output =
-        tokio::time::timeout(Duration::from_secs(90), command.output()).await.expect("the client finishes").unwrap();
+        tokio::time::timeout(Duration::from_secs(180), command.output()).await.expect("the client finishes").unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{mode} client failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     serde_json::from_str(stdout.lines().last().unwrap_or_default())
