@@ -5,4 +5,4 @@
 
 module github.com/dynogate/dynogate
 
-go 1.22
+go 1.25

@@ -6,13 +6,16 @@ Measures, in one run on one machine:
   - a first call with one small real package (cold download cache);
   - a repeated call with that package, in a new session (warm shared cache;
     right after the session starts, and 1 s later) and in the same session;
+  - what asking again for a package the session already has costs: the same
+    call with and without `packages`, alternated in one session, once with
+    uv installing and once with pip (no uv on PATH, EXEC_OBTAIN_UV=false);
 for `runner exec` driven over stdio with MCP (JSON-RPC lines, as any stdio
 client does), and for the template's approach run directly by this script:
 `pip install <pkg>` into a virtualenv, then `python3 -c <code>` (the template
 runs both with subprocess; its MCP layer is left out, which favours it).
 
 Prints a Markdown table with medians and the ratios. Standard library only.
-Usage: bench.py RUNNER [--runs N] [--package NAME] [--module NAME]
+Usage: bench.py RUNNER [--runs N] [--package NAME] [--module NAME] [--installed-only]
 """
 
 import argparse
@@ -125,6 +128,7 @@ def main():
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--package", default="six")
     parser.add_argument("--module", default="six")
+    parser.add_argument("--installed-only", action="store_true", help="only the already-installed comparison")
     args = parser.parse_args()
     code = f"import {args.module}; print({args.module}.__name__)"
     runs = args.runs
@@ -138,6 +142,25 @@ def main():
             env = dict(base_env)
             env["EXEC_CACHE_DIR"] = cache
             return env
+
+        # Already installed: the call with `packages` against the same call
+        # without, alternated in one session after a first install.
+        without_uv = os.pathsep.join(
+            d for d in base_env["PATH"].split(os.pathsep) if not os.path.exists(os.path.join(d, "uv")))
+        for installer, extra in (("uv", {}), ("pip", {"PATH": without_uv, "EXEC_OBTAIN_UV": "false"})):
+            env = ours_env(os.path.join(scratch, f"installed-{installer}"))
+            env.update(extra)
+            session = Executor(args.runner, env)
+            session.run(code, [args.package])
+            with_packages, without = [], []
+            for _ in range(max(runs, 10)):
+                with_packages.append(session.run(code, [args.package]))
+                without.append(session.run(code))
+            session.close()
+            results[f"installed_{installer}_with"] = with_packages
+            results[f"installed_{installer}_without"] = without
+        if args.installed_only:
+            return report_installed(results, args, code)
 
         warm_cache = os.path.join(scratch, "ours-warm")
         session = Executor(args.runner, ours_env(warm_cache))
@@ -203,6 +226,7 @@ def main():
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
+    report_installed(results, args, code)
     m = {name: median_ms(samples) for name, samples in results.items()}
     print("## Machine\n")
     for line in machine(base_env["PATH"]):
@@ -223,6 +247,17 @@ def main():
         print(f"| {label} | {m[ours]:.0f} | {m[theirs]:.0f} | {m[ours] / m[theirs]:.1%} |")
     print()
     print("Raw samples (ms): " + json.dumps({k: [round(s * 1000) for s in v] for k, v in results.items()}))
+
+
+def report_installed(results, args, code):
+    m = {name: median_ms(samples) for name, samples in results.items()}
+    print(f"## A package the session already has (`{args.package}`; code: `{code}`)\n")
+    print("| installer | with `packages` (ms) | without (ms) | difference (ms) |")
+    print("|---|---:|---:|---:|")
+    for installer in ("uv", "pip"):
+        with_packages, without = m[f"installed_{installer}_with"], m[f"installed_{installer}_without"]
+        print(f"| {installer} | {with_packages:.1f} | {without:.1f} | {with_packages - without:+.1f} |")
+    print()
 
 
 if __name__ == "__main__":

@@ -346,6 +346,13 @@ impl Args {
         } else {
             SpawnerKind::Local
         });
+        if spawner == SpawnerKind::Heroku && self.api_key.is_none() && self.bind.is_none() {
+            bail!(
+                "SPAWNER=heroku needs API_KEY: without it the gateway listens on 127.0.0.1 only, which Heroku's \
+                 router cannot reach (the web dyno would fail with R10). Set API_KEY (clients then send \
+                 `Authorization: Bearer <key>`)"
+            );
+        }
         let heroku = match spawner {
             SpawnerKind::Local => None,
             SpawnerKind::Heroku => Some(Heroku {
@@ -459,7 +466,7 @@ impl Config {
 
 /// What a client is told when runners have no URL to dial.
 pub const NO_PUBLIC_URL: &str = "this gateway does not know its public URL, so runner dynos cannot dial back: \
-    set GATEWAY_URL to the app's web URL (e.g. https://myapp.herokuapp.com), \
+    set GATEWAY_URL to the app's web URL (e.g. https://myapp-1a2b3c4d5e6f.herokuapp.com), \
     or run `heroku labs:enable runtime-dyno-metadata` and restart so HEROKU_APP_DEFAULT_DOMAIN_NAME is set";
 
 fn random_secret() -> anyhow::Result<Secret> {
@@ -542,13 +549,15 @@ mod tests {
 
     #[test]
     fn heroku_is_chosen_when_its_key_and_app_are_set() {
-        let config =
-            args(&["--heroku-api-key", "k", "--heroku-app-name", "app", "--gateway-url", "https://app.example"])
-                .validate()
-                .unwrap();
+        let heroku = ["--heroku-api-key", "k", "--heroku-app-name", "app", "--gateway-url", "https://app.example"];
+        let config = args(&[&heroku[..], &["--api-key", "c"]].concat()).validate().unwrap();
         assert_eq!(config.spawner, SpawnerKind::Heroku);
         assert_eq!(config.heroku.unwrap().app_name, "app");
-        assert!(args(&["--spawner", "heroku"]).validate().unwrap_err().to_string().contains("HEROKU_API_KEY"));
+        let keyless = args(&["--spawner", "heroku", "--api-key", "c"]).validate().unwrap_err().to_string();
+        assert!(keyless.contains("HEROKU_API_KEY"), "{keyless}");
+        // Loopback only, which Heroku's router cannot reach: refused, not an R10 later.
+        let unreachable = args(&heroku).validate().unwrap_err().to_string();
+        assert!(unreachable.contains("SPAWNER=heroku needs API_KEY") && unreachable.contains("R10"), "{unreachable}");
     }
 
     #[test]
