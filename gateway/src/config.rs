@@ -113,6 +113,15 @@ pub struct Args {
     #[arg(long, env = "RUNNER_COMMAND")]
     pub runner_command: Option<String>,
 
+    /// Runners kept started and warm, ready for the next sessions (default:
+    /// 2 with local runners; 0 on Heroku, where each is a dyno billed while it waits).
+    #[arg(long, env = "WARM_RUNNERS")]
+    pub warm_runners: Option<usize>,
+
+    /// A warm runner no session claimed in this long is replaced by a fresh one.
+    #[arg(long, env = "WARM_RUNNER_MAX_AGE", default_value = "30m", value_parser = dynogate_shared::duration::parse)]
+    pub warm_runner_max_age: Duration,
+
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -239,6 +248,7 @@ pub struct Config {
     /// Set when `spawner` is Heroku.
     pub heroku: Option<Heroku>,
     pub runner_command: Option<String>,
+    pub pool: PoolSettings,
     pub limits: Limits,
     pub connections: Connections,
     pub timeouts: Timeouts,
@@ -246,6 +256,14 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// Async runtime threads; `None` for one per CPU.
     pub worker_threads: Option<usize>,
+}
+
+/// The warm pool's settings.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    /// Runners to keep ready; 0 for no pool.
+    pub size: usize,
+    pub max_age: Duration,
 }
 
 /// Size and count limits.
@@ -377,6 +395,15 @@ impl Args {
             if heroku.sweep_interval.is_zero() {
                 bail!("SWEEP_INTERVAL must be greater than zero");
             }
+            if self.warm_runners.unwrap_or(0) > 0 && self.warm_runner_max_age >= heroku.dyno_ttl {
+                bail!(
+                    "WARM_RUNNER_MAX_AGE must be shorter than DYNO_TTL: a warm dyno must leave its session time \
+                     to live"
+                );
+            }
+        }
+        if self.warm_runner_max_age.is_zero() {
+            bail!("WARM_RUNNER_MAX_AGE must be greater than zero");
         }
         let gateway_url = match (self.gateway_url, self.heroku_app_domain.filter(|d| !d.is_empty())) {
             (Some(url), _) => Some(url),
@@ -408,6 +435,13 @@ impl Args {
             allow_unsandboxed: self.allow_unsandboxed,
             heroku,
             runner_command: self.runner_command.filter(|c| !c.trim().is_empty()),
+            pool: PoolSettings {
+                size: self.warm_runners.unwrap_or(match spawner {
+                    SpawnerKind::Local => 2,
+                    SpawnerKind::Heroku => 0,
+                }),
+                max_age: self.warm_runner_max_age,
+            },
             limits: Limits {
                 // A body becomes one message to the runner, which takes no more.
                 max_body_bytes: self.max_body_bytes.min(dynogate_shared::window::MAX_MESSAGE_BYTES),

@@ -52,6 +52,11 @@ impl RequestId {
         }
     }
 
+    /// A string id of the gateway's own.
+    pub fn string(text: &str) -> Self {
+        Self(Value::String(text.to_owned()).to_string().into())
+    }
+
     /// An id from JSON text, for tests.
     #[cfg(test)]
     pub fn for_tests(json: &str) -> Self {

@@ -12,7 +12,9 @@
 //!   [`streams`]: resumable SSE streams.
 //! - [`rendezvous`] and [`link`]: where runners dial back, and the frames
 //!   the session exchanges with them.
-//! - [`spawn`]: how runners are started; [`token`]: their credentials.
+//! - [`spawn`]: how runners are started; [`token`]: their credentials;
+//!   [`pool`]: runners started ahead of sessions; [`oneshot`]: one request
+//!   on a runner of its own.
 //! - [`server`]: binding, serving and shutting down; [`listen`]: accepting
 //!   connections, with deadlines and caps; [`throttle`]: rate limits for log
 //!   lines anyone can cause.
@@ -24,6 +26,8 @@ pub mod jsonrpc;
 pub mod link;
 pub mod listen;
 pub mod mcp;
+pub mod oneshot;
+pub mod pool;
 pub mod rendezvous;
 pub mod reply;
 pub mod server;
@@ -68,6 +72,8 @@ pub struct Shared {
     pub api_key: Option<auth::ApiKey>,
     pub sessions: sessions::Sessions,
     pub spawner: Arc<dyn spawn::Spawner>,
+    /// Sessions started ahead of clients (`WARM_RUNNERS`).
+    pub pool: pool::Pool,
     pub tokens: token::RunnerTokens,
     /// Bytes of events kept across all sessions.
     pub budget: streams::Budget,

@@ -96,9 +96,22 @@ async fn handle_post(state: AppState, headers: HeaderMap, body: Body) -> Result<
     }
 }
 
-/// Starts a session of either transport: reserves its place, mints its
-/// runner's token, and starts its task (which starts the runner).
+/// A session for a new client of either transport: one from the warm pool
+/// when there is one, else a new one (see [`start_session`]).
 pub(crate) fn create_session(state: &AppState, transport: Transport) -> Result<SessionHandle, McpError> {
+    if state.draining.is_cancelled() {
+        return Err(McpError::Overloaded { message: "the gateway is shutting down".into(), retry_after_secs: 5 });
+    }
+    if let Some(handle) = state.pool.claim(transport) {
+        return Ok(handle);
+    }
+    start_session(state, transport, false)
+}
+
+/// Starts a session: reserves its place, mints its runner's token, and
+/// starts its task (which starts the runner). A `pooled` one waits in the
+/// warm pool, invisible to clients, until [`crate::pool::Pool::claim`].
+pub(crate) fn start_session(state: &AppState, transport: Transport, pooled: bool) -> Result<SessionHandle, McpError> {
     if state.draining.is_cancelled() {
         return Err(McpError::Overloaded { message: "the gateway is shutting down".into(), retry_after_secs: 5 });
     }
@@ -119,6 +132,7 @@ pub(crate) fn create_session(state: &AppState, transport: Transport) -> Result<S
     let (session, handle) = Session::new(SessionParams {
         id: session_id.clone(),
         transport,
+        pooled,
         spec: RunnerSpec { session: session_id, token: minted.token, gateway_url: runner_url },
         token_id: minted.jti,
         tokens: state.tokens.clone(),

@@ -61,7 +61,7 @@ pub async fn accept(
     if claims.sid != session {
         return refuse("token names another session", shown);
     }
-    let Some(handle) = state.sessions.get(&session) else {
+    let Some(handle) = state.sessions.get_any(&session) else {
         return refuse("token for a session that is not live", shown);
     };
     let span = tracing::info_span!("rendezvous", session = %shown);

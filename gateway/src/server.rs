@@ -50,8 +50,9 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
     let status = if state.draining.is_cancelled() { "draining" } else { "ok" };
     axum::Json(serde_json::json!({
         "status": status,
-        "sessions": state.sessions.len(),
+        "sessions": state.sessions.claimed(),
         "in_flight": state.sessions.in_flight(),
+        "pool": state.pool.status(),
     }))
 }
 
@@ -65,6 +66,26 @@ async fn request_span(request: Request, next: Next) -> Response {
 /// sessions or requests, requests in flight get up to `DRAIN_TIMEOUT` to
 /// finish, then every session ends (runners told to stop, dynos stopped).
 pub async fn serve(config: Config, listener: TcpListener, drain: CancellationToken) -> anyhow::Result<()> {
+    start(config, listener, drain).await?.finished().await
+}
+
+/// A gateway serving in this process; see [`start`].
+pub struct Running {
+    /// What its handlers share: in-process callers (the single-request API,
+    /// tests) use it directly.
+    pub state: AppState,
+    done: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Resolves when the gateway has drained and ended every session.
+    pub async fn finished(self) -> anyhow::Result<()> {
+        self.done.await.context("the gateway's task failed")?
+    }
+}
+
+/// Starts serving on `listener` and returns at once; see [`serve`].
+pub async fn start(config: Config, listener: TcpListener, drain: CancellationToken) -> anyhow::Result<Running> {
     let bound = listener.local_addr().context("listener has no address")?;
     let spawner = build_spawner(&config)?;
     let learned_url = spawner.prepare().await?;
@@ -76,6 +97,7 @@ pub async fn serve(config: Config, listener: TcpListener, drain: CancellationTok
         api_key: config.api_key.as_ref().map(auth::ApiKey::new),
         sessions: crate::sessions::Sessions::new(config.limits.max_sessions),
         spawner,
+        pool: crate::pool::Pool::new(config.pool.clone()),
         tokens: crate::token::RunnerTokens::new(&config.rendezvous_secret, token_ttl),
         budget: crate::streams::Budget::new(config.limits.buffer_bytes, config.limits.stream_buffer_bytes),
         draining: drain.clone(),
@@ -91,13 +113,27 @@ pub async fn serve(config: Config, listener: TcpListener, drain: CancellationTok
     if let Some(heroku) = &state.config.heroku {
         tracker.spawn(sweep(state.clone(), heroku.sweep_interval));
     }
+    tracker.spawn(crate::pool::refill(state.clone()));
     let timeouts = state.config.timeouts.clone();
     let sessions = state.sessions.clone();
     let shutdown = state.shutdown.clone();
     let settings = listen_settings(&state.config);
     // New connections stop with the drain; open ones (and their streams) go on.
-    let server = tokio::spawn(listen::serve(listener, app(state), settings, drain.clone()));
+    let server = tokio::spawn(listen::serve(listener, app(state.clone()), settings, drain.clone()));
+    let done = tokio::spawn(wind_down(server, sessions, timeouts, tracker, shutdown, drain));
+    Ok(Running { state, done })
+}
 
+/// Waits for the drain, lets requests in flight finish, then ends every
+/// session and waits (bounded) for their runners to be gone.
+async fn wind_down(
+    server: tokio::task::JoinHandle<()>,
+    sessions: crate::sessions::Sessions,
+    timeouts: crate::config::Timeouts,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+    drain: CancellationToken,
+) -> anyhow::Result<()> {
     drain.cancelled().await;
     let waiting = sessions.in_flight();
     info!(sessions = sessions.len(), requests = waiting, "draining: letting requests in flight finish");
@@ -197,7 +233,8 @@ fn build_spawner(config: &Config) -> anyhow::Result<Arc<dyn Spawner>> {
 /// gateway may have died with dynos running), then every `interval`.
 async fn sweep(state: AppState, interval: std::time::Duration) {
     let sessions = state.sessions.clone();
-    let live = move |id: &str| sessions.get(id).is_some();
+    // The pool's runners are live too.
+    let live = move |id: &str| sessions.get_any(id).is_some();
     loop {
         state.spawner.sweep(&live).await;
         tokio::select! {

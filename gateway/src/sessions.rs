@@ -4,6 +4,9 @@
 //! POST) touch one shard, and no guard ever escapes a method, so no caller can
 //! hold one across an `.await`. The count of sessions is kept apart in an
 //! atomic so the `MAX_SESSIONS` cap is exact under concurrent `initialize`s.
+//! Sessions the warm pool started count too, but clients find only claimed
+//! ones ([`Sessions::get`]); their runners and the sweeper find all
+//! ([`Sessions::get_any`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -54,8 +57,19 @@ impl Sessions {
         self.map.insert(handle.id().to_owned(), handle);
     }
 
+    /// A session a client may use: claimed, not waiting in the pool.
     pub fn get(&self, id: &str) -> Option<SessionHandle> {
+        self.get_any(id).filter(SessionHandle::is_claimed)
+    }
+
+    /// A session, claimed or still in the pool.
+    pub fn get_any(&self, id: &str) -> Option<SessionHandle> {
         self.map.get(id).map(|entry| entry.value().clone())
+    }
+
+    /// Sessions clients have (not the pool's).
+    pub fn claimed(&self) -> usize {
+        self.map.iter().filter(|entry| entry.value().is_claimed()).count()
     }
 
     /// Removes a session; its id answers 404 from now on.

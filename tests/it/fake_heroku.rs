@@ -74,6 +74,8 @@ struct Inner {
     next: u32,
     /// When set, creates are refused with this status, id and message.
     refuse: Option<(u16, String, String)>,
+    /// How long a dyno takes to boot before its command starts.
+    boot_delay: Duration,
 }
 
 #[derive(Clone)]
@@ -167,6 +169,12 @@ impl FakeHeroku {
         self.fake.inner.lock().unwrap().refuse = Some((status, id.to_owned(), message.to_owned()));
     }
 
+    /// Makes every dyno created from now on boot this long before its
+    /// command starts, as a real one takes seconds.
+    pub fn set_boot_delay(&self, delay: Duration) {
+        self.fake.inner.lock().unwrap().boot_delay = delay;
+    }
+
     /// Starts a dyno of the runner app directly (as if created before the
     /// gateway started).
     pub fn launch(&self, command: &str) -> (String, i32) {
@@ -210,8 +218,11 @@ impl Fake {
         // The launcher stays the command's parent (no `exec`), holding the
         // dyno's whole environment, as Heroku's does.
         let mut cmd = Command::new("bash");
+        let boot = inner.boot_delay.as_secs_f64();
         cmd.arg("-c")
-            .arg(format!("for f in .profile.d/*.sh; do [ -r \"$f\" ] && . \"$f\"; done\n{command}\nexit $?"))
+            .arg(format!(
+                "sleep {boot}\nfor f in .profile.d/*.sh; do [ -r \"$f\" ] && . \"$f\"; done\n{command}\nexit $?"
+            ))
             .current_dir(self.slug.path())
             .env_clear()
             .env("PATH", DYNO_PATH)

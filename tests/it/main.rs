@@ -34,6 +34,8 @@ mod lifecycle;
 mod local_path;
 /// Memory under clients that do not read: slow answers, an unread `/sse` stream.
 mod memory;
+/// Warm runners: claimed once each, refilled, capped, replaced, recycled.
+mod pool;
 /// Runner tokens and the rendezvous handshake.
 mod rendezvous;
 /// Faults: cut sockets, dropped streams, floods, SIGTERM under load.
@@ -42,6 +44,8 @@ mod resilience;
 mod routing;
 /// The local sandbox tried as an attacker: secrets, other sessions, signals, limits.
 mod sandbox;
+/// One request on a runner of its own, through the in-process API.
+mod single_request;
 /// Slow and greedy clients: header and body deadlines, connection caps.
 mod slow_clients;
 /// The older SSE transport, server requests, origins, the Python SDK.

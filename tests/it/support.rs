@@ -96,6 +96,9 @@ impl Gateway {
             .env("RUNNER_BIN", RUNNER)
             .env("RENDEZVOUS_SECRET", SECRET)
             .env("RUST_LOG", "info,dynogate_gateway=debug")
+            // Sessions start cold unless a test asks for warm runners, so
+            // the runners and dynos a test counts are its sessions' own.
+            .env("WARM_RUNNERS", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());

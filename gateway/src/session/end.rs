@@ -16,6 +16,10 @@ pub enum EndReason {
     RunnerLost(String),
     ServerExited(String),
     InitializeFailed,
+    /// A warm runner no session claimed in time (no client ever sees it).
+    Recycled,
+    /// A single-request run is over.
+    Completed,
     Shutdown,
 }
 
@@ -48,6 +52,8 @@ impl EndReason {
             EndReason::InitializeFailed => {
                 (code::RUNNER_LOST, "the MCP server refused initialize; the session has ended".into())
             }
+            EndReason::Recycled => (code::RUNNER_LOST, "the warm runner was recycled unclaimed".into()),
+            EndReason::Completed => (code::RUNNER_LOST, "the single-request run is over".into()),
             EndReason::Shutdown => (code::RUNNER_LOST, "the gateway is shutting down; the session has ended".into()),
         }
     }

@@ -30,7 +30,7 @@ mod end;
 mod in_flight;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -92,6 +92,8 @@ pub enum Command {
     /// Someone dialed with a valid token while a runner is connected: check
     /// that the connected one is still there.
     Probe,
+    /// A client claimed this pooled session; its first message follows.
+    Claimed,
 }
 
 impl Command {
@@ -128,6 +130,7 @@ impl Drop for RunnerSlot {
 
 /// Which MCP transport the client uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Transport {
     /// Streamable HTTP: answers on each POST.
     Streamable,
@@ -135,9 +138,19 @@ pub enum Transport {
     LegacySse,
 }
 
+impl Transport {
+    fn from_u8(value: u8) -> Self {
+        if value == Transport::LegacySse as u8 { Transport::LegacySse } else { Transport::Streamable }
+    }
+}
+
 struct Shared {
     id: String,
-    transport: Transport,
+    /// A [`Transport`] as `u8`: a pooled session learns it when claimed.
+    transport: AtomicU8,
+    /// Whether a client has it: a pooled session waits unclaimed, invisible
+    /// to clients, with its runner starting or ready.
+    claimed: AtomicBool,
     commands: mpsc::Sender<Command>,
     /// Attach, refusals and probes; see [`Command::is_runners`].
     runner_commands: mpsc::Sender<Command>,
@@ -167,7 +180,33 @@ impl SessionHandle {
     }
 
     pub fn transport(&self) -> Transport {
-        self.shared.transport
+        Transport::from_u8(self.shared.transport.load(Ordering::Acquire))
+    }
+
+    /// Whether a client has this session (always, unless it came from the pool).
+    pub fn is_claimed(&self) -> bool {
+        self.shared.claimed.load(Ordering::Acquire)
+    }
+
+    /// Whether its runner has connected.
+    pub fn is_ready(&self) -> bool {
+        self.shared.runner_attached.load(Ordering::Acquire)
+    }
+
+    /// Whether the session has ended and its runner is gone.
+    pub fn is_finished(&self) -> bool {
+        self.shared.finished.is_cancelled()
+    }
+
+    /// Gives a pooled session to a client of `transport`; false when it was
+    /// claimed already or has ended. The session hears of it
+    /// ([`Command::Claimed`]) before the client's first message.
+    pub fn claim(&self, transport: Transport) -> bool {
+        self.shared.transport.store(transport as u8, Ordering::Release);
+        self.shared.claimed.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok()
+            // Nobody else can send to an unclaimed session, so there is room;
+            // a closed queue means it has ended.
+            && self.shared.commands.try_send(Command::Claimed).is_ok()
     }
 
     /// Whether `jti` names a runner token this session still accepts.
@@ -231,6 +270,9 @@ impl SessionHandle {
 pub struct SessionParams {
     pub id: String,
     pub transport: Transport,
+    /// Started ahead of any client, for the warm pool: unclaimed, it never
+    /// idles out (the pool recycles it) and clients cannot see it.
+    pub pooled: bool,
     pub spec: RunnerSpec,
     /// Unique id of the token in `spec`.
     pub token_id: String,
@@ -277,7 +319,8 @@ impl Session {
         let (runner_tx, runner_rx) = mpsc::channel(8);
         let shared = Arc::new(Shared {
             id: params.id,
-            transport: params.transport,
+            transport: AtomicU8::new(params.transport as u8),
+            claimed: AtomicBool::new(!params.pooled),
             commands: tx,
             runner_commands: runner_tx,
             runner_attached: AtomicBool::new(false),
@@ -431,6 +474,10 @@ impl Session {
                 () = &mut idle => {
                     let quiet_since = self.last_request + self.timeouts.idle;
                     let now = Instant::now();
+                    if !self.shared.claimed.load(Ordering::Acquire) {
+                        idle.as_mut().reset(now + self.timeouts.idle);
+                        continue;
+                    }
                     if self.in_flight.is_empty() && now >= quiet_since {
                         return EndReason::Idle(self.timeouts.idle);
                     }
@@ -569,7 +616,7 @@ impl Session {
     /// deliver a sampling request made during a call on the call's stream).
     fn unattributed_target(&self) -> &Arc<EventStream> {
         let standalone = self.shared.streams.standalone();
-        if self.shared.transport == Transport::Streamable
+        if Transport::from_u8(self.shared.transport.load(Ordering::Acquire)) == Transport::Streamable
             && !standalone.has_reader()
             && let Some(call) = self.in_flight.sole()
         {
@@ -627,6 +674,16 @@ impl Session {
                 if self.link.is_some() && self.probe.is_none() {
                     self.probe = Some((Instant::now() + PROBE_TIMEOUT, self.last_heard));
                     self.send(Outgoing::Ping);
+                }
+            }
+            Command::Claimed => {
+                self.last_request = Instant::now();
+                info!(ready = self.link.is_some(), "claimed from the warm pool");
+                // The runner's credentials from here on are the session's
+                // own; the pool's token ages out of the accepted few.
+                if self.link.is_some() {
+                    let token = self.mint_token();
+                    self.send(Outgoing::Control(Control::Token { token }));
                 }
             }
         }

@@ -71,6 +71,7 @@ fn start(timeouts: Timeouts) -> Harness {
     let (session, handle) = Session::new(SessionParams {
         id: "s1".into(),
         transport: Transport::Streamable,
+        pooled: false,
         token_id: "j1".into(),
         tokens,
         spec: RunnerSpec {

@@ -42,7 +42,11 @@ impl PidsRoot {
     pub fn create() -> Option<PidsRoot> {
         let parent = match std::env::var_os(DELEGATED_ENV).filter(|dir| !dir.is_empty()) {
             Some(dir) => PathBuf::from(dir),
-            None => locate()?,
+            None => {
+                let parent = locate()?;
+                remove_stale(&parent);
+                parent
+            }
         };
         let dir = parent.join(format!("dynogate-exec-{}", std::process::id()));
         if std::fs::create_dir(&dir).is_err() && !dir.is_dir() {
@@ -132,8 +136,13 @@ impl Drop for CommandGroup {
 /// SIGKILLs every process listed in a cgroup until none is left (a process
 /// may fork while the list is read, so this goes round until it is empty).
 pub fn kill_members(dir: &Path) {
-    // cgroup v2 (Linux 5.14+) kills the whole group atomically.
-    if std::fs::write(dir.join("cgroup.kill"), "1").is_ok() {
+    // cgroup v2 (Linux 5.14+) kills the whole group atomically. Opened, not
+    // created: where there is no such file there is nothing to write.
+    let killed = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("cgroup.kill"))
+        .and_then(|mut file| std::io::Write::write_all(&mut file, b"1"));
+    if killed.is_ok() {
         return;
     }
     for _ in 0..100 {
@@ -174,6 +183,22 @@ pub fn remove_tree(dir: &Path, patience: Duration) {
     }
 }
 
+/// Removes the cgroups of executors that are gone: one killed outright
+/// (SIGKILL, a runner's process group killed) cannot remove its own.
+fn remove_stale(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("dynogate-exec-")).and_then(|p| p.parse().ok())
+        else {
+            continue;
+        };
+        if kill(Pid::from_raw(pid), None) == Err(nix::errno::Errno::ESRCH) {
+            remove_tree(&entry.path(), Duration::from_millis(100));
+        }
+    }
+}
+
 /// This process's cgroup directory in a hierarchy that has the pids controller.
 fn locate() -> Option<PathBuf> {
     let memberships = std::fs::read_to_string("/proc/self/cgroup").ok()?;
@@ -181,4 +206,24 @@ fn locate() -> Option<PathBuf> {
     dynogate_shared::cgroup::locate(&memberships, &mounts, dynogate_shared::cgroup::Controller::Pids)
         .map(|hierarchy| hierarchy.dir)
         .filter(|dir| dir.is_dir())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cgroups_of_executors_that_are_gone_are_removed_and_others_kept() {
+        let parent = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let names = [format!("dynogate-exec-{dead}"), format!("dynogate-exec-{}", std::process::id()), "other".into()];
+        for name in &names {
+            std::fs::create_dir(parent.path().join(name)).unwrap();
+        }
+        remove_stale(parent.path());
+        let left: Vec<bool> = names.iter().map(|n| parent.path().join(n).exists()).collect();
+        assert_eq!(left, [false, true, true]);
+    }
 }

@@ -65,6 +65,20 @@ impl Session {
         check_echo_fast(&reply.content_type, text_of(&reply)?, id, text)
     }
 
+    /// Runs Python with `code_exec_python`; checks it printed `expect`.
+    pub async fn python(&self, id: u64, code: &str, expect: &str) -> anyhow::Result<()> {
+        let call = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                          "params": {"name": "code_exec_python", "arguments": {"code": code}}});
+        let reply = self.post(call.to_string()).await?;
+        let answer = message_of(&reply.content_type, text_of(&reply)?)?;
+        let text = answer["result"]["content"][0]["text"].as_str().with_context(|| format!("no result: {answer}"))?;
+        let result: Value = serde_json::from_str(text)?;
+        if answer["id"] != id || result["returncode"] != 0 || result["stdout"] != expect {
+            bail!("unexpected answer: {answer}");
+        }
+        Ok(())
+    }
+
     pub async fn close(&self) -> anyhow::Result<()> {
         let headers: Vec<(&str, &str)> = self.id.iter().map(|id| ("mcp-session-id", id.as_str())).collect();
         self.endpoint.send(Method::DELETE, None, &headers).await?;

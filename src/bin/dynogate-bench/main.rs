@@ -5,7 +5,8 @@
 //!
 //! - [`client`]: a minimal MCP client over streamable HTTP.
 //! - [`floor`]: the same calls over plain stdio, no gateway.
-//! - [`scenarios`]: `sessions`, `calls`, `payload`, `idle`, and `http` (the HTTP stack alone).
+//! - [`scenarios`]: `sessions`, `calls`, `payload`, `idle`, `first-result`
+//!   (a new session's first code result), and `http` (the HTTP stack alone).
 //! - [`stats`]: percentiles and the report; [`procs`]: memory from /proc.
 
 mod client;
@@ -96,6 +97,20 @@ enum Scenario {
         #[arg(long, default_value_t = 5000)]
         count: u64,
     },
+    /// Time to the first code_exec_python result of new sessions, their
+    /// later calls, and the same code run bare.
+    FirstResult {
+        #[command(flatten)]
+        at: Where,
+        #[arg(long, default_value_t = 20)]
+        count: u64,
+        /// Calls after the first, per session.
+        #[arg(long, default_value_t = 2)]
+        later: u64,
+        /// Pause before each session and each call, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        gap_ms: u64,
+    },
     /// Hold N sessions open; report gateway and runner memory.
     Idle {
         #[command(flatten)]
@@ -123,6 +138,10 @@ fn main() -> anyhow::Result<()> {
             }
             Scenario::Payload { at, size, count } => scenarios::payload_echo(&at.target()?, count, size).await,
             Scenario::Http { url, count } => scenarios::http_round_trips(&url, count).await,
+            Scenario::FirstResult { at, count, later, gap_ms } => {
+                let (url, name) = at.url()?;
+                scenarios::first_result(&url, &name, count, later, std::time::Duration::from_millis(gap_ms)).await
+            }
             Scenario::Idle { at, count, gateway_pid } => {
                 let (url, name) = at.url()?;
                 scenarios::idle(&url, &name, count, gateway_pid).await

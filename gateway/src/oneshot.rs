@@ -1,0 +1,132 @@
+//! One MCP request on a runner of its own: a fresh, isolated runner (from
+//! the warm pool when one is ready) serves it and is then discarded, with
+//! everything it started. The agents API and `dyno_run_command`-style calls
+//! build on this; nothing of it is exposed over MCP.
+//!
+//! Underneath it is an ordinary session that no client holds: the gateway
+//! itself says `initialize` and `notifications/initialized`, sends the
+//! request, passes each message that comes before the answer (progress,
+//! logging) to the caller, and ends the session when the answer is in, when
+//! the time limit passes, or when the caller stops waiting (the future is
+//! dropped). A session ends by stopping its runner and killing what it
+//! started, so nothing of one run reaches the next.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use crate::AppState;
+use crate::jsonrpc::{self, Kind, RequestId};
+use crate::session::{Call, Command, EndReason, SessionHandle, Transport};
+use crate::streams::{Batch, Reader};
+
+/// The revision the gateway speaks to the runner's server for a single request.
+const PROTOCOL_VERSION: &str = "2025-06-18";
+/// How long a finished run waits for its runner to be gone before returning.
+const STOP_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Why a single-request run gave no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("the request is not a JSON-RPC request: {0}")]
+    NotARequest(String),
+    #[error("no runner could be started: {0}")]
+    Unavailable(String),
+    #[error("the MCP server refused initialize: {0}")]
+    Initialize(String),
+    #[error("no answer within the time limit of {}s; the runner and everything it started were stopped", .0.as_secs_f64())]
+    TimedOut(Duration),
+    #[error("the runner ended before answering: {0}")]
+    Ended(String),
+}
+
+/// Runs `request` (one JSON-RPC request, as bytes) on a runner of its own
+/// and returns the server's answer, calling `on_message` with each message
+/// the server sent about it first. Takes at most `limit` (plus a bounded
+/// wait for the runner to be gone).
+pub async fn run(
+    state: &AppState,
+    request: Bytes,
+    limit: Duration,
+    mut on_message: impl FnMut(&Bytes),
+) -> Result<Bytes, RunError> {
+    let (id, progress_token) = match jsonrpc::peek_client(&request) {
+        Ok(Kind::Request { id, method, progress_token }) if method != "initialize" => (id, progress_token),
+        Ok(_) => return Err(RunError::NotARequest("a request other than initialize is needed".into())),
+        Err(e) => return Err(RunError::NotARequest(e.to_string())),
+    };
+    let handle =
+        crate::mcp::create_session(state, Transport::Streamable).map_err(|e| RunError::Unavailable(e.to_string()))?;
+    // Whatever happens from here, the session ends with this run.
+    let session = Ending(handle);
+    let deadline = Instant::now() + limit;
+    let answer = tokio::time::timeout_at(deadline, async {
+        let init = RequestId::string("dynogate-single-request-initialize");
+        let initialize = format!(
+            r#"{{"jsonrpc":"2.0","id":{},"method":"initialize","params":{{"protocolVersion":"{PROTOCOL_VERSION}","capabilities":{{}},"clientInfo":{{"name":"dynogate","version":"{}"}}}}}}"#,
+            init.as_json(),
+            env!("CARGO_PKG_VERSION")
+        );
+        let reply = ask(state, &session.0, init, None, initialize.into(), true, &mut |_| {}).await?;
+        if let Some(error) = jsonrpc::error_object(&reply) {
+            return Err(RunError::Initialize(error));
+        }
+        let initialized = Bytes::from_static(br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
+        session
+            .0
+            .send(Command::Notify { payload: initialized, cancelled: None }, state.config.timeouts.request)
+            .await
+            .map_err(|e| RunError::Ended(e.to_string()))?;
+        ask(state, &session.0, id, progress_token, request, false, &mut on_message).await
+    })
+    .await
+    .unwrap_or(Err(RunError::TimedOut(limit)));
+    session.0.end(EndReason::Completed);
+    let _ = tokio::time::timeout(STOP_PATIENCE, session.0.finished()).await;
+    answer
+}
+
+/// Sends one request into the session and reads its stream to the answer.
+async fn ask(
+    state: &AppState,
+    handle: &SessionHandle,
+    id: RequestId,
+    progress_token: Option<RequestId>,
+    payload: Bytes,
+    is_initialize: bool,
+    on_message: &mut impl FnMut(&Bytes),
+) -> Result<Bytes, RunError> {
+    let stream = handle.streams().open(1);
+    let call = Call { id, progress_token, payload, is_initialize, stream: stream.clone() };
+    if let Err(e) = handle.send(Command::Call(call), state.config.timeouts.request).await {
+        handle.streams().forget(stream.id());
+        return Err(RunError::Ended(e.to_string()));
+    }
+    let mut reader = Reader::new(stream, None);
+    loop {
+        match reader.read(state.config.timeouts.heartbeat).await {
+            Batch::Events(events) => {
+                for event in events {
+                    if event.last {
+                        return Ok(event.json);
+                    }
+                    on_message(&event.json);
+                }
+            }
+            Batch::Quiet => {}
+            Batch::Ended | Batch::Replaced => {
+                return Err(RunError::Ended("its stream closed without an answer".into()));
+            }
+        }
+    }
+}
+
+/// Ends the run's session however the run stops, a dropped future included.
+struct Ending(SessionHandle);
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        self.0.end(EndReason::Completed);
+    }
+}
