@@ -414,8 +414,13 @@ pub struct LimitArgs {
     /// (`--seccomp FD`), in a memory file made here.
     #[arg(long)]
     pub seccomp_bwrap: bool,
+    /// Join the cgroups, then read the rest of the job (program, arguments,
+    /// environment, working directory, limits) from stdin: the executor
+    /// starts this ahead of its command (see `exec::primed`).
+    #[arg(long, conflicts_with = "argv")]
+    pub job_from_stdin: bool,
     /// The program and its arguments.
-    #[arg(last = true, required = true)]
+    #[arg(last = true, required_unless_present = "job_from_stdin")]
     pub argv: Vec<OsString>,
 }
 

@@ -77,7 +77,9 @@ async fn bad_tokens_are_refused_and_touch_no_session() {
 fn stand_in_runner() -> (tempfile::TempDir, std::path::PathBuf) {
     let (dir, path) = script(
         "runner",
-        "here=$(dirname \"$0\")\necho \"$@\" > \"$here/args\"\nprintf %s \"$RUNNER_TOKEN\" > \"$here/token\"\necho $$ > \"$here/pid\"\nexec sleep 600",
+        // The gateway's own helper calls (`runner obtain-uv`) are not a runner starting.
+        "case \"$1\" in obtain-uv|sandbox-check) exit 0 ;; esac\n\
+         here=$(dirname \"$0\")\necho \"$@\" > \"$here/args\"\nprintf %s \"$RUNNER_TOKEN\" > \"$here/token\"\necho $$ > \"$here/pid\"\nexec sleep 600",
     );
     let _ = &path;
     (dir, path)

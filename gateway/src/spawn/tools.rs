@@ -2,9 +2,10 @@
 //!
 //! Python installs are fast only with `uv`. A sandboxed session cannot
 //! obtain it (it sees the machine's tools directory read-only), so the
-//! gateway asks the runner binary to (`runner obtain-uv`): it answers at once
-//! when uv is there, and otherwise installs it from the package index while
-//! the gateway serves; sessions started meanwhile install with pip.
+//! gateway asks the runner binary to (`runner obtain-uv`) unless `uv` is on
+//! its PATH: it answers at once when uv is in the tools directory, and
+//! otherwise installs it from the package index while the gateway serves;
+//! sessions started meanwhile install with pip.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -17,6 +18,9 @@ const PATIENCE: Duration = Duration::from_millis(300);
 /// Starts `runner obtain-uv`; returns once it answered or went on in the
 /// background, where it ends with the runtime.
 pub async fn obtain_uv(runner_bin: &Path) {
+    if on_path("uv") {
+        return;
+    }
     let child = tokio::process::Command::new(runner_bin)
         .arg("obtain-uv")
         .stdin(Stdio::null())
@@ -33,6 +37,12 @@ pub async fn obtain_uv(runner_bin: &Path) {
         tracing::info!("no uv on this machine: obtaining it from the package index for Python installs");
         tokio::spawn(work);
     }
+}
+
+/// Whether `name` is a file in a directory of `PATH` (the runner makes the
+/// full check; this spares it a start when uv is plainly there).
+fn on_path(name: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(name).is_file()))
 }
 
 async fn report(output: impl Future<Output = std::io::Result<std::process::Output>>) {

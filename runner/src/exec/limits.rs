@@ -92,13 +92,38 @@ pub fn shim_args(limits: &Limits, cap: &ProcessCap) -> Vec<OsString> {
 
 /// `runner limit`: applies the limits to this process and execs the program.
 /// Returns only if something failed.
-pub fn apply_and_exec(args: LimitArgs) -> anyhow::Result<()> {
+pub fn apply_and_exec(mut args: LimitArgs) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
     for dir in &args.cgroup {
         let procs = dir.join("cgroup.procs");
         std::fs::write(&procs, std::process::id().to_string())
             .with_context(|| format!("cannot join the cgroup {}", dir.display()))?;
     }
+    if args.job_from_stdin {
+        // Started ahead of its command: the slow part (joining the cgroup)
+        // is done; now wait for the job and become it.
+        let job = super::primed::receive()?;
+        (args.data, args.cpu, args.nproc, args.fsize) = (job.data, job.cpu, job.nproc, job.fsize);
+        apply_rlimits(&args)?;
+        let (program, rest) = job.argv.split_first().context("no program to run")?;
+        let error =
+            std::process::Command::new(program).args(rest).env_clear().envs(job.env).current_dir(&job.cwd).exec();
+        return Err(error).with_context(|| format!("cannot run {}", program.to_string_lossy()));
+    }
+    apply_rlimits(&args)?;
+    become_user(&args)?;
+    let (program, rest) = args.argv.split_first().context("no program to run")?;
+    let mut command = std::process::Command::new(program);
+    if args.seccomp_bwrap {
+        let fd = crate::sandbox::seccomp::descriptor()?;
+        command.arg("--seccomp").arg(fd.to_string());
+    }
+    let error = command.args(rest).exec();
+    Err(error).with_context(|| format!("cannot run {}", program.to_string_lossy()))
+}
+
+/// Sets the rlimits `args` asks for on this process.
+fn apply_rlimits(args: &LimitArgs) -> anyhow::Result<()> {
     if let Some(bytes) = args.data {
         set(Resource::RLIMIT_DATA, bytes, bytes)?;
     }
@@ -111,15 +136,7 @@ pub fn apply_and_exec(args: LimitArgs) -> anyhow::Result<()> {
     if let Some(bytes) = args.fsize {
         set(Resource::RLIMIT_FSIZE, bytes, bytes)?;
     }
-    become_user(&args)?;
-    let (program, rest) = args.argv.split_first().context("no program to run")?;
-    let mut command = std::process::Command::new(program);
-    if args.seccomp_bwrap {
-        let fd = crate::sandbox::seccomp::descriptor()?;
-        command.arg("--seccomp").arg(fd.to_string());
-    }
-    let error = command.args(rest).exec();
-    Err(error).with_context(|| format!("cannot run {}", program.to_string_lossy()))
+    Ok(())
 }
 
 /// Hands the session directory over and becomes the session's user, for

@@ -17,7 +17,8 @@
 //! - [`tools`]: the tools' names, schemas and result shapes.
 //! - [`session`]: the session directory, shared caches, and running jobs in them.
 //! - [`process`]: running one command: process groups, output caps, timeouts.
-//! - [`limits`]: resource limits and the `runner limit` shim.
+//! - [`limits`]: resource limits and the `runner limit` shim; [`primed`]: a
+//!   shim started ahead of its command, already in its cgroup.
 //! - [`cgroup`]: a pids cgroup per command, where the machine allows it.
 //! - [`env`]: the environments code and installers see.
 //! - [`eof`]: noticing that stdin closed, to kill running commands at once.
@@ -35,6 +36,7 @@ pub mod go;
 pub mod limits;
 pub mod node;
 pub mod packages;
+pub mod primed;
 pub mod process;
 pub mod progress;
 pub mod python;
@@ -382,6 +384,8 @@ pub async fn serve(settings: Exec) -> anyhow::Result<()> {
     if !supervisor.caps_processes() {
         warn!("EXEC_MAX_PROCESSES cannot be enforced: no writable pids cgroup, and RLIMIT_NPROC does not bind root");
     }
+    // The first command finds a shim waiting in its cgroup (see `primed`).
+    supervisor.prime(settings.limits.processes);
     let executor = Executor::new(workdir.clone(), settings, supervisor);
     // Find every toolchain while the client is still initializing, and get
     // the Python venv ready for a first install.

@@ -3,7 +3,9 @@
 //! Each command runs in a process group of its own with stdin closed, an
 //! environment built from scratch (see [`super::env`]), and, when it has
 //! limits, through `runner limit` ([`super::limits`]) and in a pids cgroup of
-//! its own when the machine allows one ([`super::cgroup`]). When it finishes,
+//! its own when the machine allows one ([`super::cgroup`]); a shim that
+//! joined its cgroup ahead of time takes the command when one is waiting
+//! ([`super::primed`]). When it finishes,
 //! times out, is cancelled, or the executor exits, the whole group (and
 //! cgroup) is killed, so nothing it forked survives. Output is bounded: past
 //! the limit only the head and the tail are kept, with a note of how many
@@ -18,12 +20,13 @@ use std::sync::{Arc, Mutex};
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::process::Command;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
 use super::cgroup::{self, CommandGroup, PidsRoot};
 use super::limits::{self, Limits, ProcessCap};
+use super::primed::{self, PrimedJob};
 
 /// Starts commands with their limits and keeps track of the ones running, so
 /// that the executor can kill them all when it exits. Cheap to clone.
@@ -42,6 +45,17 @@ struct SupervisorInner {
     /// A std mutex: it is held for one map operation and never across an `.await`.
     running: Mutex<Option<HashMap<u64, Running>>>,
     next: AtomicU64,
+    /// A shim waiting in its own cgroup for the next command.
+    spare: Mutex<Option<Spare>>,
+}
+
+/// `runner limit --job-from-stdin`, started ahead of its command.
+#[derive(Debug)]
+struct Spare {
+    child: Child,
+    group: CommandGroup,
+    /// The `pids.max` its cgroup was made with.
+    max: u64,
 }
 
 #[derive(Debug)]
@@ -69,6 +83,7 @@ impl Supervisor {
                 pids,
                 running: Mutex::new(Some(HashMap::new())),
                 next: AtomicU64::new(0),
+                spare: Mutex::new(None),
             }),
         }
     }
@@ -86,6 +101,8 @@ impl Supervisor {
     /// Kills every command still running and any started later: the calls
     /// running them end at once (killed), and none can start another.
     pub fn shut_down(&self) {
+        // Killed (and its cgroup removed) as it drops.
+        drop(self.inner.spare.lock().expect("spare lock").take());
         let running = self.inner.running.lock().expect("running lock").take().unwrap_or_default();
         for command in running.into_values() {
             kill_group(command.pgid);
@@ -95,23 +112,47 @@ impl Supervisor {
         }
     }
 
+    /// Starts a shim for commands capped at `max` processes, so the first
+    /// command finds one waiting in its cgroup.
+    pub fn prime(&self, max: Option<u64>) {
+        if let (Some(shim), Some(pids), Some(max)) = (&self.inner.shim, &self.inner.pids, max) {
+            self.keep_spare(shim, pids, max);
+        }
+    }
+
+    /// Starts a spare unless one is waiting already.
+    fn keep_spare(&self, shim: &Path, pids: &PidsRoot, max: u64) {
+        let mut slot = self.inner.spare.lock().expect("spare lock");
+        if slot.is_none() && self.inner.running.lock().expect("running lock").is_some() {
+            match spawn_spare(shim, pids, max) {
+                Ok(spare) => *slot = Some(spare),
+                Err(e) => tracing::debug!("cannot start a spare shim: {e}"),
+            }
+        }
+    }
+
     /// Runs `job` to completion or to its deadline.
     pub async fn run(&self, job: &Job) -> std::io::Result<Output> {
         let started = std::time::Instant::now();
-        let (program, prefix, cgroup) = self.wrap(job)?;
-        let mut command = Command::new(program);
-        command
-            .args(prefix)
-            .args(&job.args)
-            .current_dir(&job.cwd)
-            .env_clear()
-            .envs(job.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
-        let mut child = command.spawn()?;
+        let (mut child, cgroup) = match self.primed_cap(job) {
+            Some((shim, pids, max)) => self.start_primed(job, shim, pids, max).await?,
+            None => {
+                let (program, prefix, cgroup) = self.wrap(job)?;
+                let child = Command::new(program)
+                    .args(prefix)
+                    .args(&job.args)
+                    .current_dir(&job.cwd)
+                    .env_clear()
+                    .envs(job.env.iter().map(|(k, v)| (k, v)))
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .process_group(0)
+                    .kill_on_drop(true)
+                    .spawn()?;
+                (child, cgroup)
+            }
+        };
         let pgid = i32::try_from(child.id().unwrap_or_default()).expect("pids fit in i32");
         let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
         let cgroup_dir = cgroup.as_ref().map(|group| group.dir().to_owned());
@@ -146,6 +187,61 @@ impl Supervisor {
         }
     }
 
+    /// When `job` gets a cgroup of its own: the shim, the pids root and its cap.
+    fn primed_cap(&self, job: &Job) -> Option<(&Path, &PidsRoot, u64)> {
+        let limits = job.limits.as_ref()?;
+        Some((self.inner.shim.as_deref()?, self.inner.pids.as_ref()?, limits.processes?))
+    }
+
+    /// Hands `job` to the waiting spare (or a new one if none waits, or the
+    /// one waiting died), and starts the next spare.
+    async fn start_primed(
+        &self,
+        job: &Job,
+        shim: &Path,
+        pids: &PidsRoot,
+        max: u64,
+    ) -> std::io::Result<(Child, Option<CommandGroup>)> {
+        let limits = job.limits.unwrap_or_default();
+        let mut argv = vec![job.program.clone().into_os_string()];
+        argv.extend(job.args.iter().cloned());
+        let bytes = primed::encode(&PrimedJob {
+            argv,
+            env: job.env.iter().map(|(k, v)| (OsString::from(k), v.clone())).collect(),
+            cwd: job.cwd.clone(),
+            data: limits.memory,
+            cpu: limits.cpu_seconds,
+            nproc: None,
+            fsize: limits.file_size,
+        });
+        let waiting = self.inner.spare.lock().expect("spare lock").take();
+        let mut last_error = None;
+        for spare in [waiting, None] {
+            let mut spare = match spare {
+                Some(spare) => spare,
+                None => spawn_spare(shim, pids, max)?,
+            };
+            if spare.max != max {
+                std::fs::write(spare.group.dir().join("pids.max"), max.to_string())?;
+            }
+            let mut stdin = spare.child.stdin.take().expect("the spare's stdin is piped");
+            let sent = tokio::time::timeout_at(job.deadline, stdin.write_all(&bytes)).await;
+            drop(stdin);
+            match sent {
+                Ok(Ok(())) => {
+                    self.keep_spare(shim, pids, max);
+                    return Ok((spare.child, Some(spare.group)));
+                }
+                // Killed while it waited (by code of the same user): use a fresh one.
+                Ok(Err(e)) => last_error = Some(e),
+                Err(_) => {
+                    return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the command did not start in time"));
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| std::io::Error::other("no shim took the command")))
+    }
+
     /// The program to start, the arguments before the job's own, and the
     /// command's cgroup if it gets one.
     fn wrap(&self, job: &Job) -> std::io::Result<(PathBuf, Vec<OsString>, Option<CommandGroup>)> {
@@ -164,6 +260,26 @@ impl Supervisor {
         prefix.push(job.program.clone().into_os_string());
         Ok((shim.clone(), prefix, cgroup))
     }
+}
+
+/// Starts `runner limit --cgroup DIR --job-from-stdin` in a new cgroup
+/// capped at `max`: it joins the cgroup, then waits for its job.
+fn spawn_spare(shim: &Path, pids: &PidsRoot, max: u64) -> std::io::Result<Spare> {
+    let group = pids.command_group(max)?;
+    let child = Command::new(shim)
+        .arg("limit")
+        .arg("--cgroup")
+        .arg(group.dir())
+        .arg("--job-from-stdin")
+        .env_clear()
+        .current_dir("/")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()?;
+    Ok(Spare { child, group, max })
 }
 
 /// Forgets a finished command and kills what is left of it: on completion,
