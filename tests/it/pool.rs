@@ -261,3 +261,29 @@ async fn bench_first_result_through_the_fake_platform_api() {
         );
     }
 }
+
+/// The sweeper stops runner dynos whose session it does not know; a warm
+/// dyno waiting for its session is known, and is left to be claimed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweeper_leaves_warm_dynos_alone() {
+    const KEY: &str = "heroku-platform-key";
+    let fake = FakeHeroku::start(KEY, &[]).await;
+    let gateway = Gateway::with(
+        Options::default()
+            .api_key("client-key")
+            .env("HEROKU_API_KEY", KEY)
+            .env("HEROKU_APP_NAME", "my-app")
+            .env("HEROKU_API_URL", &fake.url)
+            .env("SWEEP_INTERVAL", "200ms")
+            .env("WARM_RUNNERS", "1"),
+    );
+    ready(&gateway, 1).await;
+    let sweeps = || fake.calls().iter().filter(|c| matches!(c, crate::fake_heroku::Call::List)).count();
+    let before = sweeps();
+    eventually("two more sweeps", || sweeps() >= before + 2).await;
+    assert!(fake.stops().is_empty(), "the sweeper stopped a warm dyno: {:?}", fake.stops());
+    let http = gateway.http();
+    let (session, _) = http.initialize().await;
+    assert_eq!(python(&http, &session, 1, "print(5)").await["stdout"], "5");
+    assert_eq!(pool_status(&gateway).await["claims"], 1);
+}
