@@ -175,3 +175,20 @@ async fn shutting_the_gateway_down_stops_every_dyno_it_started() {
         eventually("the dyno's processes are gone", || gone(pid)).await;
     }
 }
+
+/// A dyno's state is looked at only until its runner dials back: after that
+/// the socket tells, and every look would cost a Platform API call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dyno_whose_runner_connected_is_not_polled() {
+    let fake = FakeHeroku::start(HEROKU_KEY, &config_vars()).await;
+    let gateway = Gateway::with(heroku(&fake));
+    let started = std::time::Instant::now();
+    let client = gateway.client().await;
+    let result = client.call_tool(tool_call("code_exec_python", json!({"code": "print(6)"}))).await.unwrap();
+    assert_eq!(exec_result_of(&result)["stdout"], "6");
+    // The first look comes 2 s after the create; the runner was back well before.
+    tokio::time::sleep(std::time::Duration::from_secs(3).saturating_sub(started.elapsed())).await;
+    let looks = fake.calls().iter().filter(|c| matches!(c, crate::fake_heroku::Call::Get(_))).count();
+    assert_eq!(looks, 0, "the connected dyno was polled");
+    client.cancel().await.unwrap();
+}

@@ -372,9 +372,10 @@ impl Session {
         let (reason, runner) = match spawned {
             Ok(mut runner) => {
                 info!(runner = %runner.describe(), "runner started");
+                let follow = runner.follow_after_connect();
                 let reason = {
                     let mut exited = runner.exited();
-                    self.serve(&mut exited, started).await
+                    self.serve(&mut exited, follow, started).await
                 };
                 (reason, Some(runner))
             }
@@ -395,8 +396,9 @@ impl Session {
         self.shared.end_reason.lock().expect("end reason lock").clone().unwrap_or(EndReason::Shutdown)
     }
 
-    /// The relay loop. Returns why the session ends.
-    async fn serve(&mut self, exited: &mut BoxFuture<'_, String>, started: Instant) -> EndReason {
+    /// The relay loop. Returns why the session ends. `exited` is followed
+    /// until the runner first connects, and after only when `follow`.
+    async fn serve(&mut self, exited: &mut BoxFuture<'_, String>, follow: bool, started: Instant) -> EndReason {
         let dial_back = tokio::time::sleep_until(started + self.timeouts.dial_back);
         tokio::pin!(dial_back);
         let idle = tokio::time::sleep(self.timeouts.idle);
@@ -420,7 +422,9 @@ impl Session {
             // Unbiased: neither the client's messages nor the runner's may starve the other.
             tokio::select! {
                 () = &mut cancelled => return self.requested_end(),
-                status = &mut *exited => return EndReason::RunnerLost(format!("runner process ended: {status}")),
+                status = &mut *exited, if follow || !self.ever_attached => {
+                    return EndReason::RunnerLost(format!("runner process ended: {status}"));
+                }
                 frame = recv(&mut self.link) => {
                     if let Some(reason) = self.on_frame(frame) {
                         return reason;

@@ -79,6 +79,14 @@ pub trait RunnerProcess: Send {
     /// socket closing.
     fn exited(&mut self) -> BoxFuture<'_, String>;
 
+    /// Whether [`RunnerProcess::exited`] is worth following once the runner
+    /// has connected. A local process's exit is cheap to see and says more
+    /// than a closed socket; a dyno's state costs a Platform API call per
+    /// look, and the socket says the same.
+    fn follow_after_connect(&self) -> bool {
+        true
+    }
+
     /// Ends the runner: waits up to `grace` for it to leave on its own (it has
     /// been told to shut down), then forces it, and resolves when it is gone.
     fn stop(self: Box<Self>, grace: Duration) -> BoxFuture<'static, ()>;

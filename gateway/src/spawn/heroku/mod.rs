@@ -184,14 +184,19 @@ struct DynoRunner {
     api: Api,
     id: String,
     name: String,
-    /// After this, the socket alone tells whether the runner lives: polling
-    /// every session's dyno forever would spend the account's API budget.
+    /// After this (or once the runner has connected), the socket alone tells
+    /// whether the runner lives: polling every session's dyno forever would
+    /// spend the account's API budget.
     watch_until: Instant,
 }
 
 impl RunnerProcess for DynoRunner {
     fn describe(&self) -> String {
         format!("dyno {} ({})", self.name, self.id)
+    }
+
+    fn follow_after_connect(&self) -> bool {
+        false
     }
 
     fn exited(&mut self) -> BoxFuture<'_, String> {
