@@ -72,11 +72,11 @@ impl Sessions {
         self.map.iter().filter(|entry| entry.value().is_claimed()).count()
     }
 
-    /// Removes a session; its id answers 404 from now on.
-    pub fn remove(&self, id: &str) {
-        if self.map.remove(id).is_some() {
-            self.count.fetch_sub(1, Ordering::AcqRel);
-        }
+    /// Removes a session; its id answers 404 from now on. Its place in the
+    /// count comes back when the returned reservation drops: after its
+    /// runner is gone, so `MAX_SESSIONS` bounds runners (dynos) too.
+    pub fn remove(&self, id: &str) -> Option<Reservation> {
+        self.map.remove(id).map(|_| Reservation { count: self.count.clone(), used: false })
     }
 
     /// Requests waiting for an answer, across all sessions.

@@ -384,10 +384,12 @@ impl Session {
         info!(%reason, lifetime_ms = started.elapsed().as_millis() as u64, "session ending");
         // A runner that is not connected cannot be told to stop; don't wait for it.
         let grace = if self.link.is_some() { self.timeouts.runner_stop_grace } else { Duration::ZERO };
-        self.teardown(&reason);
+        let place = self.teardown(&reason);
         if let Some(runner) = runner {
             runner.stop(grace).await;
         }
+        // Only now may another session take the place: its runner is gone.
+        drop(place);
         self.shared.finished.cancel();
         debug!("session ended");
     }
@@ -749,9 +751,10 @@ impl Session {
     }
 
     /// Leaves the table, answers everyone still waiting, and tells the runner
-    /// to go.
-    fn teardown(&mut self, reason: &EndReason) {
-        self.sessions.remove(&self.shared.id);
+    /// to go. Returns the session's place in the count, to give back once the
+    /// runner is gone.
+    fn teardown(&mut self, reason: &EndReason) -> Option<crate::sessions::Reservation> {
+        let place = self.sessions.remove(&self.shared.id);
         self.commands.close();
         self.runner_commands.close();
         let (code, message) = reason.client_error();
@@ -769,6 +772,7 @@ impl Session {
             link.send(Outgoing::Control(Control::Shutdown { reason: message }));
             link.send(Outgoing::Close);
         }
+        place
     }
 }
 

@@ -13,19 +13,23 @@ use crate::spawn::{RunnerProcess, SpawnError};
 use crate::streams::{Batch, Event};
 use dynogate_shared::window::MAX_UNACKED;
 
-/// Counts starts and stops; its runners never exit on their own.
+/// Counts starts and stops; its runners never exit on their own. With a
+/// gate, a stop waits until the gate is opened, as a dyno's stop call may.
 #[derive(Default)]
 struct FakeSpawner {
     stops: Arc<AtomicUsize>,
+    gate: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 struct FakeRunner {
     stops: Arc<AtomicUsize>,
+    gate: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl Spawner for FakeSpawner {
     fn spawn(&self, _spec: RunnerSpec) -> BoxFuture<'_, Result<Box<dyn RunnerProcess>, SpawnError>> {
-        let runner: Box<dyn RunnerProcess> = Box::new(FakeRunner { stops: self.stops.clone() });
+        let runner: Box<dyn RunnerProcess> =
+            Box::new(FakeRunner { stops: self.stops.clone(), gate: self.gate.clone() });
         std::future::ready(Ok(runner)).boxed()
     }
 }
@@ -39,7 +43,12 @@ impl RunnerProcess for FakeRunner {
     }
     fn stop(self: Box<Self>, _grace: Duration) -> BoxFuture<'static, ()> {
         self.stops.fetch_add(1, Ordering::SeqCst);
-        std::future::ready(()).boxed()
+        async move {
+            if let Some(gate) = self.gate {
+                let _ = gate.acquire().await;
+            }
+        }
+        .boxed()
     }
 }
 
@@ -64,8 +73,11 @@ struct Harness {
 }
 
 fn start(timeouts: Timeouts) -> Harness {
+    start_with(timeouts, FakeSpawner::default())
+}
+
+fn start_with(timeouts: Timeouts, spawner: FakeSpawner) -> Harness {
     let sessions = Sessions::new(10);
-    let spawner = FakeSpawner::default();
     let stops = spawner.stops.clone();
     let tokens = RunnerTokens::new(&dynogate_shared::Secret::new("k".repeat(32)), Duration::from_secs(120));
     let (session, handle) = Session::new(SessionParams {
@@ -443,4 +455,19 @@ async fn a_runner_can_come_back_even_when_the_window_is_full() {
     h.handle.send(Command::Attach { link, slot, received: 0 }, Duration::from_secs(1)).await.unwrap();
     let Some(Outgoing::Control(Control::Welcome { .. })) = outbox.next().await else { panic!("welcome") };
     assert_eq!(Harness::forwarded(&mut outbox).await["n"], 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_ended_session_keeps_its_place_until_its_runner_is_gone() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let h = start_with(timeouts(), FakeSpawner { gate: Some(gate.clone()), ..Default::default() });
+    // No runner dials back: the session ends at the dial-back timeout and stops its runner.
+    while h.stops.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(h.sessions.get("s1").is_none(), "gone from the table at once");
+    assert_eq!(h.sessions.len(), 1, "but its place is held while its runner stops");
+    gate.add_permits(1);
+    h.handle.finished().await;
+    assert_eq!(h.sessions.len(), 0);
 }
