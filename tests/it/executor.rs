@@ -173,13 +173,15 @@ async fn without_uv_the_first_python_install_obtains_it_once_and_later_sessions_
 async fn a_package_that_must_be_compiled_where_there_is_no_compiler_fails_saying_so() {
     // A PATH with Python and uv but no compiler, as on a heroku-24 dyno.
     let bin = tempfile::tempdir().unwrap();
-    for tool in ["python3", "uv"] {
-        let found = std::env::split_paths(&std::env::var_os("PATH").unwrap())
-            .map(|dir| dir.join(tool))
-            .find(|p| p.is_file())
-            .unwrap_or_else(|| panic!("{tool} on PATH"));
-        std::os::unix::fs::symlink(found, bin.path().join(tool)).unwrap();
-    }
+    // The interpreter itself, not a version manager's shim (which needs a shell and more on PATH).
+    let python = std::process::Command::new("python3").args(["-c", "import sys; print(sys.executable)"]).output();
+    let python = String::from_utf8(python.expect("python3 runs").stdout).unwrap().trim().to_owned();
+    std::os::unix::fs::symlink(python, bin.path().join("python3")).unwrap();
+    let uv = std::env::split_paths(&std::env::var_os("PATH").unwrap())
+        .map(|dir| dir.join("uv"))
+        .find(|p| p.is_file())
+        .expect("uv on PATH");
+    std::os::unix::fs::symlink(uv, bin.path().join("uv")).unwrap();
     let path = bin.path().to_str().unwrap().to_owned();
     let mut exec = Exec::start(&[("PATH", &path), ("EXEC_ALLOW_PACKAGE_SOURCES", "true")]).await;
     let made = exec

@@ -366,6 +366,10 @@ mod tests {
     }
 }
 
+/// How long after start-up the executor looks for its other toolchains and
+/// readies the Python venv.
+const WARM_LATER: std::time::Duration = std::time::Duration::from_millis(300);
+
 /// Serves the executor on stdin/stdout until stdin closes or a signal comes.
 pub async fn serve(settings: Exec) -> anyhow::Result<()> {
     let (workdir, _owned) = match &settings.workdir {
@@ -387,16 +391,25 @@ pub async fn serve(settings: Exec) -> anyhow::Result<()> {
     // The first command finds a shim waiting in its cgroup (see `primed`).
     supervisor.prime(settings.limits.processes);
     let executor = Executor::new(workdir.clone(), settings, supervisor);
-    // Find every toolchain while the client is still initializing, and get
-    // the Python venv ready for a first install.
-    for language in Language::ALL {
+    // Find Python while the client is still initializing; the other
+    // toolchains and the Python venv for a first install a moment later, so
+    // a first call that comes at once does not share the CPU with them (a
+    // client listing tools, or a call in another language, finds its
+    // toolchain on the spot anyway).
+    tokio::spawn({
         let warm = executor.clone();
-        tokio::spawn(async move {
-            if warm.has(language).await && language == Language::Python {
+        async move {
+            let python = warm.has(Language::Python).await;
+            tokio::time::sleep(WARM_LATER).await;
+            for language in Language::ALL.into_iter().filter(|l| *l != Language::Python) {
+                let warm = warm.clone();
+                tokio::spawn(async move { warm.has(language).await });
+            }
+            if python {
                 warm.prepare_python().await;
             }
-        });
-    }
+        }
+    });
     info!(workdir = %workdir.display(), cgroups = executor.supervisor().uses_cgroups(), "code executor ready on stdio");
     let (stdin, stdin_closed) = eof::NotifyEof::new(tokio::io::stdin());
     let service = executor.clone().serve((stdin, tokio::io::stdout())).await.context("MCP handshake failed")?;
