@@ -16,9 +16,9 @@
 //! stands for). They never keep a client out: with no ready entry,
 //! `initialize` takes one still starting, which is never slower than a cold
 //! start. The refill task keeps `WARM_RUNNERS` entries, replaces those whose
-//! runner died, recycles those older than `WARM_RUNNER_MAX_AGE` (Heroku
-//! restarts dynos daily and ends them at `time_to_live`), backs off while
-//! entries keep failing, and ends them all when the gateway drains.
+//! runner died, recycles those older than `WARM_RUNNER_MAX_AGE` one at a time
+//! (Heroku restarts dynos daily and ends them at `time_to_live`), backs off
+//! while entries keep failing, and ends them all when the gateway drains.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,6 +37,10 @@ use crate::session::{EndReason, SessionHandle, Transport};
 const TICK: Duration = Duration::from_secs(1);
 /// Longest wait before trying again after entries failed to start.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// An entry that ends unclaimed sooner than this after it started counts as
+/// a failure, connected or not: a server that dies just after its start
+/// must not be restarted every tick.
+const MIN_HEALTHY_LIFE: Duration = Duration::from_secs(30);
 
 /// Sessions started ahead of clients.
 pub struct Pool {
@@ -124,27 +128,31 @@ impl Pool {
         }
     }
 
-    /// Drops entries that ended and ends those past their age. Returns how
-    /// many ended without their runner ever connecting.
+    /// Drops entries that ended, and ends the oldest past its age (one a
+    /// tick, so entries started together are not all gone at once). Returns
+    /// how many ended early: before their runner connected, or soon after.
     fn tidy(&self, now: Instant) -> usize {
         let mut failed = 0;
         let mut entries = self.entries.lock().expect("pool lock");
         entries.retain_mut(|entry| {
             entry.was_ready |= entry.handle.is_ready();
-            if entry.handle.is_finished() {
-                self.counts.replaced.fetch_add(1, Ordering::Relaxed);
-                failed += usize::from(!entry.was_ready);
-                warn!(ready = entry.was_ready, "a warm runner ended unclaimed; replacing it");
-                return false;
+            if !entry.handle.is_finished() {
+                return true;
             }
-            if now.duration_since(entry.born) >= self.settings.max_age {
-                self.counts.recycled.fetch_add(1, Ordering::Relaxed);
-                info!(age_s = self.settings.max_age.as_secs(), "recycling a warm runner no session claimed");
-                entry.handle.end(EndReason::Recycled);
-                return false;
-            }
-            true
+            self.counts.replaced.fetch_add(1, Ordering::Relaxed);
+            failed += usize::from(!entry.was_ready || now.duration_since(entry.born) < MIN_HEALTHY_LIFE);
+            warn!(ready = entry.was_ready, "a warm runner ended unclaimed; replacing it");
+            false
         });
+        let oldest = entries.iter().enumerate().min_by_key(|(_, e)| e.born).map(|(i, e)| (i, e.born));
+        if let Some((i, born)) = oldest
+            && now.duration_since(born) >= self.settings.max_age
+        {
+            let entry = entries.remove(i);
+            self.counts.recycled.fetch_add(1, Ordering::Relaxed);
+            info!(age_s = self.settings.max_age.as_secs(), "recycling a warm runner no session claimed");
+            entry.handle.end(EndReason::Recycled);
+        }
         failed
     }
 

@@ -417,7 +417,7 @@ pub struct LimitArgs {
     /// Join the cgroups, then read the rest of the job (program, arguments,
     /// environment, working directory, limits) from stdin: the executor
     /// starts this ahead of its command (see `exec::primed`).
-    #[arg(long, conflicts_with = "argv")]
+    #[arg(long, conflicts_with_all = ["argv", "chown", "uid", "gid", "no_new_privs", "seccomp_bwrap"])]
     pub job_from_stdin: bool,
     /// The program and its arguments.
     #[arg(last = true, required_unless_present = "job_from_stdin")]

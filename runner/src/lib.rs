@@ -72,7 +72,10 @@ pub fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
-            runtime.block_on(exec::uv::obtain_for_machine(exec.validate()?))
+            let result = runtime.block_on(exec::uv::obtain_for_machine(exec.validate()?));
+            // A lock wait that timed out leaves its thread blocked; do not wait for it.
+            runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+            result
         }
         Some(config::Command::Limit(_) | config::Command::SandboxCheck) => unreachable!("handled above"),
         None => {

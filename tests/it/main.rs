@@ -36,6 +36,8 @@ mod local_path;
 mod memory;
 /// Warm runners: claimed once each, refilled, capped, replaced, recycled.
 mod pool;
+/// The executor's waiting shim: it takes each command, in its cgroup.
+mod primed_shim;
 /// Runner tokens and the rendezvous handshake.
 mod rendezvous;
 /// Faults: cut sockets, dropped streams, floods, SIGTERM under load.

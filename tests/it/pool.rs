@@ -144,7 +144,7 @@ async fn a_warm_runner_killed_while_idle_is_replaced() {
 
 #[tokio::test]
 async fn warm_runners_are_recycled_by_age_and_none_is_left_after_sigterm() {
-    let mut gateway = Gateway::with(warm(2).env("WARM_RUNNER_MAX_AGE", "1500ms"));
+    let mut gateway = Gateway::with(warm(2).env("WARM_RUNNER_MAX_AGE", "4s"));
     ready(&gateway, 2).await;
     let first = runners(&gateway);
     let deadline = Instant::now() + PATIENCE;
@@ -184,7 +184,7 @@ async fn the_older_sse_transport_claims_from_the_pool_too() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_warm_dyno_answers_the_first_call_without_waiting_for_a_boot() {
     const KEY: &str = "heroku-platform-key";
-    const BOOT: Duration = Duration::from_secs(4);
+    const BOOT: Duration = Duration::from_secs(6);
     let first_call = |gateway: &Gateway| {
         let http = gateway.http();
         async move {

@@ -202,11 +202,13 @@ impl SessionHandle {
     /// claimed already or has ended. The session hears of it
     /// ([`Command::Claimed`]) before the client's first message.
     pub fn claim(&self, transport: Transport) -> bool {
+        if self.shared.claimed.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            return false;
+        }
         self.shared.transport.store(transport as u8, Ordering::Release);
-        self.shared.claimed.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok()
-            // Nobody else can send to an unclaimed session, so there is room;
-            // a closed queue means it has ended.
-            && self.shared.commands.try_send(Command::Claimed).is_ok()
+        // Nobody else can send to an unclaimed session, so there is room; a
+        // closed queue means it has ended.
+        self.shared.commands.try_send(Command::Claimed).is_ok()
     }
 
     /// Whether `jti` names a runner token this session still accepts.

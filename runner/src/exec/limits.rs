@@ -101,7 +101,10 @@ pub fn apply_and_exec(mut args: LimitArgs) -> anyhow::Result<()> {
     }
     if args.job_from_stdin {
         // Started ahead of its command: the slow part (joining the cgroup)
-        // is done; now wait for the job and become it.
+        // is done; now wait for the job and become it. Meanwhile nobody may
+        // open this process's stdin through /proc to slip in a job of their
+        // own (exec makes it inspectable again).
+        nix::sys::prctl::set_dumpable(false).context("cannot make the waiting shim uninspectable")?;
         let job = super::primed::receive()?;
         (args.data, args.cpu, args.nproc, args.fsize) = (job.data, job.cpu, job.nproc, job.fsize);
         apply_rlimits(&args)?;

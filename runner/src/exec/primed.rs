@@ -92,7 +92,11 @@ pub fn decode(mut input: &[u8]) -> anyhow::Result<PrimedJob> {
     job.cwd = PathBuf::from(string(&mut input)?);
     let mut limits = [None; 4];
     for limit in &mut limits {
-        let present = take(&mut input, 1)?[0] == 1;
+        let present = match take(&mut input, 1)?[0] {
+            0 => false,
+            1 => true,
+            other => bail!("a limit marked {other}, neither absent (0) nor present (1)"),
+        };
         let value = u64::from_le_bytes(take(&mut input, 8)?.try_into().expect("eight bytes"));
         *limit = present.then_some(value);
     }

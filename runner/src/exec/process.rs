@@ -101,9 +101,10 @@ impl Supervisor {
     /// Kills every command still running and any started later: the calls
     /// running them end at once (killed), and none can start another.
     pub fn shut_down(&self) {
+        // First, so no spare is started after the one taken below.
+        let running = self.inner.running.lock().expect("running lock").take().unwrap_or_default();
         // Killed (and its cgroup removed) as it drops.
         drop(self.inner.spare.lock().expect("spare lock").take());
-        let running = self.inner.running.lock().expect("running lock").take().unwrap_or_default();
         for command in running.into_values() {
             kill_group(command.pgid);
             if let Some(dir) = command.cgroup {

@@ -49,7 +49,11 @@ impl Python {
     /// Looks for `python3` and `uv`; `None` when there is no Python.
     pub async fn discover(supervisor: &Supervisor, tools_dir: &Path) -> Option<Python> {
         let shim = process::find_program("python3")?;
-        let resolved = Session::probe(supervisor, &shim, &["-c", "import sys; print(sys.executable)"]).await?;
+        // Without `site` (-S): the answer is the same, and the start several
+        // times quicker where site-packages hold many `.pth` files. The
+        // environment is the one code gets, so an interpreter that cannot
+        // start there is found out here.
+        let resolved = Session::probe(supervisor, &shim, &["-S", "-c", "import sys; print(sys.executable)"]).await?;
         let interpreter = Some(PathBuf::from(resolved.trim())).filter(|p| p.is_absolute()).unwrap_or(shim);
         let uv = uv::find(tools_dir);
         tracing::debug!(interpreter = %interpreter.display(), uv = ?uv, "python found");
@@ -58,11 +62,16 @@ impl Python {
 
     /// The uv installs use: the one found, else one obtained now (once;
     /// when allowed), else none and pip is used.
-    async fn uv(&self, session: &Session) -> Option<&Path> {
+    async fn uv(&self, session: &Session) -> Option<PathBuf> {
         if let Some(uv) = &self.uv {
-            return Some(uv);
+            return Some(uv.clone());
         }
         let settings = &session.settings;
+        // The gateway may have obtained one into the tools directory since
+        // this executor started (a sandboxed one may not obtain its own).
+        if let Some(uv) = uv::find(&settings.tools_dir) {
+            return Some(uv);
+        }
         if !settings.obtain_uv {
             return None;
         }
@@ -79,7 +88,7 @@ impl Python {
                 }
             }
         });
-        obtained.await.as_deref()
+        obtained.await.clone()
     }
 
     /// The interpreter code runs with (the venv's once packages went into it) and the venv.
@@ -118,9 +127,10 @@ impl Python {
         if process::exists(&venv.join("bin").join("python")) {
             return Ok(Output::skipped());
         }
-        let (program, args) = match self.uv(session).await {
+        let uv = self.uv(session).await;
+        let (program, args) = match &uv {
             Some(uv) => (
-                uv,
+                uv.as_path(),
                 os_args([
                     "venv".into(),
                     "--quiet".into(),
@@ -218,11 +228,11 @@ impl Python {
         // (which answers in hundreds). If the cache cannot satisfy the specs,
         // uv says so at once and the normal install follows. So an unpinned
         // name gets the newest version in the cache, as `npm --prefer-offline`.
-        let cached = session.run_tool(uv, install(true), session.root(), env.clone(), deadline).await?;
+        let cached = session.run_tool(&uv, install(true), session.root(), env.clone(), deadline).await?;
         if cached.code == 0 || cached.timed_out {
             return Ok(cached);
         }
-        session.run_tool(uv, install(false), session.root(), env, deadline).await
+        session.run_tool(&uv, install(false), session.root(), env, deadline).await
     }
 }
 

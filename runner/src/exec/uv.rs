@@ -95,6 +95,8 @@ pub async fn obtain(
             let installed = partial.join("bin").join("uv");
             check(supervisor, &installed, deadline).await.and_then(|()| {
                 let home = versions.join(version);
+                // A broken one left there (its binary gone) would block the rename.
+                let _ = std::fs::remove_dir_all(&home);
                 std::fs::rename(&partial, &home).with_context(|| format!("cannot move uv into {}", home.display()))
             })
         }
