@@ -328,6 +328,12 @@ impl Args {
         {
             bail!("API_KEY is set but empty");
         }
+        if self.reply_stream_after > Duration::from_secs(25) {
+            bail!(
+                "REPLY_STREAM_AFTER must be at most 25s: Heroku's router answers H12 to a request whose \
+                 response has not started within 30s"
+            );
+        }
         if self.heartbeat.is_zero() || self.heartbeat > Duration::from_secs(25) {
             bail!("HEARTBEAT_INTERVAL must be between 1ms and 25s (Heroku's router drops connections silent for 55s)");
         }
@@ -563,6 +569,13 @@ mod tests {
         let err = args(&["--bind", "0.0.0.0"]).validate().unwrap_err().to_string();
         assert!(err.contains("without API_KEY"), "{err}");
         assert!(args(&["--bind", "0.0.0.0", "--allow-unauthenticated"]).validate().is_ok());
+    }
+
+    #[test]
+    fn a_reply_starts_streaming_before_the_router_gives_up() {
+        assert!(args(&["--reply-stream-after", "25s"]).validate().is_ok());
+        let err = args(&["--reply-stream-after", "30s"]).validate().unwrap_err().to_string();
+        assert!(err.contains("REPLY_STREAM_AFTER") && err.contains("H12"), "{err}");
     }
 
     #[test]
