@@ -130,8 +130,9 @@ impl Pool {
 
     /// Drops entries that ended, and ends the oldest past its age (one a
     /// tick, so entries started together are not all gone at once). Returns
-    /// how many ended early: before their runner connected, or soon after.
-    fn tidy(&self, now: Instant) -> usize {
+    /// how many ended early (before their runner connected, or soon after),
+    /// and whether one has stayed up long enough to call the pool healthy.
+    fn tidy(&self, now: Instant) -> (usize, bool) {
         let mut failed = 0;
         let mut entries = self.entries.lock().expect("pool lock");
         entries.retain_mut(|entry| {
@@ -153,7 +154,8 @@ impl Pool {
             info!(age_s = self.settings.max_age.as_secs(), "recycling a warm runner no session claimed");
             entry.handle.end(EndReason::Recycled);
         }
-        failed
+        let healthy = entries.iter().any(|e| e.was_ready && now.duration_since(e.born) >= MIN_HEALTHY_LIFE);
+        (failed, healthy)
     }
 
     fn len(&self) -> usize {
@@ -183,13 +185,13 @@ pub async fn refill(state: AppState) {
     let mut resume_at = Instant::now();
     loop {
         let now = Instant::now();
-        let failed = pool.tidy(now);
+        let (failed, healthy) = pool.tidy(now);
         if failed > 0 {
             failures = failures.saturating_add(1);
             let backoff = (TICK * 2u32.saturating_pow(failures.min(6))).min(MAX_BACKOFF);
             warn!(backoff_s = backoff.as_secs(), "warm runners fail to start; waiting before the next");
             resume_at = now + backoff;
-        } else if pool.status().ready > 0 {
+        } else if healthy {
             failures = 0;
         }
         if now >= resume_at {
