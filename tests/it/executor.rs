@@ -118,13 +118,6 @@ async fn python_installs_from_pypi_into_its_session_only() {
     assert!(elsewhere["stderr"].as_str().unwrap().contains("ModuleNotFoundError"));
 }
 
-/// PATH without any directory that holds `uv`.
-fn path_without_uv() -> String {
-    let path = std::env::var_os("PATH").unwrap();
-    let without_uv: Vec<_> = std::env::split_paths(&path).filter(|dir| !dir.join("uv").exists()).collect();
-    std::env::join_paths(without_uv).unwrap().into_string().unwrap()
-}
-
 /// Which installer put a distribution into the session's venv.
 const INSTALLER: &str = "import importlib.metadata as m, sys; \
     print(m.distribution(sys.argv[0] if len(sys.argv) > 1 else 'tomli_w').read_text('INSTALLER').strip())";

@@ -5,10 +5,11 @@ use serde_json::json;
 use crate::fake_heroku::{FakeHeroku, GATEWAY_APP, RUNNER_APP};
 use crate::support::*;
 
-const HEROKU_KEY: &str = "heroku-platform-key";
-const CLIENT_KEY: &str = "client-key";
+pub const HEROKU_KEY: &str = "heroku-platform-key";
+pub const CLIENT_KEY: &str = "client-key";
 
-fn heroku(fake: &FakeHeroku) -> Options {
+/// A gateway that runs its sessions on `fake`'s dynos.
+pub fn heroku(fake: &FakeHeroku) -> Options {
     Options::default()
         .api_key(CLIENT_KEY)
         .env("HEROKU_API_KEY", HEROKU_KEY)

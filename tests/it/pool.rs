@@ -8,6 +8,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::fake_heroku::FakeHeroku;
+use crate::heroku::{HEROKU_KEY, heroku};
 use crate::support::*;
 
 fn warm(size: usize) -> Options {
@@ -183,7 +184,6 @@ async fn the_older_sse_transport_claims_from_the_pool_too() {
 /// pool answers its first call without that wait, one started cold does not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_warm_dyno_answers_the_first_call_without_waiting_for_a_boot() {
-    const KEY: &str = "heroku-platform-key";
     const BOOT: Duration = Duration::from_secs(6);
     let first_call = |gateway: &Gateway| {
         let http = gateway.http();
@@ -195,16 +195,9 @@ async fn a_warm_dyno_answers_the_first_call_without_waiting_for_a_boot() {
         }
     };
     for warm_runners in ["1", "0"] {
-        let fake = FakeHeroku::start(KEY, &[]).await;
+        let fake = FakeHeroku::start(HEROKU_KEY, &[]).await;
         fake.set_boot_delay(BOOT);
-        let gateway = Gateway::with(
-            Options::default()
-                .api_key("client-key")
-                .env("HEROKU_API_KEY", KEY)
-                .env("HEROKU_APP_NAME", "my-app")
-                .env("HEROKU_API_URL", &fake.url)
-                .env("WARM_RUNNERS", warm_runners),
-        );
+        let gateway = Gateway::with(heroku(&fake).env("WARM_RUNNERS", warm_runners));
         if warm_runners == "1" {
             ready(&gateway, 1).await;
             let took = first_call(&gateway).await;
@@ -225,19 +218,11 @@ async fn a_warm_dyno_answers_the_first_call_without_waiting_for_a_boot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a benchmark: run by bench/warm.sh --heroku"]
 async fn bench_first_result_through_the_fake_platform_api() {
-    const KEY: &str = "heroku-platform-key";
     const BOOT: Duration = Duration::from_secs(3);
     for (warm_runners, sessions) in [("1", 10), ("0", 3)] {
-        let fake = FakeHeroku::start(KEY, &[]).await;
+        let fake = FakeHeroku::start(HEROKU_KEY, &[]).await;
         fake.set_boot_delay(BOOT);
-        let gateway = Gateway::with(
-            Options::default()
-                .api_key("client-key")
-                .env("HEROKU_API_KEY", KEY)
-                .env("HEROKU_APP_NAME", "my-app")
-                .env("HEROKU_API_URL", &fake.url)
-                .env("WARM_RUNNERS", warm_runners),
-        );
+        let gateway = Gateway::with(heroku(&fake).env("WARM_RUNNERS", warm_runners));
         let http = gateway.http();
         let mut took = Vec::new();
         for _ in 0..sessions {
@@ -266,17 +251,8 @@ async fn bench_first_result_through_the_fake_platform_api() {
 /// dyno waiting for its session is known, and is left to be claimed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sweeper_leaves_warm_dynos_alone() {
-    const KEY: &str = "heroku-platform-key";
-    let fake = FakeHeroku::start(KEY, &[]).await;
-    let gateway = Gateway::with(
-        Options::default()
-            .api_key("client-key")
-            .env("HEROKU_API_KEY", KEY)
-            .env("HEROKU_APP_NAME", "my-app")
-            .env("HEROKU_API_URL", &fake.url)
-            .env("SWEEP_INTERVAL", "200ms")
-            .env("WARM_RUNNERS", "1"),
-    );
+    let fake = FakeHeroku::start(HEROKU_KEY, &[]).await;
+    let gateway = Gateway::with(heroku(&fake).env("SWEEP_INTERVAL", "200ms").env("WARM_RUNNERS", "1"));
     ready(&gateway, 1).await;
     let sweeps = || fake.calls().iter().filter(|c| matches!(c, crate::fake_heroku::Call::List)).count();
     let before = sweeps();

@@ -468,9 +468,7 @@ async fn sandboxed_sessions_install_with_the_uv_the_gateway_obtained_and_cannot_
         return;
     }
     let cache = tempfile::tempdir().unwrap();
-    let path = std::env::var_os("PATH").unwrap();
-    let without_uv: Vec<_> = std::env::split_paths(&path).filter(|dir| !dir.join("uv").exists()).collect();
-    let path = std::env::join_paths(without_uv).unwrap().into_string().unwrap();
+    let path = path_without_uv();
     let gateway =
         Gateway::with(Options::default().env("PATH", path).env("XDG_CACHE_HOME", cache.path().to_str().unwrap()));
     let versions = cache.path().join("dynogate-exec").join("tools").join("uv");

@@ -418,6 +418,13 @@ pub fn gone(pid: i32) -> bool {
     }
 }
 
+/// This process's PATH without any directory that holds `uv`.
+pub fn path_without_uv() -> String {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let without_uv: Vec<_> = std::env::split_paths(&path).filter(|dir| !dir.join("uv").exists()).collect();
+    std::env::join_paths(without_uv).unwrap().into_string().unwrap()
+}
+
 /// Polls `condition` until it holds, failing the test after [`PATIENCE`].
 pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + PATIENCE;

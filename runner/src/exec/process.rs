@@ -139,18 +139,15 @@ impl Supervisor {
             Some((shim, pids, max)) => self.start_primed(job, shim, pids, max).await?,
             None => {
                 let (program, prefix, cgroup) = self.wrap(job)?;
-                let child = Command::new(program)
+                let mut command = Command::new(program);
+                command
                     .args(prefix)
                     .args(&job.args)
                     .current_dir(&job.cwd)
                     .env_clear()
                     .envs(job.env.iter().map(|(k, v)| (k, v)))
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped())
-                    .process_group(0)
-                    .kill_on_drop(true)
-                    .spawn()?;
+                    .stdin(Stdio::null());
+                let child = spawn_watched(&mut command)?;
                 (child, cgroup)
             }
         };
@@ -267,20 +264,22 @@ impl Supervisor {
 /// capped at `max`: it joins the cgroup, then waits for its job.
 fn spawn_spare(shim: &Path, pids: &PidsRoot, max: u64) -> std::io::Result<Spare> {
     let group = pids.command_group(max)?;
-    let child = Command::new(shim)
+    let mut command = Command::new(shim);
+    command
         .arg("limit")
         .arg("--cgroup")
         .arg(group.dir())
         .arg("--job-from-stdin")
         .env_clear()
         .current_dir("/")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true)
-        .spawn()?;
-    Ok(Spare { child, group, max })
+        .stdin(Stdio::piped());
+    Ok(Spare { child: spawn_watched(&mut command)?, group, max })
+}
+
+/// Starts a command the way every command runs: output captured, a process
+/// group of its own (so it can be killed whole), killed if dropped.
+fn spawn_watched(command: &mut Command) -> std::io::Result<Child> {
+    command.stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0).kill_on_drop(true).spawn()
 }
 
 /// Forgets a finished command and kills what is left of it: on completion,

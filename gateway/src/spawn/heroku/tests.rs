@@ -291,6 +291,15 @@ async fn answer_get(server: &MockServer, at: impl AsRef<str>, body: Value) {
         .await;
 }
 
+/// Answers a GET of `at` as Heroku does for an app that does not exist.
+async fn answer_no_app(server: &MockServer, at: &str) {
+    Mock::given(method("GET"))
+        .and(path(at))
+        .respond_with(error(404, "not_found", "Couldn't find that app."))
+        .mount(server)
+        .await;
+}
+
 fn release(version: u64, slug: &str) -> Value {
     json!({"version": version, "status": "succeeded", "slug": {"id": slug}, "description": "Deploy"})
 }
@@ -299,11 +308,7 @@ fn release(version: u64, slug: &str) -> Value {
 async fn a_missing_runner_app_is_created_like_the_gateways_and_gets_its_slug() {
     let server = MockServer::start().await;
     let spawner = spawner(&server);
-    Mock::given(method("GET"))
-        .and(path("/apps/my-app"))
-        .respond_with(error(404, "not_found", "Couldn't find that app."))
-        .mount(&server)
-        .await;
+    answer_no_app(&server, "/apps/my-app").await;
     Mock::given(method("GET"))
         .and(path("/apps/my-gw"))
         .respond_with(
@@ -364,11 +369,7 @@ async fn a_runner_app_on_the_gateways_slug_is_left_alone() {
 async fn a_runner_app_that_cannot_be_created_stops_the_gateway_with_the_reason() {
     let server = MockServer::start().await;
     let spawner = spawner(&server);
-    Mock::given(method("GET"))
-        .and(path("/apps/my-app"))
-        .respond_with(error(404, "not_found", "Couldn't find that app."))
-        .mount(&server)
-        .await;
+    answer_no_app(&server, "/apps/my-app").await;
     answer_get(&server, "/apps/my-gw", json!({"name": "my-gw"})).await;
     Mock::given(method("POST"))
         .and(path("/apps"))
