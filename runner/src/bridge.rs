@@ -9,7 +9,6 @@
 use std::future::Future;
 use std::time::Duration;
 
-use anyhow::Context;
 use dynogate_shared::Control;
 use dynogate_shared::names::log_id;
 use futures_util::FutureExt;
@@ -35,30 +34,40 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 pub async fn run(dial: Dial) -> anyhow::Result<i32> {
     let span = tracing::info_span!("runner", session = %log_id(&dial.session));
     async move {
-        let (socket, welcome) = dial::connect(&dial, &dial.token, 0, Instant::now() + FIRST_DIAL, false)
-            .await
-            .context("cannot join the session")?;
-        let workdir = Workdir::open(dial.session_dir.as_deref())?;
-        let link = Link::open(socket);
-        // The client is told the cause in words it can act on; the details
-        // (paths, the command line) stay in this log.
-        let started = match Sandbox::prepare(&dial.sandbox, workdir.path(), &dial.server) {
-            Ok(sandbox) => child::start(&dial.server, workdir.path(), sandbox, &dial.server_env)
-                .map_err(|e| (e, "cannot start the session's MCP server".to_owned())),
+        // The server starts before the dial, so that its start-up (for the
+        // built-in executor, finding Python) overlaps the connection.
+        let workdir = Workdir::open(dial.session_dir.as_deref());
+        let started = match &workdir {
+            Ok(workdir) => start_server(&dial, workdir.path()),
+            Err(e) => Err((anyhow::anyhow!("{e:#}"), "cannot create the session's directory".to_owned())),
+        };
+        let joined = dial::connect(&dial, &dial.token, 0, Instant::now() + FIRST_DIAL, false).await;
+        let (socket, welcome) = match joined {
+            Ok(joined) => joined,
             Err(e) => {
-                let told = format!("the session cannot be sandboxed here: {e}");
-                Err((e, told))
+                if let Ok(server) = started {
+                    server.stop(dial.stop_grace).await;
+                }
+                if let Ok(workdir) = workdir {
+                    let _ = workdir.remove();
+                }
+                return Err(anyhow::Error::new(e).context("cannot join the session"));
             }
         };
+        let link = Link::open(socket);
         let mut server = match started {
             Ok(server) => server,
             Err((e, told)) => {
                 warn!(error = format!("{e:#}"), "{told}");
                 link.send_control(&Control::Bye { reason: told });
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, link.closed()).await;
+                if let Ok(workdir) = workdir {
+                    let _ = workdir.remove();
+                }
                 return Ok(1);
             }
         };
+        let workdir = workdir.expect("a server starts only once its directory exists");
         let stdout = server.stdout.take().expect("stdout is piped");
         let stdin = server.stdin.take().expect("stdin is piped");
         let (lines_tx, lines) = mpsc::channel(64);
@@ -106,6 +115,20 @@ pub async fn run(dial: Dial) -> anyhow::Result<i32> {
     }
     .instrument(span)
     .await
+}
+
+/// Starts the session's MCP server, sandboxed as configured. On failure: the
+/// cause for this log, and the words the client is told (without paths or
+/// the command line).
+fn start_server(dial: &Dial, workdir: &std::path::Path) -> Result<child::Server, (anyhow::Error, String)> {
+    match Sandbox::prepare(&dial.sandbox, workdir, &dial.server) {
+        Ok(sandbox) => child::start(&dial.server, workdir, sandbox, &dial.server_env)
+            .map_err(|e| (e, "cannot start the session's MCP server".to_owned())),
+        Err(e) => {
+            let told = format!("the session cannot be sandboxed here: {e}");
+            Err((e, told))
+        }
+    }
 }
 
 /// How the relay gets back to the gateway: the same handshake as the first

@@ -575,3 +575,45 @@ async fn a_buildpack_python_runs_with_its_library_path_and_is_not_offered_withou
         .await;
     assert_eq!(seen["stdout"], format!("{library} None"), "{seen}");
 }
+
+/// A `python3` that waits, once started, until the test lets it go on: the
+/// executor's first look at it then takes as long as the test wants.
+fn python_held_at_start() -> (tempfile::TempDir, String) {
+    let real = std::env::split_paths(&std::env::var_os("PATH").unwrap())
+        .map(|dir| dir.join("python3"))
+        .find(|p| p.is_file())
+        .expect("python3 on PATH");
+    let (dir, _) = script(
+        "python3",
+        &format!(
+            "here=$(dirname \"$0\")\ntouch \"$here/started\"\n\
+             while [ ! -e \"$here/go\" ]; do sleep 0.01; done\nexec \"{}\" \"$@\"",
+            real.display()
+        ),
+    );
+    let path = format!("{}:/usr/local/bin:/usr/bin:/bin", dir.path().display());
+    (dir, path)
+}
+
+/// The executor answers `initialize` once it has found Python, so a first
+/// call that follows at once does not wait for the probe behind the
+/// client's back (the first call costs what later ones do).
+#[tokio::test]
+async fn initialize_is_answered_once_python_is_found() {
+    if !have("python3") {
+        return;
+    }
+    let (dir, path) = python_held_at_start();
+    let mut exec = Exec::spawn(&[("PATH", &path)]);
+    let id = exec.initialize().await;
+    eventually("the executor looks for Python", || dir.path().join("started").exists()).await;
+    let early = exec.message_within(Duration::from_millis(300)).await;
+    assert!(early.is_none(), "answered while Python was still being looked for: {early:?}");
+
+    std::fs::write(dir.path().join("go"), "").unwrap();
+    let reply = exec.response(id).await;
+    assert!(reply["result"]["capabilities"]["tools"].is_object(), "{reply}");
+    exec.send(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"})).await;
+    let hello = exec.run("code_exec_python", "print('ready')", &[]).await;
+    assert_eq!(hello["stdout"], "ready", "{hello}");
+}

@@ -150,3 +150,33 @@ async fn a_runner_that_never_dials_back_ends_in_a_clear_error_and_is_killed() {
     let later = gateway.http().post_raw(Some(&session), r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#, &[]).await;
     assert_eq!(later.status, StatusCode::NOT_FOUND);
 }
+
+/// The runner starts its MCP server while it dials, so the server's start-up
+/// overlaps the connection; a runner the gateway refuses stops that server
+/// and removes the session's directory before it exits.
+#[tokio::test]
+async fn a_refused_runner_stops_the_server_it_started_and_removes_its_directory() {
+    let gateway = Gateway::with(Options::default().echo());
+    let (dir, server) = script("server", "echo $$ > \"$(dirname \"$0\")/pid\"\nexec sleep 600");
+    let session_dir = dir.path().join("session");
+    let run = tokio::process::Command::new(RUNNER)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap())
+        .env("GATEWAY_URL", &gateway.url)
+        .env("RUNNER_SESSION", "no-such-session")
+        .env(dynogate_shared::names::TOKEN_ENV, "not-a-token")
+        .env("RUNNER_SESSION_DIR", &session_dir)
+        .env("RUNNER_STOP_GRACE", "100ms")
+        .env("SANDBOX", "off")
+        .arg("--")
+        .arg(&server)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(PATIENCE, run).await.expect("the refused runner exits").unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("cannot join the session"), "{stderr}");
+    let pid: i32 = read_when_written(dir.path(), "pid").expect("the server was started").parse().unwrap();
+    eventually("the server is stopped", || gone(pid)).await;
+    assert!(!session_dir.exists(), "the session directory was left behind");
+}

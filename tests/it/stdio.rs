@@ -26,6 +26,26 @@ impl Exec {
     /// Starts an executor with `env` on top of PATH, HOME, TMPDIR and pip's settings, and
     /// completes the MCP handshake.
     pub async fn start(env: &[(&str, &str)]) -> Exec {
+        let mut exec = Exec::spawn(env);
+        let id = exec.initialize().await;
+        let reply = exec.response(id).await;
+        assert!(reply["result"]["capabilities"]["tools"].is_object(), "initialize failed: {reply}");
+        exec.send(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"})).await;
+        exec
+    }
+
+    /// Sends `initialize`; its answer is the caller's to read.
+    pub async fn initialize(&mut self) -> i64 {
+        self.request(
+            "initialize",
+            json!({"protocolVersion": "2025-06-18", "capabilities": {},
+                   "clientInfo": {"name": "dynogate-tests", "version": "1"}}),
+        )
+        .await
+    }
+
+    /// Starts an executor as [`Exec::start`] does, without the handshake.
+    pub fn spawn(env: &[(&str, &str)]) -> Exec {
         let mut command = tokio::process::Command::new(RUNNER);
         command.arg("exec").env_clear();
         // What the gateway's test helper passes too: the machine's PyPI settings.
@@ -55,18 +75,7 @@ impl Exec {
             .expect("start runner exec");
         let stdin = child.stdin.take();
         let stdout = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
-        let mut exec = Exec { child, stdin, stdout, notifications: Vec::new(), next_id: 0 };
-        let id = exec
-            .request(
-                "initialize",
-                json!({"protocolVersion": "2025-06-18", "capabilities": {},
-                       "clientInfo": {"name": "dynogate-tests", "version": "1"}}),
-            )
-            .await;
-        let reply = exec.response(id).await;
-        assert!(reply["result"]["capabilities"]["tools"].is_object(), "initialize failed: {reply}");
-        exec.send(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"})).await;
-        exec
+        Exec { child, stdin, stdout, notifications: Vec::new(), next_id: 0 }
     }
 
     pub fn pid(&self) -> i32 {
@@ -104,6 +113,12 @@ impl Exec {
                 self.notifications.push(message);
             }
         }
+    }
+
+    /// The next message the executor writes within `wait`, if any.
+    pub async fn message_within(&mut self, wait: Duration) -> Option<Value> {
+        let line = tokio::time::timeout(wait, self.stdout.next_line()).await.ok()?.expect("read from the executor")?;
+        Some(serde_json::from_str(&line).expect("the executor writes JSON lines"))
     }
 
     pub async fn tools(&mut self) -> Vec<String> {

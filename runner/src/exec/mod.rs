@@ -50,8 +50,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, Implementation, ListToolsResult, PaginatedRequestParams,
-    ServerCapabilities, ServerConfig, Tool,
+    CallToolRequestParams, CallToolResponse, Implementation, InitializeRequestParams, InitializeResult,
+    ListToolsResult, PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
 };
 use rmcp::service::RequestContext;
 use rmcp::{ErrorData, RoleServer, ServerHandler, ServiceExt};
@@ -232,6 +232,19 @@ impl ServerHandler for Executor {
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
             .with_server_info(Implementation::new("dynogate-exec", env!("CARGO_PKG_VERSION")))
+    }
+
+    /// Answered once Python has been looked for (started at start-up), so
+    /// that a first call which follows at once runs as quickly as later ones
+    /// rather than waiting for the probe behind the client's back.
+    async fn initialize(
+        &self,
+        request: InitializeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<InitializeResult, ErrorData> {
+        context.peer.set_peer_info(request.clone());
+        self.has(Language::Python).await;
+        self.negotiate_initialize(&request)
     }
 
     async fn list_tools(
