@@ -113,6 +113,33 @@ pub struct Args {
     #[arg(long, env = "RUNNER_COMMAND")]
     pub runner_command: Option<String>,
 
+    /// The app's Procfile: its `mcp*` process types are offered as MCP
+    /// servers (`/mcp/{name}`, `GET /v1/mcp/servers`, the agents API's `mcp` tools).
+    #[arg(long, env = "PROCFILE", default_value = "Procfile")]
+    pub procfile: PathBuf,
+
+    /// When the servers' tools are first listed: `start` (each server is
+    /// started once at start-up) or `on-demand` (when first wanted).
+    #[arg(long, env = "DISCOVER_SERVERS", default_value = "start")]
+    pub discover_servers: Discovery,
+
+    /// Base URL of an OpenAI-compatible chat-completions API for the agents
+    /// endpoint (Heroku's inference add-on sets it; also OpenAI, Ollama, vLLM).
+    #[arg(long, env = "INFERENCE_URL")]
+    pub inference_url: Option<Url>,
+
+    /// Bearer key for INFERENCE_URL.
+    #[arg(long, env = "INFERENCE_KEY", hide_env_values = true)]
+    pub inference_key: Option<Secret>,
+
+    /// Model used when an agents request names none.
+    #[arg(long, env = "INFERENCE_MODEL_ID")]
+    pub inference_model_id: Option<String>,
+
+    /// Longest one model call may take.
+    #[arg(long, env = "INFERENCE_TIMEOUT", default_value = "120s", value_parser = dynogate_shared::duration::parse)]
+    pub inference_timeout: Duration,
+
     /// Runners kept started and warm, ready for the next sessions (default:
     /// 2 with local runners; 0 on Heroku, where each is a dyno billed while it waits).
     #[arg(long, env = "WARM_RUNNERS")]
@@ -209,6 +236,22 @@ pub struct Args {
     pub worker_threads: Option<u16>,
 }
 
+/// When the registered servers' tools are first listed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Discovery {
+    Start,
+    OnDemand,
+}
+
+/// The model upstream of the agents endpoint.
+#[derive(Debug, Clone)]
+pub struct Inference {
+    pub url: Url,
+    pub key: Option<Secret>,
+    pub model: Option<String>,
+    pub timeout: Duration,
+}
+
 /// Which spawner starts runners.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SpawnerKind {
@@ -248,6 +291,11 @@ pub struct Config {
     /// Set when `spawner` is Heroku.
     pub heroku: Option<Heroku>,
     pub runner_command: Option<String>,
+    /// The Procfile's text, when there is one.
+    pub procfile: Option<String>,
+    pub discover_servers: Discovery,
+    /// `None` without INFERENCE_URL: the agents endpoint then says so.
+    pub inference: Option<Inference>,
     pub pool: PoolSettings,
     pub limits: Limits,
     pub connections: Connections,
@@ -441,6 +489,18 @@ impl Args {
             allow_unsandboxed: self.allow_unsandboxed,
             heroku,
             runner_command: self.runner_command.filter(|c| !c.trim().is_empty()),
+            procfile: match std::fs::read_to_string(&self.procfile) {
+                Ok(text) => Some(text),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => bail!("cannot read PROCFILE {}: {e}", self.procfile.display()),
+            },
+            discover_servers: self.discover_servers,
+            inference: self.inference_url.map(|url| Inference {
+                url,
+                key: self.inference_key,
+                model: self.inference_model_id.filter(|m| !m.trim().is_empty()),
+                timeout: self.inference_timeout,
+            }),
             pool: PoolSettings {
                 size: self.warm_runners.unwrap_or(match spawner {
                     SpawnerKind::Local => 2,

@@ -20,6 +20,8 @@ pub enum McpError {
     MissingSessionParameter,
     #[error("Session not found: it ended or never existed; send initialize without Mcp-Session-Id to start a new one")]
     UnknownSession,
+    #[error("Not Found: this gateway offers no MCP server named {0:?}; GET /v1/mcp/servers lists those it does")]
+    UnknownServer(String),
     #[error("Not Acceptable: {0}")]
     NotAcceptable(&'static str),
     #[error("Parse error: {0}")]
@@ -57,7 +59,7 @@ pub enum McpError {
 impl McpError {
     fn status(&self) -> StatusCode {
         match self {
-            McpError::UnknownSession => StatusCode::NOT_FOUND,
+            McpError::UnknownSession | McpError::UnknownServer(_) => StatusCode::NOT_FOUND,
             McpError::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             McpError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             McpError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
@@ -85,6 +87,7 @@ impl McpError {
             McpError::StatelessRevision { .. } => code::METHOD_NOT_FOUND,
             McpError::MissingSession
             | McpError::MissingSessionParameter
+            | McpError::UnknownServer(_)
             | McpError::NotAcceptable(_)
             | McpError::InvalidRequest(_)
             | McpError::TooLarge { .. }

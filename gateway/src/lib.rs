@@ -15,10 +15,14 @@
 //! - [`spawn`]: how runners are started; [`token`]: their credentials;
 //!   [`pool`]: runners started ahead of sessions; [`oneshot`]: one request
 //!   on a runner of its own.
+//! - [`registry`]: the MCP servers offered (the default and the Procfile's
+//!   `mcp*` types) and their tools; [`agents`]: `/v1/agents/heroku`, an
+//!   agent loop whose tool calls each run on a runner of their own.
 //! - [`server`]: binding, serving and shutting down; [`listen`]: accepting
 //!   connections, with deadlines and caps; [`throttle`]: rate limits for log
 //!   lines anyone can cause.
 
+pub mod agents;
 pub mod auth;
 pub mod config;
 pub mod error;
@@ -28,6 +32,7 @@ pub mod listen;
 pub mod mcp;
 pub mod oneshot;
 pub mod pool;
+pub mod registry;
 pub mod rendezvous;
 pub mod reply;
 pub mod server;
@@ -72,6 +77,10 @@ pub struct Shared {
     pub api_key: Option<auth::ApiKey>,
     pub sessions: sessions::Sessions,
     pub spawner: Arc<dyn spawn::Spawner>,
+    /// The model API of the agents endpoint (`INFERENCE_URL`).
+    pub inference: Option<agents::inference::Upstream>,
+    /// The MCP servers offered, and their tools.
+    pub registry: registry::Registry,
     /// Sessions started ahead of clients (`WARM_RUNNERS`).
     pub pool: pool::Pool,
     pub tokens: token::RunnerTokens,

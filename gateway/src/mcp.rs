@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -22,7 +22,7 @@ use crate::jsonrpc::{self, Kind, PeekError, RequestId};
 use crate::reply::{self, Priming, Shape};
 use crate::session::{Call, Command, EndReason, Session, SessionHandle, SessionParams, Transport};
 use crate::sessions::random_id;
-use crate::spawn::RunnerSpec;
+use crate::spawn::{Launch, RunnerSpec, ServerChoice};
 use crate::streams::{EventStream, parse_event_id};
 
 pub const SESSION_HEADER: &str = "mcp-session-id";
@@ -31,18 +31,52 @@ pub const VERSION_HEADER: &str = "mcp-protocol-version";
 const STATELESS_REVISION: &str = "2026-07-28";
 
 pub async fn post(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    handle_post(state, headers, body).await.unwrap_or_else(IntoResponse::into_response)
+    handle_post(state, headers, body, None).await.unwrap_or_else(IntoResponse::into_response)
 }
 
 pub async fn get(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    handle_get(state, headers).await.unwrap_or_else(IntoResponse::into_response)
+    handle_get(state, headers, None).await.unwrap_or_else(IntoResponse::into_response)
 }
 
 pub async fn delete(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    handle_delete(state, headers).await.unwrap_or_else(IntoResponse::into_response)
+    handle_delete(state, headers, None).await.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn handle_post(state: AppState, headers: HeaderMap, body: Body) -> Result<Response, McpError> {
+/// `POST /mcp/{name}`: the same transport, on a registered server's sessions.
+pub async fn post_on(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    match state.registry.choice(&name) {
+        Ok(server) => handle_post(state, headers, body, server).await.unwrap_or_else(IntoResponse::into_response),
+        Err(unknown) => unknown.into_response(),
+    }
+}
+
+/// `GET /mcp/{name}`.
+pub async fn get_on(State(state): State<AppState>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+    match state.registry.choice(&name) {
+        Ok(server) => handle_get(state, headers, server).await.unwrap_or_else(IntoResponse::into_response),
+        Err(unknown) => unknown.into_response(),
+    }
+}
+
+/// `DELETE /mcp/{name}`.
+pub async fn delete_on(State(state): State<AppState>, Path(name): Path<String>, headers: HeaderMap) -> Response {
+    match state.registry.choice(&name) {
+        Ok(server) => handle_delete(state, headers, server).await.unwrap_or_else(IntoResponse::into_response),
+        Err(unknown) => unknown.into_response(),
+    }
+}
+
+async fn handle_post(
+    state: AppState,
+    headers: HeaderMap,
+    body: Body,
+    server: Option<ServerChoice>,
+) -> Result<Response, McpError> {
     if !(accepts(&headers, "application/json") && accepts(&headers, "text/event-stream")) {
         return Err(McpError::NotAcceptable("POST requests must accept both application/json and text/event-stream"));
     }
@@ -50,13 +84,13 @@ async fn handle_post(state: AppState, headers: HeaderMap, body: Body) -> Result<
     let body = read_body(body, &headers, state.config.limits.max_body_bytes).await?;
     let session = session_id(&headers);
     if jsonrpc::first_byte(&body) == Some(b'[') {
-        return batch(state, &headers, session, body).await;
+        return batch(state, &headers, session, body, server.as_ref()).await;
     }
     let kind = jsonrpc::peek_client(&body).map_err(peek_error)?;
     let Some(session) = session else {
         return match kind {
             Kind::Request { id, method, progress_token } if method == "initialize" => {
-                initialize(state, id, progress_token, body).await
+                initialize(state, id, progress_token, body, server).await
             }
             kind if kind.method() == Some("server/discover") || version(&headers) == Some(STATELESS_REVISION) => {
                 let (id, method) = match kind {
@@ -68,7 +102,7 @@ async fn handle_post(state: AppState, headers: HeaderMap, body: Body) -> Result<
             _ => Err(McpError::MissingSession),
         };
     };
-    let handle = streamable_session(&state, session)?;
+    let handle = streamable_session(&state, session, server.as_ref())?;
     check_version(&headers)?;
     match kind {
         Kind::Request { method, .. } if method == "initialize" => Err(McpError::InvalidRequest(
@@ -98,20 +132,32 @@ async fn handle_post(state: AppState, headers: HeaderMap, body: Body) -> Result<
 
 /// A session for a new client of either transport: one from the warm pool
 /// when there is one, else a new one (see [`start_session`]).
-pub(crate) fn create_session(state: &AppState, transport: Transport) -> Result<SessionHandle, McpError> {
+pub(crate) fn create_session(
+    state: &AppState,
+    transport: Transport,
+    launch: Launch,
+) -> Result<SessionHandle, McpError> {
     if state.draining.is_cancelled() {
         return Err(McpError::Overloaded { message: "the gateway is shutting down".into(), retry_after_secs: 5 });
     }
-    if let Some(handle) = state.pool.claim(transport) {
+    // The pool holds runners of the default server and size only.
+    if launch.is_default()
+        && let Some(handle) = state.pool.claim(transport)
+    {
         return Ok(handle);
     }
-    start_session(state, transport, false)
+    start_session(state, transport, false, launch)
 }
 
 /// Starts a session: reserves its place, mints its runner's token, and
 /// starts its task (which starts the runner). A `pooled` one waits in the
 /// warm pool, invisible to clients, until [`crate::pool::Pool::claim`].
-pub(crate) fn start_session(state: &AppState, transport: Transport, pooled: bool) -> Result<SessionHandle, McpError> {
+pub(crate) fn start_session(
+    state: &AppState,
+    transport: Transport,
+    pooled: bool,
+    launch: Launch,
+) -> Result<SessionHandle, McpError> {
     if state.draining.is_cancelled() {
         return Err(McpError::Overloaded { message: "the gateway is shutting down".into(), retry_after_secs: 5 });
     }
@@ -133,7 +179,7 @@ pub(crate) fn start_session(state: &AppState, transport: Transport, pooled: bool
         id: session_id.clone(),
         transport,
         pooled,
-        spec: RunnerSpec { session: session_id, token: minted.token, gateway_url: runner_url },
+        spec: RunnerSpec { session: session_id, token: minted.token, gateway_url: runner_url, launch },
         token_id: minted.jti,
         tokens: state.tokens.clone(),
         spawner: state.spawner.clone(),
@@ -156,8 +202,9 @@ async fn initialize(
     id: RequestId,
     progress_token: Option<RequestId>,
     body: Bytes,
+    server: Option<ServerChoice>,
 ) -> Result<Response, McpError> {
-    let handle = create_session(&state, Transport::Streamable)?;
+    let handle = create_session(&state, Transport::Streamable, Launch { server, size: None })?;
     let stream = handle.streams().open(1);
     let call = Call { id, progress_token, payload: body, is_initialize: true, stream: stream.clone() };
     submit(&state, &handle, &stream, Command::Call(call)).await?;
@@ -169,11 +216,17 @@ async fn initialize(
 }
 
 /// A JSON-RPC batch: allowed only on a session that negotiated 2025-03-26.
-async fn batch(state: AppState, headers: &HeaderMap, session: Option<&str>, body: Bytes) -> Result<Response, McpError> {
+async fn batch(
+    state: AppState,
+    headers: &HeaderMap,
+    session: Option<&str>,
+    body: Bytes,
+    server: Option<&ServerChoice>,
+) -> Result<Response, McpError> {
     let elements: Vec<&RawValue> =
         serde_json::from_slice(&body).map_err(|e| peek_error(PeekError::Parse(e.to_string())))?;
     let session = session.ok_or(McpError::MissingSession)?;
-    let handle = streamable_session(&state, session)?;
+    let handle = streamable_session(&state, session, server)?;
     check_version(headers)?;
     let negotiated = handle.protocol_version().unwrap_or("unknown");
     if negotiated != "2025-03-26" {
@@ -260,16 +313,23 @@ pub(crate) fn refuse_while_draining(state: &AppState) -> Result<(), McpError> {
 
 /// The session an `Mcp-Session-Id` names; sessions of the older transport
 /// are reached through `/messages` only.
-fn streamable_session(state: &AppState, id: &str) -> Result<SessionHandle, McpError> {
-    state.sessions.get(id).filter(|h| h.transport() == Transport::Streamable).ok_or(McpError::UnknownSession)
+/// A streamable HTTP session of the server this endpoint serves: another
+/// endpoint's session is unknown here.
+fn streamable_session(state: &AppState, id: &str, server: Option<&ServerChoice>) -> Result<SessionHandle, McpError> {
+    let name = server.map(|s| &*s.name);
+    state
+        .sessions
+        .get(id)
+        .filter(|h| h.transport() == Transport::Streamable && h.server() == name)
+        .ok_or(McpError::UnknownSession)
 }
 
-async fn handle_get(state: AppState, headers: HeaderMap) -> Result<Response, McpError> {
+async fn handle_get(state: AppState, headers: HeaderMap, server: Option<ServerChoice>) -> Result<Response, McpError> {
     if !accepts(&headers, "text/event-stream") {
         return Err(McpError::NotAcceptable("GET requests must accept text/event-stream"));
     }
     let session = session_id(&headers).ok_or(McpError::MissingSession)?;
-    let handle = streamable_session(&state, session)?;
+    let handle = streamable_session(&state, session, server.as_ref())?;
     check_version(&headers)?;
     let priming = Priming::for_version(handle.protocol_version());
     let keepalive = state.config.timeouts.heartbeat;
@@ -288,9 +348,13 @@ async fn handle_get(state: AppState, headers: HeaderMap) -> Result<Response, Mcp
     Ok(reply::sse(stream, after, keepalive, priming, HeaderMap::new()))
 }
 
-async fn handle_delete(state: AppState, headers: HeaderMap) -> Result<Response, McpError> {
+async fn handle_delete(
+    state: AppState,
+    headers: HeaderMap,
+    server: Option<ServerChoice>,
+) -> Result<Response, McpError> {
     let session = session_id(&headers).ok_or(McpError::MissingSession)?;
-    let handle = streamable_session(&state, session)?;
+    let handle = streamable_session(&state, session, server.as_ref())?;
     end_and_wait(&state, &handle, EndReason::Deleted).await;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

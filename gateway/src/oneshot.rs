@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use crate::AppState;
 use crate::jsonrpc::{self, Kind, RequestId};
 use crate::session::{Call, Command, EndReason, SessionHandle, Transport};
+use crate::spawn::Launch;
 use crate::streams::{Batch, Reader};
 
 /// The revision the gateway speaks to the runner's server for a single request.
@@ -42,11 +43,13 @@ pub enum RunError {
 }
 
 /// Runs `request` (one JSON-RPC request, as bytes) on a runner of its own
+/// (bridging the server `launch` names, the default one when it names none)
 /// and returns the server's answer, calling `on_message` with each message
 /// the server sent about it first. Takes at most `limit` (plus a bounded
 /// wait for the runner to be gone).
 pub async fn run(
     state: &AppState,
+    launch: Launch,
     request: Bytes,
     limit: Duration,
     mut on_message: impl FnMut(&Bytes),
@@ -56,8 +59,8 @@ pub async fn run(
         Ok(_) => return Err(RunError::NotARequest("a request other than initialize is needed".into())),
         Err(e) => return Err(RunError::NotARequest(e.to_string())),
     };
-    let handle =
-        crate::mcp::create_session(state, Transport::Streamable).map_err(|e| RunError::Unavailable(e.to_string()))?;
+    let handle = crate::mcp::create_session(state, Transport::Streamable, launch)
+        .map_err(|e| RunError::Unavailable(e.to_string()))?;
     // Whatever happens from here, the session ends with this run.
     let session = Ending(handle);
     let deadline = Instant::now() + limit;

@@ -26,7 +26,7 @@ use crate::listen::{self, caps::Caps};
 use crate::spawn::heroku::HerokuSettings;
 use crate::spawn::heroku::api::{Api, RetryPolicy};
 use crate::spawn::{HerokuSpawner, LocalSpawner, Spawner};
-use crate::{AppState, auth, mcp, rendezvous, sse};
+use crate::{AppState, agents, auth, mcp, registry, rendezvous, sse};
 
 /// The gateway's routes.
 pub fn app(state: AppState) -> Router {
@@ -35,6 +35,9 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/mcp", mcp_routes.clone())
         .route("/mcp/", mcp_routes)
+        .route("/mcp/{name}", axum::routing::post(mcp::post_on).get(mcp::get_on).delete(mcp::delete_on))
+        .route("/v1/mcp/servers", get(registry::list))
+        .route("/v1/agents/heroku", axum::routing::post(agents::post))
         .route("/sse", get(sse::open))
         .route("/messages", messages.clone())
         .route("/messages/", messages)
@@ -92,12 +95,15 @@ pub async fn start(config: Config, listener: TcpListener, drain: CancellationTok
     // A token must outlive the wait for a runner's first dial or its redial,
     // plus slack; sessions hand their runner a fresh one well before expiry.
     let token_ttl = config.timeouts.dial_back.max(config.timeouts.reconnect_grace) + std::time::Duration::from_secs(60);
+    let inference = config.inference.clone().map(crate::agents::inference::Upstream::new).transpose()?;
     let state = AppState::new(crate::Shared {
+        inference,
         runner_url: config.runner_base_url(bound).or(learned_url),
         api_key: config.api_key.as_ref().map(auth::ApiKey::new),
         sessions: crate::sessions::Sessions::new(config.limits.max_sessions),
         spawner,
         pool: crate::pool::Pool::new(config.pool.clone()),
+        registry: crate::registry::Registry::new(config.runner_command.as_deref(), config.procfile.as_deref()),
         tokens: crate::token::RunnerTokens::new(&config.rendezvous_secret, token_ttl),
         budget: crate::streams::Budget::new(config.limits.buffer_bytes, config.limits.stream_buffer_bytes),
         draining: drain.clone(),
@@ -114,6 +120,15 @@ pub async fn start(config: Config, listener: TcpListener, drain: CancellationTok
         tracker.spawn(sweep(state.clone(), heroku.sweep_interval));
     }
     tracker.spawn(crate::pool::refill(state.clone()));
+    if state.config.discover_servers == crate::config::Discovery::Start {
+        let state = state.clone();
+        tracker.spawn(async move {
+            tokio::select! {
+                () = state.registry.discover_all(&state) => {}
+                () = state.shutdown.cancelled() => {}
+            }
+        });
+    }
     let timeouts = state.config.timeouts.clone();
     let sessions = state.sessions.clone();
     let shutdown = state.shutdown.clone();

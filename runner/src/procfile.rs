@@ -11,18 +11,11 @@ use std::path::Path;
 /// `name` is a bare process-type name and the file defines it.
 pub fn resolve(name: &str, procfile: &Path) -> Option<String> {
     let name = name.trim();
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+    if !dynogate_shared::procfile::is_process_type(name) {
         return None;
     }
     let text = std::fs::read_to_string(procfile).ok()?;
-    lookup(&text, name)
-}
-
-fn lookup(procfile: &str, name: &str) -> Option<String> {
-    procfile.lines().find_map(|line| {
-        let (kind, command) = line.split_once(':')?;
-        (kind.trim() == name && !line.trim_start().starts_with('#')).then(|| command.trim().to_owned())
-    })
+    dynogate_shared::procfile::lookup(&text, name)
 }
 
 #[cfg(test)]
@@ -31,14 +24,6 @@ mod tests {
 
     const PROCFILE: &str =
         "web: ./target/release/gateway\n# mcp-old: nope\nmcp-python: python -m src.stdio_server --flag=a:b\n";
-
-    #[test]
-    fn process_types_resolve_to_their_commands() {
-        assert_eq!(lookup(PROCFILE, "mcp-python").as_deref(), Some("python -m src.stdio_server --flag=a:b"));
-        assert_eq!(lookup(PROCFILE, "web").as_deref(), Some("./target/release/gateway"));
-        assert_eq!(lookup(PROCFILE, "mcp-old"), None);
-        assert_eq!(lookup(PROCFILE, "worker"), None);
-    }
 
     #[test]
     fn only_bare_names_are_looked_up() {

@@ -11,6 +11,7 @@
 //! - [`duration`]: durations as written in config vars.
 //! - [`names`]: header, query and environment names both sides must agree on,
 //!   and how a session id is shown in logs.
+//! - [`procfile`]: reading a Procfile's process types.
 //! - [`sandbox`]: `SANDBOX`, the confinement mode both sides read.
 //! - [`window`]: the replay window and acknowledgements, the same rules on
 //!   both sides of the socket.
@@ -21,6 +22,7 @@ pub mod cgroup;
 pub mod duration;
 pub mod frame;
 pub mod names;
+pub mod procfile;
 pub mod sandbox;
 pub mod secret;
 pub mod token;

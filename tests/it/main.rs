@@ -3,17 +3,22 @@
 //! and real MCP clients.
 //! Every test starts its own gateway on a free loopback port.
 
+/// A scripted OpenAI-compatible model server.
+mod model;
 /// `runner exec` on plain stdio, driven with raw JSON-RPC lines.
 mod stdio;
 /// Shared machinery: gateway processes, HTTP helpers, process inspection.
 mod support;
 
+/// The agents endpoint, driven by a scripted model.
+mod agents;
 /// API keys.
 mod auth;
 /// The benchmark program with tiny counts (correctness, not timing).
 mod bench_smoke;
 /// No code outlives its session: detached processes are killed however the server ends.
 mod cleanup;
+mod cli;
 /// The Heroku Button's files: app.json and what each buildpack detects.
 mod deploy;
 /// Every refused request: status code and JSON-RPC error.
@@ -38,6 +43,8 @@ mod memory;
 mod pool;
 /// The executor's waiting shim: it takes each command, in its cgroup.
 mod primed_shim;
+/// The registered MCP servers: `/v1/mcp/servers` and `/mcp/{name}`.
+mod registry;
 /// Runner tokens and the rendezvous handshake.
 mod rendezvous;
 /// Faults: cut sockets, dropped streams, floods, SIGTERM under load.

@@ -16,7 +16,17 @@ use crate::support::*;
 
 /// A gateway in this process with `extra` flags, and its drain switch.
 async fn in_process(extra: &[&str]) -> (Running, CancellationToken, String) {
-    let mut flags = vec!["gateway", "--port", "0", "--runner-bin", RUNNER, "--rendezvous-secret", SECRET];
+    let mut flags = vec![
+        "gateway",
+        "--port",
+        "0",
+        "--runner-bin",
+        RUNNER,
+        "--rendezvous-secret",
+        SECRET,
+        "--discover-servers",
+        "on-demand",
+    ];
     flags.extend_from_slice(extra);
     let config = Args::parse_from(flags).validate().expect("valid flags");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -58,13 +68,15 @@ async fn a_request_runs_on_a_runner_of_its_own_that_is_gone_after_and_leaves_not
 
     let code = "import os, pathlib; print(os.path.exists('mark'), pathlib.Path('/tmp/mark').exists()); \
                 open('mark', 'w').write('x'); open('/tmp/mark', 'w').write('x')";
-    let answer = oneshot::run(&state, call(7, code, false), Duration::from_secs(60), |_| {}).await.unwrap();
+    let answer =
+        oneshot::run(&state, Default::default(), call(7, code, false), Duration::from_secs(60), |_| {}).await.unwrap();
     assert_eq!(exec_result_of_answer(&answer)["stdout"], "False False");
     assert_eq!(state.pool.status().claims, 1, "the run took the warm runner");
     assert!(gone(pooled[0]), "the run's runner is gone when it returns");
 
     // The next run starts clean: nothing of the last one's files is there.
-    let answer = oneshot::run(&state, call(7, code, false), Duration::from_secs(60), |_| {}).await.unwrap();
+    let answer =
+        oneshot::run(&state, Default::default(), call(7, code, false), Duration::from_secs(60), |_| {}).await.unwrap();
     assert_eq!(exec_result_of_answer(&answer)["stdout"], "False False", "state survived a run");
     assert_eq!(state.sessions.claimed(), 0, "no run's session is left");
 
@@ -82,6 +94,7 @@ async fn progress_comes_before_the_answer_and_a_run_past_its_limit_ends_with_a_c
     let mut progress = Vec::new();
     let answer = oneshot::run(
         &state,
+        Default::default(),
         call(7, "import time; time.sleep(0.6); print('done')", true),
         Duration::from_secs(60),
         |message| progress.push(serde_json::from_slice::<Value>(message).unwrap()),
@@ -95,9 +108,15 @@ async fn progress_comes_before_the_answer_and_a_run_past_its_limit_ends_with_a_c
     );
 
     let started = std::time::Instant::now();
-    let timed_out = oneshot::run(&state, call(7, "import time; time.sleep(60)", false), Duration::from_secs(2), |_| {})
-        .await
-        .unwrap_err();
+    let timed_out = oneshot::run(
+        &state,
+        Default::default(),
+        call(7, "import time; time.sleep(60)", false),
+        Duration::from_secs(2),
+        |_| {},
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(timed_out, RunError::TimedOut(_)), "{timed_out}");
     assert!(timed_out.to_string().contains("time limit of 2s"), "{timed_out}");
     assert!(started.elapsed() < Duration::from_secs(30), "the limit held: {:?}", started.elapsed());
@@ -106,6 +125,7 @@ async fn progress_comes_before_the_answer_and_a_run_past_its_limit_ends_with_a_c
 
     let refused = oneshot::run(
         &state,
+        Default::default(),
         Bytes::from_static(b"{\"jsonrpc\":\"2.0\",\"method\":\"x\"}"),
         Duration::from_secs(5),
         |_| {},

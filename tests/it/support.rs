@@ -99,6 +99,8 @@ impl Gateway {
             // Sessions start cold unless a test asks for warm runners, so
             // the runners and dynos a test counts are its sessions' own.
             .env("WARM_RUNNERS", "0")
+            // Likewise no runner lists a server's tools unless a test asks.
+            .env("DISCOVER_SERVERS", "on-demand")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());

@@ -146,6 +146,8 @@ impl Transport {
 
 struct Shared {
     id: String,
+    /// The registered server it bridges; `None` for the default.
+    server: Option<std::sync::Arc<str>>,
     /// A [`Transport`] as `u8`: a pooled session learns it when claimed.
     transport: AtomicU8,
     /// Whether a client has it: a pooled session waits unclaimed, invisible
@@ -177,6 +179,11 @@ pub struct SessionHandle {
 impl SessionHandle {
     pub fn id(&self) -> &str {
         &self.shared.id
+    }
+
+    /// The registered server it bridges (`/mcp/{name}`); `None` for the default.
+    pub fn server(&self) -> Option<&str> {
+        self.shared.server.as_deref()
     }
 
     pub fn transport(&self) -> Transport {
@@ -321,6 +328,7 @@ impl Session {
         let (runner_tx, runner_rx) = mpsc::channel(8);
         let shared = Arc::new(Shared {
             id: params.id,
+            server: params.spec.launch.server.as_ref().map(|s| s.name.clone()),
             transport: AtomicU8::new(params.transport as u8),
             claimed: AtomicBool::new(!params.pooled),
             commands: tx,

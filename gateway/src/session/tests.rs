@@ -90,6 +90,7 @@ fn start_with(timeouts: Timeouts, spawner: FakeSpawner) -> Harness {
             session: "s1".into(),
             token: dynogate_shared::Secret::new("t"),
             gateway_url: url::Url::parse("http://127.0.0.1:1/").unwrap(),
+            launch: Default::default(),
         },
         spawner: Arc::new(spawner),
         sessions: sessions.clone(),

@@ -66,7 +66,8 @@ impl Spawner for LocalSpawner {
                 .env(TOKEN_ENV, spec.token.expose())
                 .env(RUNNER_SESSION_DIR_ENV, workdir.path())
                 .env(SANDBOX_ENV, self.sandbox.as_str());
-            match &self.runner_command {
+            let server = spec.launch.server.as_ref().map(|s| &s.command);
+            match server.or(self.runner_command.as_ref()) {
                 Some(shell) => command.env("RUNNER_COMMAND", shell),
                 None => command.env_remove("RUNNER_COMMAND"),
             };

@@ -15,6 +15,7 @@ pub mod local;
 pub mod sandbox;
 pub mod tools;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use dynogate_shared::Secret;
@@ -33,6 +34,34 @@ pub struct RunnerSpec {
     pub token: Secret,
     /// Base URL of the gateway the runner dials.
     pub gateway_url: Url,
+    /// What this runner is for, beyond the defaults.
+    pub launch: Launch,
+}
+
+/// A runner's server and size, where they differ from the gateway's
+/// defaults: a registered server's session (`/mcp/{name}`), or a tool call
+/// of the agents API that names a dyno size.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Launch {
+    /// The stdio MCP server to bridge; `None` for the default (`RUNNER_COMMAND`,
+    /// else the built-in executor).
+    pub server: Option<ServerChoice>,
+    /// The dyno size (Heroku), instead of `DYNO_SIZE`.
+    pub size: Option<String>,
+}
+
+impl Launch {
+    pub fn is_default(&self) -> bool {
+        *self == Launch::default()
+    }
+}
+
+/// A registered MCP server: its name (the registry's namespace) and the
+/// shell command that starts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerChoice {
+    pub name: Arc<str>,
+    pub command: String,
 }
 
 /// Why a runner could not be started. The message reaches the client.

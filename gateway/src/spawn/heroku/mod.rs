@@ -131,14 +131,15 @@ impl Spawner for HerokuSpawner {
             let mut env = BTreeMap::new();
             env.insert(dynogate_shared::names::TOKEN_ENV.to_owned(), spec.token.expose().to_owned());
             env.insert("GATEWAY_URL".to_owned(), spec.gateway_url.to_string());
-            if let Some(command) = &self.settings.runner_command {
+            let server = spec.launch.server.as_ref().map(|s| &s.command);
+            if let Some(command) = server.or(self.settings.runner_command.as_ref()) {
                 env.insert("RUNNER_COMMAND".to_owned(), command.clone());
             }
             let body = CreateDyno {
                 command: self.command(&spec.session),
                 env,
                 attach: false,
-                size: self.settings.size.clone(),
+                size: spec.launch.size.clone().or_else(|| self.settings.size.clone()),
                 kind: "run".to_owned(),
                 time_to_live: self.settings.ttl.as_secs(),
             };

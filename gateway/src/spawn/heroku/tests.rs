@@ -38,6 +38,7 @@ fn spec() -> RunnerSpec {
         session: "abc123".into(),
         token: Secret::new("the-runner-token"),
         gateway_url: url::Url::parse("https://gw.example.com/").unwrap(),
+        launch: Default::default(),
     }
 }
 
