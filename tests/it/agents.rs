@@ -323,3 +323,22 @@ async fn a_client_that_goes_away_stops_the_loop_and_its_runners() {
     assert!(Instant::now() <= gone_by, "the runner outlived the client by more than 2s");
     assert_eq!(model.requests().len(), 1, "the loop went on after the client left");
 }
+
+#[tokio::test]
+async fn keepalives_flow_while_a_tool_runs() {
+    let model = Model::start(Some(KEY), |n, _| match n {
+        0 => Turn::Calls(vec![("nap", "code_exec_python", python("import time; time.sleep(2.5); print('rested')"))]),
+        _ => Turn::Text("rested"),
+    })
+    .await;
+    let gateway = gateway_for(&model, Options::default().env("HEARTBEAT_INTERVAL", "1s"));
+    let tools = json!([{"type": "heroku_tool", "name": "code_exec_python"}]);
+    let response =
+        agents_request(&gateway, json!({"messages": [{"role": "user", "content": "nap"}], "tools": tools})).await;
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let text = tokio::time::timeout(PATIENCE, response.text()).await.unwrap().unwrap();
+    let (before, after) = text.split_once("tool.completion").expect("a tool result");
+    assert!(before.contains(": keepalive\n\n"), "no keepalive while the tool ran: {text}");
+    assert!(after.contains("event: done\ndata: [DONE]"), "{text}");
+    assert_eq!(exec_output(&tool_texts(&parse(&text))[0])["stdout"], "rested");
+}

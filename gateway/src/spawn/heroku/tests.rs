@@ -96,6 +96,20 @@ async fn a_dyno_is_created_with_the_documented_headers_and_body() {
 }
 
 #[tokio::test]
+async fn a_runner_for_a_registered_server_or_a_size_says_so_in_its_dyno() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST")).and(path("/apps/my-app/dynos")).respond_with(created()).mount(&server).await;
+    let launch = crate::spawn::Launch {
+        server: Some(crate::spawn::ServerChoice { name: "echo".into(), command: "mcp-echo".into() }),
+        size: Some("performance-m".into()),
+    };
+    spawner(&server).spawn(RunnerSpec { launch, ..spec() }).await.expect("the dyno is created");
+    let body: Value = serde_json::from_slice(&requests(&server).await[0].body).unwrap();
+    assert_eq!(body["env"]["RUNNER_COMMAND"], "mcp-echo");
+    assert_eq!(body["size"], "performance-m");
+}
+
+#[tokio::test]
 async fn a_release_that_is_not_ready_is_retried() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))
