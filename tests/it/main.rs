@@ -18,6 +18,7 @@ mod auth;
 mod bench_smoke;
 /// No code outlives its session: detached processes are killed however the server ends.
 mod cleanup;
+/// The `dynogate` CLI against a running gateway, a stdio server and a stand-in agents endpoint.
 mod cli;
 /// The Heroku Button's files: app.json and what each buildpack detects.
 mod deploy;

@@ -15,6 +15,9 @@ pub struct AgentRequest {
     pub top_p: Option<f64>,
     #[serde(default)]
     pub tools: Vec<ToolSpec>,
+    /// Accepted for clients that send it: the answer is always a stream.
+    #[serde(default, rename = "stream")]
+    pub _stream: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
