@@ -35,6 +35,8 @@ use crate::session::{EndReason, SessionHandle, Transport};
 
 /// How often the refill task looks at its entries when nothing wakes it.
 const TICK: Duration = Duration::from_secs(1);
+/// After a claim, how long the refill waits before starting a runner.
+const REFILL_AFTER_CLAIM: Duration = Duration::from_millis(250);
 /// Longest wait before trying again after entries failed to start.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// An entry that ends unclaimed sooner than this after it started counts as
@@ -208,12 +210,21 @@ pub async fn refill(state: AppState) {
             }
         }
         tokio::select! {
-            () = pool.wake.notified() => {}
+            // A claim: the claimed runner's first call usually follows at
+            // once, and a runner starting beside it would share the CPU.
+            () = pool.wake.notified() => tokio::select! {
+                () = tokio::time::sleep(REFILL_AFTER_CLAIM) => {}
+                () = state.draining.cancelled() => {}
+            },
             () = tokio::time::sleep(TICK) => {}
             () = state.draining.cancelled() => {
                 pool.empty();
                 return;
             }
+        }
+        if state.draining.is_cancelled() {
+            pool.empty();
+            return;
         }
     }
 }

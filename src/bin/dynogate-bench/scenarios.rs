@@ -198,16 +198,28 @@ pub async fn sessions(url: &str, name: &str, count: u64, concurrency: usize) -> 
 
 /// `first-result`: for `count` sessions one after another: the time from
 /// `initialize` sent to the first `code_exec_python` `print(1)` result, that
-/// first call alone, and `later` calls of the same session; then the same
-/// code run bare, `python3 -c 'print(1)'` of the interpreter on PATH, to read
-/// the executor's own cost against. Every one of these waits `gap` first, as
-/// a client's calls come after a model's turn: on an idle machine the first
-/// work after a pause is slower (CPU idle states), and back-to-back calls
-/// would flatter the later ones. A warm pool refills during the pauses.
+/// first call alone, and `later` calls of the same session, each followed by
+/// the same code run bare (`python3 -c 'print(1)'` of the interpreter on
+/// PATH) to read the executor's own cost against. Every one of these waits
+/// `gap` first, as a client's calls come after a model's turn: on an idle
+/// machine the first work after a pause is slower (CPU idle states), and
+/// back-to-back calls would flatter the later ones. A warm pool refills
+/// during the pauses.
 pub async fn first_result(url: &str, name: &str, count: u64, later: u64, gap: Duration) -> anyhow::Result<()> {
     let endpoint = endpoint(url)?;
-    let (mut first_results, mut first_calls, mut later_calls) =
-        (Samples::default(), Samples::default(), Samples::default());
+    let (mut first_results, mut first_calls, mut later_calls, mut bare) =
+        (Samples::default(), Samples::default(), Samples::default(), Samples::default());
+    // Each later call is paired with a bare run right after it, so both meet
+    // the machine in the same state: their difference is the executor's cost.
+    let mut differences = Vec::new();
+    let python = String::from_utf8(
+        tokio::process::Command::new("python3")
+            .args(["-c", "import sys; print(sys.executable)"])
+            .output()
+            .await?
+            .stdout,
+    )?;
+    let python = python.trim().to_owned();
     let started = Instant::now();
     for _ in 0..count {
         tokio::time::sleep(gap).await;
@@ -221,39 +233,30 @@ pub async fn first_result(url: &str, name: &str, count: u64, later: u64, gap: Du
             tokio::time::sleep(gap).await;
             let call = Instant::now();
             session.python(2 + id, "print(1)", "1").await?;
-            later_calls.record(call.elapsed());
+            let through = call.elapsed();
+            later_calls.record(through);
+            tokio::time::sleep(gap).await;
+            let direct = bare_python(&python).await?;
+            bare.record(direct);
+            differences.push(through.as_secs_f64() * 1000.0 - direct.as_secs_f64() * 1000.0);
         }
         session.close().await?;
     }
     let elapsed = started.elapsed();
-    let mut bare = Samples::default();
-    let python = String::from_utf8(
-        tokio::process::Command::new("python3")
-            .args(["-c", "import sys; print(sys.executable)"])
-            .output()
-            .await?
-            .stdout,
-    )?;
-    for _ in 0..count {
-        tokio::time::sleep(gap).await;
-        let begun = Instant::now();
-        let out = tokio::process::Command::new(python.trim()).args(["-c", "print(1)"]).output().await?;
-        if out.stdout != b"1\n" {
-            bail!("bare python printed {:?}", String::from_utf8_lossy(&out.stdout));
-        }
-        bare.record(begun.elapsed());
-    }
+    differences.sort_by(f64::total_cmp);
+    let paired = differences.get(differences.len() / 2).copied().unwrap_or(0.0);
     let summary = json!({
         "count": count,
         "first_result": first_results.summary(elapsed),
         "first_call": first_calls.summary(elapsed),
         "later_call": later_calls.summary(elapsed),
         "bare_python": bare.summary(elapsed),
+        "later_minus_bare_p50_ms": paired,
     });
     let p50 = |key: &str| summary[key]["p50_us"].as_u64().unwrap_or(0) as f64 / 1000.0;
     eprintln!(
         "first-result {name:<12} p50: initialize→first result {:.1} ms, first call {:.1} ms, later calls {:.1} ms, \
-         bare python {:.1} ms",
+         bare python {:.1} ms, later − bare (paired) {paired:+.1} ms",
         p50("first_result"),
         p50("first_call"),
         p50("later_call"),
@@ -265,6 +268,16 @@ pub async fn first_result(url: &str, name: &str, count: u64, later: u64, gap: Du
     line["target"] = json!(name);
     println!("{line}");
     Ok(())
+}
+
+/// One `python -c 'print(1)'`, timed.
+async fn bare_python(python: &str) -> anyhow::Result<Duration> {
+    let begun = Instant::now();
+    let out = tokio::process::Command::new(python).args(["-c", "print(1)"]).output().await?;
+    if out.stdout != b"1\n" {
+        bail!("bare python printed {:?}", String::from_utf8_lossy(&out.stdout));
+    }
+    Ok(begun.elapsed())
 }
 
 /// `idle`: holds `count` sessions open and reports memory: the gateway's
