@@ -1,4 +1,5 @@
-//! MCP's streamable HTTP transport: `POST`, `GET` and `DELETE` on `/mcp`.
+//! MCP's streamable HTTP transport: `POST`, `GET` and `DELETE` on `/mcp`,
+//! and on `/mcp/{name}` for the sessions of a registered server.
 //!
 //! This module checks what the transport requires (headers, body, session,
 //! protocol revision), turns each message into a [`Command`] for its session,

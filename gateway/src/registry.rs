@@ -291,7 +291,9 @@ pub struct ServersQuery {
 pub async fn list(State(state): State<AppState>, Query(query): Query<ServersQuery>) -> impl IntoResponse {
     for server in state.registry.servers() {
         let discovery = server.discovery();
-        let look = discovery.wants_a_look() || (query.refresh && !matches!(discovery, Discovery::Syncing));
+        // Syncing with nobody at it: a look whose caller went away.
+        let abandoned = matches!(discovery, Discovery::Syncing) && server.running.try_lock().is_ok();
+        let look = discovery.wants_a_look() || abandoned || (query.refresh && !matches!(discovery, Discovery::Syncing));
         if look {
             // Shown as syncing from now on, and looked at again by `tools`.
             server.discovery.send_replace(Discovery::Syncing);
