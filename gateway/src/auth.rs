@@ -38,6 +38,11 @@ impl ApiKey {
         Self { digest: Sha256::digest(key.expose().as_bytes()).into() }
     }
 
+    /// Names the key in logs without revealing it: the start of its sha256.
+    pub fn fingerprint(&self) -> String {
+        format!("sha256:{}", hex::encode(&self.digest[..6]))
+    }
+
     pub fn matches(&self, presented: &str) -> bool {
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         digest.ct_eq(&self.digest).into()

@@ -130,6 +130,7 @@ impl IntoResponse for McpError {
             McpError::StatelessRevision { id, .. } => id.as_ref(),
             _ => None,
         };
+        crate::metrics::error_sent(self.code());
         let body = error_body(id, self.code(), &self.to_string(), self.data());
         let mut response =
             (self.status(), [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body)

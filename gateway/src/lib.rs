@@ -18,6 +18,7 @@
 //! - [`registry`]: the MCP servers offered (the default and the Procfile's
 //!   `mcp*` types) and their tools; [`agents`]: `/v1/agents/heroku`, an
 //!   agent loop whose tool calls each run on a runner of their own.
+//! - [`metrics`]: what the gateway counts, at `GET /metrics`.
 //! - [`server`]: binding, serving and shutting down; [`listen`]: accepting
 //!   connections, with deadlines and caps; [`throttle`]: rate limits for log
 //!   lines anyone can cause.
@@ -30,6 +31,7 @@ pub mod jsonrpc;
 pub mod link;
 pub mod listen;
 pub mod mcp;
+pub mod metrics;
 pub mod oneshot;
 pub mod pool;
 pub mod registry;

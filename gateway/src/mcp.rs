@@ -109,10 +109,10 @@ async fn handle_post(
         Kind::Request { method, .. } if method == "initialize" => Err(McpError::InvalidRequest(
             "this session is already initialized; send initialize without Mcp-Session-Id to start a new session".into(),
         )),
-        Kind::Request { id, method: _, progress_token } => {
+        Kind::Request { id, method, progress_token } => {
             refuse_while_draining(&state)?;
             let stream = handle.streams().open(1);
-            let call = Call { id, progress_token, payload: body, is_initialize: false, stream: stream.clone() };
+            let call = Call::new(id, progress_token, body, &method, stream.clone());
             submit(&state, &handle, &stream, Command::Call(call)).await?;
             let priming = Priming::for_version(handle.protocol_version());
             Ok(reply::respond(
@@ -188,7 +188,9 @@ pub(crate) fn start_session(
         timeouts: state.config.timeouts.clone(),
         budget: state.budget.clone(),
         shutdown: state.shutdown.clone(),
+        key_fingerprint: state.api_key.as_ref().map(crate::auth::ApiKey::fingerprint),
     });
+    crate::metrics::session_started(pooled);
     // In the table before the task starts, so its runner can find it and its
     // own removal can never come first.
     state.sessions.insert(reservation, handle.clone());
@@ -207,7 +209,7 @@ async fn initialize(
 ) -> Result<Response, McpError> {
     let handle = create_session(&state, Transport::Streamable, Launch { server, size: None })?;
     let stream = handle.streams().open(1);
-    let call = Call { id, progress_token, payload: body, is_initialize: true, stream: stream.clone() };
+    let call = Call::new(id, progress_token, body, "initialize", stream.clone());
     submit(&state, &handle, &stream, Command::Call(call)).await?;
     let mut headers = HeaderMap::new();
     headers.insert(SESSION_HEADER, HeaderValue::from_str(handle.id()).expect("hex ids are valid header values"));
@@ -251,8 +253,8 @@ async fn batch(
     for (element, kind) in elements.into_iter().zip(kinds) {
         let payload = body.slice_ref(element.get().as_bytes());
         let command = match kind {
-            Kind::Request { id, method: _, progress_token } => {
-                Command::Call(Call { id, progress_token, payload, is_initialize: false, stream: stream.clone() })
+            Kind::Request { id, method, progress_token } => {
+                Command::Call(Call::new(id, progress_token, payload, &method, stream.clone()))
             }
             Kind::Notification { cancelled, .. } => Command::Notify { payload, cancelled },
             Kind::Response { .. } | Kind::OrphanError => Command::Notify { payload, cancelled: None },

@@ -54,8 +54,8 @@ pub async fn run(
     limit: Duration,
     mut on_message: impl FnMut(&Bytes),
 ) -> Result<Bytes, RunError> {
-    let (id, progress_token) = match jsonrpc::peek_client(&request) {
-        Ok(Kind::Request { id, method, progress_token }) if method != "initialize" => (id, progress_token),
+    let (id, progress_token, method) = match jsonrpc::peek_client(&request) {
+        Ok(Kind::Request { id, method, progress_token }) if method != "initialize" => (id, progress_token, method),
         Ok(_) => return Err(RunError::NotARequest("a request other than initialize is needed".into())),
         Err(e) => return Err(RunError::NotARequest(e.to_string())),
     };
@@ -71,7 +71,7 @@ pub async fn run(
             init.as_json(),
             env!("CARGO_PKG_VERSION")
         );
-        let reply = ask(state, &session.0, init, None, initialize.into(), true, &mut |_| {}).await?;
+        let reply = ask(state, &session.0, init, None, initialize.into(), "initialize", &mut |_| {}).await?;
         if let Some(error) = jsonrpc::error_object(&reply) {
             return Err(RunError::Initialize(error));
         }
@@ -81,7 +81,7 @@ pub async fn run(
             .send(Command::Notify { payload: initialized, cancelled: None }, state.config.timeouts.request)
             .await
             .map_err(|e| RunError::Ended(e.to_string()))?;
-        ask(state, &session.0, id, progress_token, request, false, &mut on_message).await
+        ask(state, &session.0, id, progress_token, request, &method, &mut on_message).await
     })
     .await
     .unwrap_or(Err(RunError::TimedOut(limit)));
@@ -97,11 +97,11 @@ async fn ask(
     id: RequestId,
     progress_token: Option<RequestId>,
     payload: Bytes,
-    is_initialize: bool,
+    method: &str,
     on_message: &mut impl FnMut(&Bytes),
 ) -> Result<Bytes, RunError> {
     let stream = handle.streams().open(1);
-    let call = Call { id, progress_token, payload, is_initialize, stream: stream.clone() };
+    let call = Call::new(id, progress_token, payload, method, stream.clone());
     if let Err(e) = handle.send(Command::Call(call), state.config.timeouts.request).await {
         handle.streams().forget(stream.id());
         return Err(RunError::Ended(e.to_string()));

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use axum::Router;
 use axum::extract::{Request, State};
+use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -37,6 +38,7 @@ pub fn app(state: AppState) -> Router {
         .route("/mcp/", mcp_routes)
         .route("/mcp/{name}", axum::routing::post(mcp::post_on).get(mcp::get_on).delete(mcp::delete_on))
         .route("/v1/mcp/servers", get(registry::list))
+        .route("/metrics", get(crate::metrics::scrape))
         .route("/v1/agents/heroku", axum::routing::post(agents::post))
         .route("/sse", get(sse::open))
         .route("/messages", messages.clone())
@@ -45,6 +47,7 @@ pub fn app(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_api_key))
         .route(dynogate_shared::names::RENDEZVOUS_PATH, get(rendezvous::accept))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .layer(middleware::from_fn(request_span))
         .with_state(state)
 }
@@ -57,6 +60,24 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
         "in_flight": state.sessions.in_flight(),
         "pool": state.pool.status(),
     }))
+}
+
+/// Readiness: 200 only while new sessions can start (not draining, a URL
+/// for runners to dial, the spawner admitting); else 503 with the reason.
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let refusal = if state.draining.is_cancelled() {
+        Some("draining".to_owned())
+    } else if state.runner_url.is_none() {
+        Some(crate::config::NO_PUBLIC_URL.to_owned())
+    } else {
+        state.spawner.admit().err()
+    };
+    let status = if refusal.is_some() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    let body = match refusal {
+        None => serde_json::json!({"ready": true}),
+        Some(reason) => serde_json::json!({"ready": false, "reason": reason}),
+    };
+    (status, axum::Json(body))
 }
 
 /// One span per HTTP request, named by method and path (never headers).
@@ -90,6 +111,7 @@ impl Running {
 /// Starts serving on `listener` and returns at once; see [`serve`].
 pub async fn start(config: Config, listener: TcpListener, drain: CancellationToken) -> anyhow::Result<Running> {
     let bound = listener.local_addr().context("listener has no address")?;
+    crate::metrics::handle();
     let spawner = build_spawner(&config)?;
     let learned_url = spawner.prepare().await?;
     // A token must outlive the wait for a runner's first dial or its redial,

@@ -79,7 +79,7 @@ async fn handle_message(
         Kind::Request { id, method, progress_token } => {
             refuse_while_draining(&state)?;
             let stream = handle.streams().standalone().clone();
-            let call = Call { id, progress_token, payload: body, is_initialize: method == "initialize", stream };
+            let call = Call::new(id, progress_token, body, &method, stream);
             handle.send(Command::Call(call), state.config.timeouts.request).await.map_err(McpError::from)?;
             Ok((StatusCode::ACCEPTED, "Accepted").into_response())
         }

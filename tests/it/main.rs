@@ -40,6 +40,8 @@ mod lifecycle;
 mod local_path;
 /// Memory under clients that do not read: slow answers, an unread `/sse` stream.
 mod memory;
+/// Metrics, readiness and the audit trail.
+mod operability;
 /// Warm runners: claimed once each, refilled, capped, replaced, recycled.
 mod pool;
 /// The executor's waiting shim: it takes each command, in its cgroup.

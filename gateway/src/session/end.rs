@@ -24,6 +24,24 @@ pub enum EndReason {
 }
 
 impl EndReason {
+    /// A short name, for metrics labels and the audit trail.
+    pub fn label(&self) -> &'static str {
+        match self {
+            EndReason::Deleted => "deleted",
+            EndReason::ClientGone => "client_gone",
+            EndReason::Idle(_) => "idle",
+            EndReason::SpawnFailed(_) => "spawn_failed",
+            EndReason::DialBackTimeout(_) => "dial_back_timeout",
+            EndReason::RunnerRefused(_) => "runner_refused",
+            EndReason::RunnerLost(_) => "runner_lost",
+            EndReason::ServerExited(_) => "server_exited",
+            EndReason::InitializeFailed => "initialize_failed",
+            EndReason::Recycled => "recycled",
+            EndReason::Completed => "completed",
+            EndReason::Shutdown => "shutdown",
+        }
+    }
+
     /// JSON-RPC code and message for requests that were waiting.
     pub fn client_error(&self) -> (i64, String) {
         match self {

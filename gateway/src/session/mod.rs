@@ -26,6 +26,7 @@
 //! shared with handlers except the streams' own short ones: handlers send
 //! [`Command`]s; the task is the only owner of its state.
 
+mod audit;
 mod end;
 mod in_flight;
 
@@ -68,6 +69,33 @@ pub struct Call {
     pub is_initialize: bool,
     /// Where the answer (and notifications about the request) go.
     pub stream: Arc<EventStream>,
+    /// Its MCP method, as a metrics label.
+    pub method: &'static str,
+    /// When the gateway received it.
+    pub received: Instant,
+    /// A `tools/call`'s details for the audit trail, read when it is admitted.
+    audit: Option<audit::ToolCall>,
+}
+
+impl Call {
+    pub fn new(
+        id: RequestId,
+        progress_token: Option<RequestId>,
+        payload: Bytes,
+        method: &str,
+        stream: Arc<EventStream>,
+    ) -> Call {
+        Call {
+            id,
+            progress_token,
+            payload,
+            is_initialize: method == "initialize",
+            stream,
+            method: crate::metrics::method_label(method),
+            received: Instant::now(),
+            audit: None,
+        }
+    }
 }
 
 /// What handlers ask of a session.
@@ -293,6 +321,8 @@ pub struct SessionParams {
     pub budget: Budget,
     /// The gateway's shutdown; the session ends when it fires.
     pub shutdown: CancellationToken,
+    /// A fingerprint of the API key clients use, for the audit trail.
+    pub key_fingerprint: Option<String>,
 }
 
 /// The session task's state.
@@ -318,6 +348,11 @@ pub struct Session {
     token_minted: Instant,
     /// Set while checking a connected runner: (deadline, last_heard at the start).
     probe: Option<(Instant, Instant)>,
+    key_fingerprint: Option<String>,
+    /// When a client got the session (its start, or its claim from the pool).
+    began: Instant,
+    /// Tool calls answered.
+    calls: u64,
 }
 
 impl Session {
@@ -362,6 +397,9 @@ impl Session {
             last_heard: now,
             token_minted: now,
             probe: None,
+            key_fingerprint: params.key_fingerprint,
+            began: now,
+            calls: 0,
         };
         (session, SessionHandle { shared })
     }
@@ -391,7 +429,10 @@ impl Session {
             }
             Err(reason) => (reason, None),
         };
-        info!(%reason, lifetime_ms = started.elapsed().as_millis() as u64, "session ending");
+        let lifetime_ms = started.elapsed().as_millis() as u64;
+        info!(%reason, lifetime_ms, "session ending");
+        crate::metrics::session_ended(reason.label());
+        audit::session_ended(&self.shared.id, self.key_fingerprint.as_deref(), reason.label(), lifetime_ms, self.calls);
         // A runner that is not connected cannot be told to stop; don't wait for it.
         let grace = if self.link.is_some() { self.timeouts.runner_stop_grace } else { Duration::ZERO };
         let place = self.teardown(&reason);
@@ -579,6 +620,7 @@ impl Session {
                     return None;
                 };
                 self.publish_in_flight();
+                self.observe(&call, &json, is_error);
                 let mut end = None;
                 if call.is_initialize {
                     if is_error {
@@ -645,6 +687,26 @@ impl Session {
         self.shared.in_flight.store(self.in_flight.len(), Ordering::Release);
     }
 
+    /// Counts an answer from the server, and writes a tool call's audit line.
+    fn observe(&mut self, call: &Call, json: &Bytes, is_error: bool) {
+        crate::metrics::request_answered(call.method, call.received.elapsed());
+        if is_error {
+            let code: Option<i64> = serde_json::from_slice::<serde_json::Value>(json)
+                .ok()
+                .and_then(|answer| answer["error"]["code"].as_i64());
+            crate::metrics::error_sent(code.unwrap_or(0));
+        }
+        if let Some(tool) = &call.audit {
+            tool.answered(&self.shared.id, self.key_fingerprint.as_deref(), json);
+        }
+        if call.method == "tools/call" {
+            if self.calls == 0 {
+                crate::metrics::first_result(self.began.elapsed());
+            }
+            self.calls += 1;
+        }
+    }
+
     /// Delivers a call's final answer.
     fn answer(&self, call: &Call, json: Bytes) {
         if call.stream.push(json, true) {
@@ -653,14 +715,19 @@ impl Session {
     }
 
     fn fail(&self, call: &Call, code: i64, message: &str) {
+        crate::metrics::error_sent(code);
         self.answer(call, error_body(Some(&call.id), code, message, None).into());
     }
 
     /// Handles a command from a handler. Returns a reason when the session must end.
     fn command(&mut self, command: Command) -> Option<EndReason> {
         match command {
-            Command::Call(call) => {
+            Command::Call(mut call) => {
                 self.last_request = Instant::now();
+                // Read only when the audit trail is logged: it parses the request.
+                if call.method == "tools/call" && audit::enabled() {
+                    call.audit = audit::ToolCall::from_request(&call.payload);
+                }
                 let payload = call.payload.clone();
                 if let Err(refused) = self.in_flight.admit(call, self.timeouts.request) {
                     self.fail(&refused.call, refused.code, &refused.message);
@@ -694,6 +761,7 @@ impl Session {
             }
             Command::Claimed => {
                 self.last_request = Instant::now();
+                self.began = Instant::now();
                 info!(ready = self.link.is_some(), "claimed from the warm pool");
                 // The runner's credentials from here on are the session's
                 // own; the pool's token ages out of the accepted few.
@@ -723,8 +791,10 @@ impl Session {
         }
         if self.ever_attached {
             info!(resent, "runner reconnected");
+            crate::metrics::runner_reconnected();
         } else {
             info!(waited_ms = self.last_heard.elapsed().as_millis() as u64, "runner attached");
+            crate::metrics::runner_started(self.last_heard.elapsed());
         }
         self.clock.told(self.clock.received());
         self.link = Some((link, slot));

@@ -97,6 +97,7 @@ fn start_with(timeouts: Timeouts, spawner: FakeSpawner) -> Harness {
         timeouts,
         budget: crate::streams::Budget::unlimited(),
         shutdown: CancellationToken::new(),
+        key_fingerprint: None,
     });
     sessions.insert(sessions.reserve().unwrap(), handle.clone());
     session.start(&tokio_util::task::TaskTracker::new());
@@ -169,13 +170,13 @@ impl Harness {
     async fn call(&self, id: &str, progress: Option<&str>) -> Answer {
         let stream = self.handle.streams().open(1);
         let payload = format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call"}}"#);
-        let call = Call {
-            id: RequestId::for_tests(id),
-            progress_token: progress.map(RequestId::for_tests),
-            payload: payload.into(),
-            is_initialize: false,
-            stream: stream.clone(),
-        };
+        let call = Call::new(
+            RequestId::for_tests(id),
+            progress.map(RequestId::for_tests),
+            payload.into(),
+            "tools/call",
+            stream.clone(),
+        );
         self.handle.send(Command::Call(call), Duration::from_secs(1)).await.unwrap();
         Answer::new(stream)
     }

@@ -85,6 +85,11 @@ pub trait Spawner: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Platform API calls left in the budget, where there is one.
+    fn budget_remaining(&self) -> Option<i64> {
+        None
+    }
+
     /// Stops runners this spawner started whose session `live` does not know
     /// (left behind by a crash or a failed stop). Spawners whose runners
     /// cannot outlive the gateway do nothing.

@@ -126,6 +126,10 @@ impl Spawner for HerokuSpawner {
         }
     }
 
+    fn budget_remaining(&self) -> Option<i64> {
+        self.api.remaining()
+    }
+
     fn spawn(&self, spec: RunnerSpec) -> BoxFuture<'_, Result<Box<dyn RunnerProcess>, SpawnError>> {
         async move {
             let mut env = BTreeMap::new();

@@ -1,0 +1,169 @@
+use prometheus_parse::{Scrape, Value as Metric};
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+const KEY: &str = "operability-key-0123456789";
+const CODE_MARKER: &str = "code-text-that-must-not-be-logged-7f3a";
+
+async fn scrape(gateway: &Gateway, key: Option<&str>) -> (u16, String) {
+    let mut request = reqwest::Client::new().get(format!("{}/metrics", gateway.url));
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    let response = request.send().await.unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+/// The value of a counter or gauge, or a histogram's count, with these labels.
+fn value(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match &s.value {
+            Metric::Counter(v) | Metric::Gauge(v) | Metric::Untyped(v) => *v,
+            Metric::Histogram(buckets) => buckets.iter().find(|b| b.less_than.is_infinite()).map_or(0.0, |b| b.count),
+            Metric::Summary(_) => 0.0,
+        })
+        .sum()
+}
+
+async fn readyz(gateway: &Gateway) -> u16 {
+    reqwest::get(format!("{}/readyz", gateway.url)).await.unwrap().status().as_u16()
+}
+
+#[tokio::test]
+async fn metrics_count_a_workload_with_bounded_labels_and_the_audit_trail_names_no_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("gateway.log");
+    let mut gateway = Gateway::with(Options::default().api_key(KEY).log_to(log.clone()));
+    assert_eq!(readyz(&gateway).await, 200);
+    let (status, _) = scrape(&gateway, None).await;
+    assert_eq!(status, 401, "metrics need the key");
+
+    // A session that runs code twice (one failing) and is deleted.
+    let client = gateway.client().await;
+    let code = format!("print('{CODE_MARKER}')");
+    let ran = client.call_tool(tool_call("code_exec_python", json!({"code": code}))).await.unwrap();
+    assert_eq!(exec_result_of(&ran)["stdout"], CODE_MARKER);
+    let failed = client
+        .call_tool(tool_call("code_exec_python", json!({"code": "import sys; sys.exit(3)", "packages": ["six"]})))
+        .await
+        .unwrap();
+    assert_eq!(exec_result_of(&failed)["returncode"], 3);
+    let session = only_session(&gateway);
+    client.cancel().await.unwrap();
+
+    // One whose runner is killed, and a request for a session that does not exist.
+    let http = gateway.http();
+    let (killed, _) = http.initialize().await;
+    let runner = runner_pids(&killed)[0];
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(runner), nix::sys::signal::Signal::SIGKILL).unwrap();
+    eventually("the killed runner's session ends", || runner_pids(&killed).is_empty() && gone(runner)).await;
+    let unknown = http.call("0123456789abcdef0123456789abcdef", 9, "echo", json!({})).await;
+    assert_eq!(unknown.error_code(), -32001);
+
+    let (status, text) = scrape(&gateway, Some(KEY)).await;
+    assert_eq!(status, 200);
+    let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("Prometheus text format");
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let scrape = {
+        // The killed session's end is counted when its task ends; wait for it.
+        let mut scrape = scrape;
+        while value(&scrape, "dynogate_sessions_ended_total", &[]) < 2.0 {
+            assert!(std::time::Instant::now() < deadline, "sessions not counted as ended:\n{text}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            let (_, text) = scrape_text(&gateway).await;
+            scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+        }
+        scrape
+    };
+    assert_eq!(value(&scrape, "dynogate_sessions_started_total", &[("pooled", "false")]), 2.0, "{text}");
+    assert_eq!(value(&scrape, "dynogate_sessions_ended_total", &[("reason", "deleted")]), 1.0, "{text}");
+    let lost = value(&scrape, "dynogate_sessions_ended_total", &[("reason", "runner_lost")])
+        + value(&scrape, "dynogate_sessions_ended_total", &[("reason", "server_exited")]);
+    assert_eq!(lost, 1.0, "{text}");
+    assert_eq!(value(&scrape, "dynogate_request_duration_seconds", &[("method", "tools/call")]), 2.0, "{text}");
+    assert_eq!(value(&scrape, "dynogate_request_duration_seconds", &[("method", "initialize")]), 2.0, "{text}");
+    assert_eq!(value(&scrape, "dynogate_runner_start_seconds", &[]), 2.0, "{text}");
+    assert_eq!(value(&scrape, "dynogate_first_result_seconds", &[]), 1.0, "{text}");
+    assert!(value(&scrape, "dynogate_jsonrpc_errors_total", &[("code", "-32001")]) >= 1.0, "{text}");
+    assert_eq!(value(&scrape, "dynogate_sessions", &[]), 0.0, "{text}");
+    for sample in &scrape.samples {
+        for (name, label) in sample.labels.iter() {
+            assert!(label.len() <= 24 && !label.contains(&session) && !label.contains(&killed), "{name}={label}");
+        }
+    }
+
+    // The audit trail: one line per call, one per session end, no secret and no code.
+    gateway.terminate();
+    let logged = std::fs::read_to_string(&log).unwrap();
+    let audit: Vec<Value> = logged
+        .lines()
+        .filter_map(|l| l.split_once("dynogate::audit: "))
+        .map(|(_, line)| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    let calls: Vec<&Value> = audit.iter().filter(|a| a["audit"] == "tool_call").collect();
+    assert_eq!(calls.len(), 2, "{audit:?}");
+    assert_eq!(calls[0]["tool"], "code_exec_python");
+    assert_eq!(calls[0]["returncode"], 0);
+    assert_eq!(calls[0]["stdout_bytes"], CODE_MARKER.len());
+    assert_eq!(calls[0]["code_sha256"].as_str().map(str::len), Some(64));
+    assert_eq!(calls[0]["session"], &session[..8]);
+    assert!(calls[0]["api_key"].as_str().unwrap().starts_with("sha256:"), "{:?}", calls[0]);
+    assert_eq!((calls[1]["returncode"].as_i64(), &calls[1]["packages"]), (Some(3), &json!(["six"])));
+    assert_eq!(calls[1]["timed_out"], false);
+    assert!(calls[1]["duration_ms"].as_u64().is_some());
+    let ends: Vec<&Value> = audit.iter().filter(|a| a["audit"] == "session_end").collect();
+    assert_eq!(ends.len(), 2, "{audit:?}");
+    assert!(ends.iter().any(|e| e["reason"] == "deleted" && e["calls"] == 2), "{ends:?}");
+    for secret in [KEY, SECRET, CODE_MARKER, &session, &killed] {
+        assert!(!logged.contains(secret), "the log holds {secret:?}");
+    }
+}
+
+async fn scrape_text(gateway: &Gateway) -> (u16, String) {
+    scrape(gateway, Some(KEY)).await
+}
+
+#[tokio::test]
+async fn readiness_turns_off_while_the_gateway_drains() {
+    let gateway = Gateway::with(Options::default().echo().env("DRAIN_TIMEOUT", "10s"));
+    // One client, so its open connection carries the checks on through the
+    // drain (which takes no new connections).
+    let probe = reqwest::Client::new();
+    let readyz = format!("{}/readyz", gateway.url);
+    assert_eq!(probe.get(&readyz).send().await.unwrap().status().as_u16(), 200);
+    let http = gateway.http();
+    let (session, _) = http.initialize().await;
+    // A call in flight keeps the drain going while readiness is looked at.
+    let slow = tokio::spawn({
+        let http = http.clone();
+        async move { http.call(&session, 2, "sleep", json!({"ms": 3000})).await }
+    });
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !in_flight(&gateway).await {
+        assert!(std::time::Instant::now() < deadline, "the call never got in flight");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(gateway.pid()), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let body = probe.get(&readyz).send().await.unwrap();
+        if body.status().as_u16() == 503 {
+            let reason: Value = body.json().await.unwrap();
+            assert_eq!(reason, json!({"ready": false, "reason": "draining"}));
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still ready while draining");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let answer = slow.await.unwrap();
+    assert!(answer.json.get("result").is_some(), "the call in flight finished: {}", answer.text);
+}
+
+async fn in_flight(gateway: &Gateway) -> bool {
+    let health: Value = reqwest::get(format!("{}/healthz", gateway.url)).await.unwrap().json().await.unwrap();
+    health["in_flight"] == 1
+}
