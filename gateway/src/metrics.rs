@@ -25,6 +25,8 @@ pub const RUNNER_RECONNECTS: &str = "dynogate_runner_reconnects_total";
 pub const FIRST_RESULT: &str = "dynogate_first_result_seconds";
 pub const REQUEST_DURATION: &str = "dynogate_request_duration_seconds";
 pub const JSONRPC_ERRORS: &str = "dynogate_jsonrpc_errors_total";
+pub const PLATFORM_API_CALLS: &str = "dynogate_platform_api_calls_total";
+pub const ORPHANS_STOPPED: &str = "dynogate_sweeper_dynos_stopped_total";
 const SESSIONS: &str = "dynogate_sessions";
 const RUNNERS: &str = "dynogate_runners";
 const POOLED: &str = "dynogate_pooled_runners";
@@ -58,6 +60,8 @@ fn describe() {
     describe_histogram!(FIRST_RESULT, Unit::Seconds, "From a session's start to the answer of its first tools/call");
     describe_histogram!(REQUEST_DURATION, Unit::Seconds, "From a request's arrival to its answer, by MCP method");
     describe_counter!(JSONRPC_ERRORS, "JSON-RPC errors sent to clients, by code");
+    describe_counter!(PLATFORM_API_CALLS, "Heroku Platform API calls, by status class (or `unreachable`)");
+    describe_counter!(ORPHANS_STOPPED, "Runner dynos the sweeper stopped because their session was gone");
     describe_gauge!(SESSIONS, "Sessions clients hold");
     describe_gauge!(RUNNERS, "Runners alive or starting (client sessions, warm and single-request runners)");
     describe_gauge!(POOLED, "Warm runners waiting in the pool");
@@ -104,6 +108,23 @@ pub fn request_answered(method: &'static str, took: Duration) {
 
 pub fn error_sent(code: i64) {
     counter!(JSONRPC_ERRORS, "code" => code_label(code)).increment(1);
+}
+
+/// A Platform API call's outcome: its status class, or `unreachable`.
+pub fn platform_api_called(status: Option<u16>) {
+    let class = match status {
+        Some(200..=299) => "2xx",
+        Some(429) => "429",
+        Some(400..=499) => "4xx",
+        Some(500..=599) => "5xx",
+        Some(_) => "other",
+        None => "unreachable",
+    };
+    counter!(PLATFORM_API_CALLS, "status" => class).increment(1);
+}
+
+pub fn orphan_stopped() {
+    counter!(ORPHANS_STOPPED).increment(1);
 }
 
 /// An MCP method as a label: the ones the protocol defines, else `other`.

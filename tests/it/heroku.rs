@@ -153,11 +153,32 @@ async fn orphaned_runner_dynos_are_swept_at_start_up_and_others_are_left_alone()
     let fake = FakeHeroku::start(HEROKU_KEY, &config_vars()).await;
     let (orphan, orphan_pid) = fake.launch("sleep 600 # --spawned-by dynogate --session stale0000");
     let (console, console_pid) = fake.launch("sleep 600 # a console someone opened");
-    let _gateway = Gateway::with(heroku(&fake));
+    let gateway = Gateway::with(heroku(&fake));
     eventually("the orphan is stopped", || fake.stops().contains(&orphan)).await;
     eventually("the orphan's process is gone", || gone(orphan_pid)).await;
     assert!(!fake.stops().contains(&console), "a dyno without the marker was stopped");
     assert!(!gone(console_pid));
+
+    // The sweep and the Platform API calls are counted (the stop once its answer is in).
+    let scrape = || async {
+        let request = reqwest::Client::new().get(format!("{}/metrics", gateway.url)).bearer_auth(CLIENT_KEY);
+        request.send().await.unwrap().text().await.unwrap()
+    };
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let metrics = loop {
+        let metrics = scrape().await;
+        if metrics.lines().any(|l| l == "dynogate_sweeper_dynos_stopped_total 1") {
+            break metrics;
+        }
+        assert!(std::time::Instant::now() < deadline, "the sweep is not counted: {metrics}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let ok_calls: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("dynogate_platform_api_calls_total{status=\"2xx\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(ok_calls >= 2.0, "the app lookup, the listing and the stop: {metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

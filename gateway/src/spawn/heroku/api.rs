@@ -311,6 +311,7 @@ impl Api {
                 request = request.json(body);
             }
             let outcome = request.send().await;
+            crate::metrics::platform_api_called(outcome.as_ref().ok().map(|r| r.status().as_u16()));
             let response = match outcome {
                 Ok(response) => response,
                 Err(e) => {

@@ -175,8 +175,9 @@ impl Spawner for HerokuSpawner {
                     continue;
                 }
                 info!(dyno = %dyno.name, session, "stopping an orphaned runner dyno");
-                if let Err(e) = self.api.stop_dyno(&dyno.id).await {
-                    warn!(dyno = %dyno.name, "cannot stop orphaned runner dyno: {e}");
+                match self.api.stop_dyno(&dyno.id).await {
+                    Ok(()) => crate::metrics::orphan_stopped(),
+                    Err(e) => warn!(dyno = %dyno.name, "cannot stop orphaned runner dyno: {e}"),
                 }
             }
         }
