@@ -118,8 +118,14 @@ fn init_tracing(executor: bool) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     // Only a filter that reaches `trace` needs the caps: added to a quieter
     // one, they would raise the WebSocket library to `debug`.
-    if filter.max_level_hint().is_none_or(|level| level == tracing_subscriber::filter::LevelFilter::TRACE) {
+    let most = filter.max_level_hint();
+    if most.is_none_or(|level| level == tracing_subscriber::filter::LevelFilter::TRACE) {
         for cap in dynogate_shared::names::LOG_CAPS {
+            filter = filter.add_directive(cap.parse().expect("log caps are valid directives"));
+        }
+    }
+    if most.is_none_or(|level| level >= tracing_subscriber::filter::LevelFilter::DEBUG) {
+        for cap in dynogate_shared::names::PAYLOAD_LOG_CAPS {
             filter = filter.add_directive(cap.parse().expect("log caps are valid directives"));
         }
     }

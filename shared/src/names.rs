@@ -32,6 +32,10 @@ pub const SECRET_ENV: &[&str] =
 /// handshake request, which carry runner tokens (and every payload).
 pub const LOG_CAPS: &[&str] = &["tungstenite=debug", "tokio_tungstenite=debug"];
 
+/// Directives added on top of a `RUST_LOG` that reaches `debug`: there, the
+/// MCP library prints every request and result whole (code, its output).
+pub const PAYLOAD_LOG_CAPS: &[&str] = &["rmcp=info"];
+
 /// How a local runner confines its session (see [`crate::sandbox::Mode`]).
 pub const SANDBOX_ENV: &str = "SANDBOX";
 /// How a session id appears in logs: a prefix, enough to tell sessions

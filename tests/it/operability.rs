@@ -162,3 +162,25 @@ async fn readiness_turns_off_while_the_gateway_drains() {
     assert_eq!(ask().await, (503, json!({"ready": false, "reason": "draining"})));
     tokio::time::timeout(PATIENCE, running.finished()).await.expect("the gateway winds down").unwrap();
 }
+
+/// Even at `RUST_LOG=trace`, where libraries print what they handle, the
+/// log of a run holds neither a key nor the code that ran nor its output.
+#[tokio::test]
+async fn no_secret_and_no_code_reaches_the_log_at_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("gateway.log");
+    let mut gateway = Gateway::with(Options::default().api_key(KEY).log_to(log.clone()).env("RUST_LOG", "trace"));
+    let client = gateway.client().await;
+    let code = format!("print('{CODE_MARKER}'[::-1] + 'out')");
+    let ran = client.call_tool(tool_call("code_exec_python", json!({"code": code}))).await.unwrap();
+    let printed = exec_result_of(&ran)["stdout"].as_str().unwrap().to_owned();
+    assert!(printed.ends_with("out"), "{printed}");
+    let session = only_session(&gateway);
+    client.cancel().await.unwrap();
+    gateway.terminate();
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains(" DEBUG "), "the verbose levels were on: {logged}");
+    for secret in [KEY, SECRET, CODE_MARKER, &printed, &session] {
+        assert!(!logged.contains(secret), "the log holds {secret:?}");
+    }
+}
