@@ -58,11 +58,6 @@ struct Spare {
     max: u64,
 }
 
-/// How long a command handed to the spare runs alone before the next
-/// spare starts (unless it finishes sooner): longer than a short snippet
-/// takes, shorter than the gap before a next call.
-const SPARE_AFTER: std::time::Duration = std::time::Duration::from_millis(50);
-
 #[derive(Debug)]
 struct Running {
     pgid: i32,
@@ -126,18 +121,6 @@ impl Supervisor {
         }
     }
 
-    /// Starts the next spare once the command just handed over has had
-    /// [`SPARE_AFTER`] to itself (or has finished, see [`Supervisor::run`]):
-    /// started at once, the spare's own start competed with the command
-    /// for the CPU and made a short call a few milliseconds slower.
-    fn prime_soon(&self, max: u64) {
-        let supervisor = self.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(SPARE_AFTER).await;
-            supervisor.prime(Some(max));
-        });
-    }
-
     /// Starts a spare unless one is waiting already.
     fn keep_spare(&self, shim: &Path, pids: &PidsRoot, max: u64) {
         let mut slot = self.inner.spare.lock().expect("spare lock");
@@ -186,9 +169,6 @@ impl Supervisor {
         // it has exited and its output pipes have closed.
         let finished =
             tokio::time::timeout_at(job.deadline, async { tokio::join!(child.wait(), stdout, stderr) }).await;
-        if self.primed_cap(job).is_some() {
-            self.prime(job.limits.and_then(|l| l.processes));
-        }
         match finished {
             Ok((status, stdout, stderr)) => {
                 use std::os::unix::process::ExitStatusExt;
@@ -247,7 +227,7 @@ impl Supervisor {
             drop(stdin);
             match sent {
                 Ok(Ok(())) => {
-                    self.prime_soon(max);
+                    self.keep_spare(shim, pids, max);
                     return Ok((spare.child, Some(spare.group)));
                 }
                 // Killed while it waited (by code of the same user): use a fresh one.
