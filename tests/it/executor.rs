@@ -538,24 +538,26 @@ async fn the_gateway_lists_every_installed_language_and_relays_progress() {
     assert!(progress >= 2, "progress reaches the client on the request's stream: {}", reply.text);
 }
 
-/// A `python3` that starts only with the `LD_LIBRARY_PATH` its runtime needs,
-/// as Heroku's shared-library Python does (its `.profile.d` script sets it).
-fn python_needing_its_library_path() -> (tempfile::TempDir, String) {
+/// A `python3` that runs `prelude` (shell) and then becomes the real one,
+/// first on a PATH of its own; the directory holds it.
+fn python_wrapped(prelude: &str) -> (tempfile::TempDir, String) {
     let real = std::env::split_paths(&std::env::var_os("PATH").unwrap())
         .map(|dir| dir.join("python3"))
         .find(|p| p.is_file())
         .expect("python3 on PATH");
-    let (dir, _) = script(
-        "python3",
-        &format!(
-            "case \"$LD_LIBRARY_PATH\" in *\"/opt/dynogate-test-python/lib\"*) ;; *)\n\
-             echo 'python3: error while loading shared libraries: libpython3.12.so.1.0: cannot open shared object file' >&2\n\
-             exit 127 ;;\nesac\nexec \"{}\" \"$@\"",
-            real.display()
-        ),
-    );
+    let (dir, _) = script("python3", &format!("{prelude}\nexec \"{}\" \"$@\"", real.display()));
     let path = format!("{}:/usr/local/bin:/usr/bin:/bin", dir.path().display());
     (dir, path)
+}
+
+/// A `python3` that starts only with the `LD_LIBRARY_PATH` its runtime needs,
+/// as Heroku's shared-library Python does (its `.profile.d` script sets it).
+fn python_needing_its_library_path() -> (tempfile::TempDir, String) {
+    python_wrapped(
+        "case \"$LD_LIBRARY_PATH\" in *\"/opt/dynogate-test-python/lib\"*) ;; *)\n\
+         echo 'python3: error while loading shared libraries: libpython3.12.so.1.0: cannot open shared object file' >&2\n\
+         exit 127 ;;\nesac",
+    )
 }
 
 #[tokio::test]
@@ -579,20 +581,7 @@ async fn a_buildpack_python_runs_with_its_library_path_and_is_not_offered_withou
 /// A `python3` that waits, once started, until the test lets it go on: the
 /// executor's first look at it then takes as long as the test wants.
 fn python_held_at_start() -> (tempfile::TempDir, String) {
-    let real = std::env::split_paths(&std::env::var_os("PATH").unwrap())
-        .map(|dir| dir.join("python3"))
-        .find(|p| p.is_file())
-        .expect("python3 on PATH");
-    let (dir, _) = script(
-        "python3",
-        &format!(
-            "here=$(dirname \"$0\")\ntouch \"$here/started\"\n\
-             while [ ! -e \"$here/go\" ]; do sleep 0.01; done\nexec \"{}\" \"$@\"",
-            real.display()
-        ),
-    );
-    let path = format!("{}:/usr/local/bin:/usr/bin:/bin", dir.path().display());
-    (dir, path)
+    python_wrapped("here=$(dirname \"$0\")\ntouch \"$here/started\"\nwhile [ ! -e \"$here/go\" ]; do sleep 0.01; done")
 }
 
 /// The executor answers `initialize` once it has found Python, so a first

@@ -131,25 +131,8 @@ async fn scrape_text(gateway: &Gateway) -> (u16, String) {
 /// and closes idle ones, so readiness is asked of its router directly.
 #[tokio::test]
 async fn readiness_turns_off_while_the_gateway_drains() {
-    use clap::Parser;
     use tower::ServiceExt;
-    let flags = [
-        "gateway",
-        "--port",
-        "0",
-        "--runner-bin",
-        RUNNER,
-        "--rendezvous-secret",
-        SECRET,
-        "--discover-servers",
-        "on-demand",
-        "--warm-runners",
-        "0",
-    ];
-    let config = dynogate_gateway::config::Args::parse_from(flags).validate().expect("valid flags");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let drain = tokio_util::sync::CancellationToken::new();
-    let running = dynogate_gateway::server::start(config, listener, drain.clone()).await.expect("the gateway starts");
+    let (running, drain, _) = in_process(&["--warm-runners", "0"]).await;
     let ask = || async {
         let request = axum::http::Request::get("/readyz").body(axum::body::Body::empty()).unwrap();
         let response = dynogate_gateway::server::app(running.state.clone()).oneshot(request).await.unwrap();

@@ -5,36 +5,10 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use clap::Parser;
-use dynogate_gateway::config::Args;
 use dynogate_gateway::oneshot::{self, RunError};
-use dynogate_gateway::server::Running;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
-
-/// A gateway in this process with `extra` flags, and its drain switch.
-async fn in_process(extra: &[&str]) -> (Running, CancellationToken, String) {
-    let mut flags = vec![
-        "gateway",
-        "--port",
-        "0",
-        "--runner-bin",
-        RUNNER,
-        "--rendezvous-secret",
-        SECRET,
-        "--discover-servers",
-        "on-demand",
-    ];
-    flags.extend_from_slice(extra);
-    let config = Args::parse_from(flags).validate().expect("valid flags");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/", listener.local_addr().unwrap());
-    let drain = CancellationToken::new();
-    let running = dynogate_gateway::server::start(config, listener, drain.clone()).await.expect("the gateway starts");
-    (running, drain, url)
-}
 
 /// Runners of the gateway at `url` (found by the URL they dial).
 fn runners_dialing(url: &str) -> Vec<i32> {

@@ -561,3 +561,29 @@ impl Drop for PeakRss {
 pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
+
+/// A gateway in this process with `extra` flags (runners cold, tools listed
+/// only on demand), its drain switch, and its URL.
+pub async fn in_process(
+    extra: &[&str],
+) -> (dynogate_gateway::server::Running, tokio_util::sync::CancellationToken, String) {
+    use clap::Parser;
+    let mut flags = vec![
+        "gateway",
+        "--port",
+        "0",
+        "--runner-bin",
+        RUNNER,
+        "--rendezvous-secret",
+        SECRET,
+        "--discover-servers",
+        "on-demand",
+    ];
+    flags.extend_from_slice(extra);
+    let config = dynogate_gateway::config::Args::parse_from(flags).validate().expect("valid flags");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    let drain = tokio_util::sync::CancellationToken::new();
+    let running = dynogate_gateway::server::start(config, listener, drain.clone()).await.expect("the gateway starts");
+    (running, drain, url)
+}
