@@ -39,7 +39,12 @@ pub fn app(state: AppState) -> Router {
         .route("/mcp/{name}", axum::routing::post(mcp::post_on).get(mcp::get_on).delete(mcp::delete_on))
         .route("/v1/mcp/servers", get(registry::list))
         .route("/metrics", get(crate::metrics::scrape))
-        .route("/v1/agents/heroku", axum::routing::post(agents::post))
+        .route(
+            "/v1/agents/heroku",
+            // A conversation can be long: the same bound as an MCP body, not axum's 2 MB.
+            axum::routing::post(agents::post)
+                .layer(axum::extract::DefaultBodyLimit::max(state.config.limits.max_body_bytes)),
+        )
         .route("/sse", get(sse::open))
         .route("/messages", messages.clone())
         .route("/messages/", messages)
