@@ -134,6 +134,10 @@ impl Supervisor {
 
     /// Runs `job` to completion or to its deadline.
     pub async fn run(&self, job: &Job) -> std::io::Result<Output> {
+        if self.inner.running.lock().expect("running lock").is_none() {
+            // Checked again once started, for a shut-down that comes meanwhile.
+            return Err(shutting_down());
+        }
         let started = std::time::Instant::now();
         let (mut child, cgroup) = match self.primed_cap(job) {
             Some((shim, pids, max)) => self.start_primed(job, shim, pids, max).await?,
@@ -161,7 +165,7 @@ impl Supervisor {
         let _guard = RunningGuard { supervisor: self.clone(), id, pgid, _cgroup: cgroup };
         if !admitted {
             // Started while the executor shuts down: the guard kills it.
-            return Err(std::io::Error::other("the executor is shutting down"));
+            return Err(shutting_down());
         }
         let stdout = capture(child.stdout.take(), job.max_output);
         let stderr = capture(child.stderr.take(), job.max_output);
@@ -299,6 +303,10 @@ impl Drop for RunningGuard {
         }
         kill_group(self.pgid);
     }
+}
+
+fn shutting_down() -> std::io::Error {
+    std::io::Error::other("the executor is shutting down")
 }
 
 fn kill_group(pgid: i32) {
