@@ -25,6 +25,12 @@ pub struct Args {
     #[arg(long, env = "PORT", default_value_t = 8000)]
     pub port: u16,
 
+    /// Serve `GET /metrics` on this port too, without the API key, for a
+    /// scraper on a private network (0 picks a free one). Without it,
+    /// `/metrics` is served on PORT behind the API key.
+    #[arg(long, env = "METRICS_PORT")]
+    pub metrics_port: Option<u16>,
+
     /// Address to bind. Defaults to `::` (IPv6 and IPv4, as Fir's web dynos
     /// require) when API_KEY is set, else 127.0.0.1.
     #[arg(long, env = "BIND_ADDRESS")]
@@ -277,6 +283,8 @@ pub struct Heroku {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// Where `/metrics` is also served without the key (METRICS_PORT).
+    pub metrics_listen: Option<SocketAddr>,
     pub api_key: Option<Secret>,
     /// Set when the operator gave GATEWAY_URL; otherwise derived from the
     /// bound address once the listener exists (see [`Config::runner_base_url`]).
@@ -480,6 +488,7 @@ impl Args {
         }
         Ok(Config {
             listen: SocketAddr::new(bind, self.port),
+            metrics_listen: self.metrics_port.map(|port| SocketAddr::new(bind, port)),
             api_key: self.api_key,
             gateway_url,
             rendezvous_secret,

@@ -27,10 +27,13 @@ pub const REQUEST_DURATION: &str = "dynogate_request_duration_seconds";
 pub const JSONRPC_ERRORS: &str = "dynogate_jsonrpc_errors_total";
 pub const PLATFORM_API_CALLS: &str = "dynogate_platform_api_calls_total";
 pub const ORPHANS_STOPPED: &str = "dynogate_sweeper_dynos_stopped_total";
+pub const PACKAGE_INSTALL: &str = "dynogate_package_install_seconds";
+pub const CODE_RUN: &str = "dynogate_code_run_seconds";
 const SESSIONS: &str = "dynogate_sessions";
 const RUNNERS: &str = "dynogate_runners";
 const POOLED: &str = "dynogate_pooled_runners";
 const IN_FLIGHT: &str = "dynogate_requests_in_flight";
+const GET_STREAMS: &str = "dynogate_get_streams_open";
 const API_BUDGET: &str = "dynogate_platform_api_budget_remaining";
 
 /// Seconds, from a fast call to a dyno's boot.
@@ -62,10 +65,13 @@ fn describe() {
     describe_counter!(JSONRPC_ERRORS, "JSON-RPC errors sent to clients, by code");
     describe_counter!(PLATFORM_API_CALLS, "Heroku Platform API calls, by status class (or `unreachable`)");
     describe_counter!(ORPHANS_STOPPED, "Runner dynos the sweeper stopped because their session was gone");
+    describe_histogram!(PACKAGE_INSTALL, Unit::Seconds, "Package installs of code tool calls, by language");
+    describe_histogram!(CODE_RUN, Unit::Seconds, "Code runs of code tool calls (after any install), by language");
     describe_gauge!(SESSIONS, "Sessions clients hold");
     describe_gauge!(RUNNERS, "Runners alive or starting (client sessions, warm and single-request runners)");
     describe_gauge!(POOLED, "Warm runners waiting in the pool");
     describe_gauge!(IN_FLIGHT, "Requests waiting for their answer");
+    describe_gauge!(GET_STREAMS, "Sessions whose server-to-client stream (GET /mcp or GET /sse) a client is reading");
     describe_gauge!(API_BUDGET, "Platform API calls left in the account's budget (Heroku only)");
 }
 
@@ -76,6 +82,7 @@ pub async fn scrape(State(state): State<AppState>) -> impl IntoResponse {
     gauge!(RUNNERS).set(state.sessions.len() as f64);
     gauge!(POOLED).set(state.pool.status().size as f64);
     gauge!(IN_FLIGHT).set(state.sessions.in_flight() as f64);
+    gauge!(GET_STREAMS).set(state.sessions.get_streams_open() as f64);
     if let Some(remaining) = state.spawner.budget_remaining() {
         gauge!(API_BUDGET).set(remaining as f64);
     }
@@ -104,6 +111,17 @@ pub fn first_result(after: Duration) {
 
 pub fn request_answered(method: &'static str, took: Duration) {
     histogram!(REQUEST_DURATION, "method" => method).record(took.as_secs_f64());
+}
+
+/// A code tool call's stages, as the executor timed them.
+pub fn code_tool_timed(timing: &dynogate_shared::timing::Timing) {
+    let language = timing.language_label();
+    if let Some(seconds) = timing.install_seconds {
+        histogram!(PACKAGE_INSTALL, "language" => language).record(seconds);
+    }
+    if let Some(seconds) = timing.run_seconds {
+        histogram!(CODE_RUN, "language" => language).record(seconds);
+    }
 }
 
 pub fn error_sent(code: i64) {

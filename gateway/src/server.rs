@@ -103,6 +103,8 @@ pub struct Running {
     /// What its handlers share: in-process callers (the single-request API,
     /// tests) use it directly.
     pub state: AppState,
+    /// Where `/metrics` is served without the key (METRICS_PORT).
+    pub metrics: Option<SocketAddr>,
     done: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
@@ -161,9 +163,32 @@ pub async fn start(config: Config, listener: TcpListener, drain: CancellationTok
     let shutdown = state.shutdown.clone();
     let settings = listen_settings(&state.config);
     // New connections stop with the drain; open ones (and their streams) go on.
+    let metrics = match state.config.metrics_listen {
+        Some(addr) => Some(serve_metrics(&state, addr).await?),
+        None => None,
+    };
     let server = tokio::spawn(listen::serve(listener, app(state.clone()), settings, drain.clone()));
     let done = tokio::spawn(wind_down(server, sessions, timeouts, tracker, shutdown, drain));
-    Ok(Running { state, done })
+    Ok(Running { state, metrics, done })
+}
+
+/// `GET /metrics` without the API key on a port of its own (METRICS_PORT),
+/// until the gateway has ended its sessions, so a last scrape sees the drain.
+async fn serve_metrics(state: &AppState, addr: SocketAddr) -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (METRICS_PORT)"))?;
+    let bound = listener.local_addr()?;
+    info!("metrics served on http://{bound}/metrics");
+    // Machine-readable, as the gateway's own address is.
+    println!("dynogate metrics listening on http://{bound}");
+    let app = Router::new().route("/metrics", get(crate::metrics::scrape)).with_state(state.clone());
+    let stop = state.shutdown.clone();
+    state.tracker.spawn(async move {
+        let served = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
+        if let Err(e) = served {
+            warn!("the metrics listener failed: {e}");
+        }
+    });
+    Ok(bound)
 }
 
 /// Waits for the drain, lets requests in flight finish, then ends every

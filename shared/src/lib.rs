@@ -13,6 +13,7 @@
 //!   and how a session id is shown in logs.
 //! - [`procfile`]: reading a Procfile's process types.
 //! - [`sandbox`]: `SANDBOX`, the confinement mode both sides read.
+//! - [`timing`]: how long a code tool's install and run took, in its result.
 //! - [`window`]: the replay window and acknowledgements, the same rules on
 //!   both sides of the socket.
 //!
@@ -25,6 +26,7 @@ pub mod names;
 pub mod procfile;
 pub mod sandbox;
 pub mod secret;
+pub mod timing;
 pub mod token;
 pub mod window;
 

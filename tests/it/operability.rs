@@ -55,9 +55,22 @@ async fn metrics_count_a_workload_with_bounded_labels_and_the_audit_trail_names_
     let session = only_session(&gateway);
     client.cancel().await.unwrap();
 
-    // One whose runner is killed, and a request for a session that does not exist.
+    // One whose server-to-client stream a client reads, then whose runner
+    // is killed; and a request for a session that does not exist.
     let http = gateway.http();
     let (killed, _) = http.initialize().await;
+    let get_stream = http
+        .request(reqwest::Method::GET)
+        .header("accept", "text/event-stream")
+        .header("mcp-session-id", &killed)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get_stream.status(), 200);
+    let (_, text) = scrape_text(&gateway).await;
+    let open = Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    assert_eq!(value(&open, "dynogate_get_streams_open", &[]), 1.0, "{text}");
+    assert_eq!(value(&open, "dynogate_sessions", &[]), 1.0, "{text}");
     let runner = runner_pids(&killed)[0];
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(runner), nix::sys::signal::Signal::SIGKILL).unwrap();
     eventually("the killed runner's session ends", || runner_pids(&killed).is_empty() && gone(runner)).await;
@@ -90,6 +103,11 @@ async fn metrics_count_a_workload_with_bounded_labels_and_the_audit_trail_names_
     assert_eq!(value(&scrape, "dynogate_first_result_seconds", &[]), 1.0, "{text}");
     assert!(value(&scrape, "dynogate_jsonrpc_errors_total", &[("code", "-32001")]) >= 1.0, "{text}");
     assert_eq!(value(&scrape, "dynogate_sessions", &[]), 0.0, "{text}");
+    assert_eq!(value(&scrape, "dynogate_get_streams_open", &[]), 0.0, "{text}");
+    drop(get_stream);
+    // Both calls ran Python; the second installed a package first.
+    assert_eq!(value(&scrape, "dynogate_code_run_seconds", &[("language", "python")]), 2.0, "{text}");
+    assert_eq!(value(&scrape, "dynogate_package_install_seconds", &[("language", "python")]), 1.0, "{text}");
     for sample in &scrape.samples {
         for (name, label) in sample.labels.iter() {
             assert!(label.len() <= 24 && !label.contains(&session) && !label.contains(&killed), "{name}={label}");
@@ -166,4 +184,26 @@ async fn no_secret_and_no_code_reaches_the_log_at_trace() {
     for secret in [KEY, SECRET, CODE_MARKER, &printed, &session] {
         assert!(!logged.contains(secret), "the log holds {secret:?}");
     }
+}
+
+/// With METRICS_PORT, `/metrics` is also served on a port of its own,
+/// without the key; the main port still asks for it.
+#[tokio::test]
+async fn metrics_port_serves_metrics_without_the_key() {
+    let (running, drain, url) =
+        in_process(&["--warm-runners", "0", "--metrics-port", "0", "--bind", "127.0.0.1", "--api-key", KEY]).await;
+    let metrics = running.metrics.expect("a metrics listener");
+    assert!(metrics.ip().is_loopback(), "{metrics}");
+    let response = reqwest::get(format!("http://{metrics}/metrics")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("Prometheus text format");
+    assert!(scrape.samples.iter().any(|s| s.metric == "dynogate_sessions"), "{text}");
+    let main = reqwest::get(format!("{url}metrics")).await.unwrap();
+    assert_eq!(main.status(), 401, "the main port still needs the key");
+    let other = reqwest::get(format!("http://{metrics}/mcp")).await.unwrap();
+    assert_eq!(other.status(), 404, "nothing but metrics on the metrics port");
+    drain.cancel();
+    tokio::time::timeout(PATIENCE, running.finished()).await.expect("the gateway winds down").unwrap();
+    assert!(reqwest::get(format!("http://{metrics}/metrics")).await.is_err(), "the metrics port closes too");
 }

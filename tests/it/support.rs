@@ -568,6 +568,7 @@ pub async fn in_process(
     extra: &[&str],
 ) -> (dynogate_gateway::server::Running, tokio_util::sync::CancellationToken, String) {
     use clap::Parser;
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let mut flags = vec![
         "gateway",
         "--port",

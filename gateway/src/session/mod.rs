@@ -700,6 +700,9 @@ impl Session {
             tool.answered(&self.shared.id, self.key_fingerprint.as_deref(), json);
         }
         if call.method == "tools/call" {
+            if let Some(timing) = dynogate_shared::timing::Timing::from_answer(json) {
+                crate::metrics::code_tool_timed(&timing);
+            }
             if self.calls == 0 {
                 crate::metrics::first_result(self.began.elapsed());
             }

@@ -59,6 +59,7 @@ use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
 use crate::config::Exec;
+use dynogate_shared::timing::Timing;
 use packages::Spec;
 use process::{Output, Supervisor};
 use progress::{Reporter, Stage};
@@ -143,7 +144,7 @@ impl Executor {
         code: &str,
         packages: &[String],
         stage: &Stage,
-    ) -> Result<ExecResult, String> {
+    ) -> Result<(ExecResult, Timing), String> {
         let missing = || format!("{} is not installed on this machine", language.tool_name());
         match language {
             Language::Python => {
@@ -168,19 +169,22 @@ impl Executor {
         code: &str,
         packages: &[String],
         stage: &Stage,
-    ) -> Result<ExecResult, String> {
+    ) -> Result<(ExecResult, Timing), String> {
         let session = &self.inner.session;
         let specs = packages::validate(language, packages, session.settings.allow_package_sources)?;
+        let mut timing = Timing { language: language.label().to_owned(), ..Timing::default() };
         if !specs.is_empty() {
             stage.set("installing packages");
+            let started = std::time::Instant::now();
             let out = toolchain
                 .install(session, &specs, stage)
                 .await
                 .map_err(|e| format!("cannot run the package installer: {e}"))?;
+            timing.install_seconds = Some(started.elapsed().as_secs_f64());
             if out.timed_out {
                 let seconds = session.settings.install_timeout.as_secs();
                 let stderr = format!("Dependency install failed:\nError: install timed out after {seconds}s");
-                return Ok(ExecResult { returncode: -2, stdout: String::new(), stderr });
+                return Ok((ExecResult { returncode: -2, stdout: String::new(), stderr }, timing));
             }
             if out.code != 0 {
                 let mut stderr = format!("Dependency install failed:\n{}", out.stderr.trim());
@@ -188,12 +192,15 @@ impl Executor {
                     stderr.push_str("\n\n");
                     stderr.push_str(&note);
                 }
-                return Ok(ExecResult { returncode: out.code, stdout: out.stdout.trim().to_owned(), stderr });
+                let result = ExecResult { returncode: out.code, stdout: out.stdout.trim().to_owned(), stderr };
+                return Ok((result, timing));
             }
         }
         stage.set("running");
+        let started = std::time::Instant::now();
         let out = toolchain.run(session, code, stage).await.map_err(|e| format!("cannot run the code: {e}"))?;
-        Ok(self.result_of(out))
+        timing.run_seconds = Some(started.elapsed().as_secs_f64());
+        Ok((self.result_of(out), timing))
     }
 
     /// The template's result for a finished run, with a word on limits hit.
@@ -304,7 +311,7 @@ impl ServerHandler for Executor {
             () = context.ct.cancelled() => Err("the call was cancelled".to_owned()),
         };
         Ok(match result {
-            Ok(result) => success(&result),
+            Ok((result, timing)) => success(&result, &timing),
             Err(message) => failure(message),
         }
         .into())

@@ -3,7 +3,8 @@
 
 use std::sync::Arc;
 
-use rmcp::model::{CallToolResult, ContentBlock, JsonObject, Tool};
+use dynogate_shared::timing::{self, Timing};
+use rmcp::model::{CallToolResult, ContentBlock, JsonObject, MetaObject, Tool};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -25,6 +26,16 @@ impl Language {
             Language::Node => "code_exec_node",
             Language::Ruby => "code_exec_ruby",
             Language::Go => "code_exec_go",
+        }
+    }
+
+    /// Its name in metrics (one of [`dynogate_shared::timing::LANGUAGES`]).
+    pub fn label(self) -> &'static str {
+        match self {
+            Language::Python => "python",
+            Language::Node => "node",
+            Language::Ruby => "ruby",
+            Language::Go => "go",
         }
     }
 
@@ -145,10 +156,13 @@ fn output_schema(language: Language) -> Arc<JsonObject> {
 }
 
 /// A result as the templates return it: pretty JSON text plus `structuredContent.result`.
-pub fn success(result: &ExecResult) -> CallToolResult {
+pub fn success(result: &ExecResult, timing: &Timing) -> CallToolResult {
     let text = serde_json::to_string_pretty(result).expect("plain structs serialize");
     let mut out = CallToolResult::success(vec![ContentBlock::text(text)]);
     out.structured_content = Some(json!({ "result": result }));
+    let mut meta = JsonObject::new();
+    meta.insert(timing::META_KEY.into(), serde_json::to_value(timing).expect("plain structs serialize"));
+    out.meta = Some(MetaObject(meta));
     out
 }
 
@@ -163,8 +177,10 @@ mod tests {
 
     #[test]
     fn results_are_pretty_json_in_the_templates_field_order() {
-        let result = success(&ExecResult { returncode: 3, stdout: "1".into(), stderr: String::new() });
+        let timing = Timing { language: "python".into(), install_seconds: None, run_seconds: Some(0.5) };
+        let result = success(&ExecResult { returncode: 3, stdout: "1".into(), stderr: String::new() }, &timing);
         let value = serde_json::to_value(&result).unwrap();
+        assert_eq!(Timing::from_answer(&serde_json::to_vec(&json!({"result": value})).unwrap()), Some(timing));
         assert_eq!(value["content"][0]["text"], "{\n  \"returncode\": 3,\n  \"stdout\": \"1\",\n  \"stderr\": \"\"\n}");
         assert_eq!(value["structuredContent"]["result"]["returncode"], 3);
         assert_eq!(value["isError"], false);
