@@ -83,7 +83,12 @@ pub async fn check_origin(State(state): State<AppState>, request: Request, next:
     }
     if let Some(origin) = request.headers().get(header::ORIGIN) {
         let origin = origin.to_str().unwrap_or_default();
-        if !origin_allowed(origin, &state.config.allowed_origins) {
+        let host = request.headers().get(header::HOST).and_then(|h| h.to_str().ok());
+        // The gateway's own pages (`/status`) call it from its own origin.
+        // Without a key that origin is loopback (checked above), so a
+        // rebound domain cannot pass as "same origin".
+        let own = host.is_some_and(|host| same_origin(origin, host));
+        if !own && !origin_allowed(origin, &state.config.allowed_origins) {
             tracing::warn!(origin, "request from a browser origin that is not allowed");
             return crate::error::McpError::ForbiddenOrigin(origin.to_owned()).into_response();
         }
@@ -117,6 +122,16 @@ pub fn origin_allowed(origin: &str, allowed: &[String]) -> bool {
         || matches!(url.host(), Some(url::Host::Ipv6(ip)) if ip.is_loopback())
 }
 
+/// Whether `origin` names the same host and port as the `Host` header.
+pub fn same_origin(origin: &str, host: &str) -> bool {
+    let Ok(origin) = url::Url::parse(origin.trim()) else { return false };
+    let Ok(own) = url::Url::parse(&format!("{}://{}", origin.scheme(), host.trim())) else { return false };
+    origin.host().is_some()
+        && origin.host() == own.host()
+        && origin.port_or_known_default() == own.port_or_known_default()
+        && own.path() == "/"
+}
+
 /// 401 with the body the Heroku templates use and a Bearer challenge.
 pub fn unauthorized() -> Response {
     (
@@ -141,6 +156,17 @@ mod tests {
         for wrong in ["", "s3cre", "s3cret ", "S3CRET", "s3cretx"] {
             assert!(!key.matches(wrong), "{wrong:?}");
         }
+    }
+
+    #[test]
+    fn an_origin_is_the_same_only_with_the_same_host_and_port() {
+        assert!(same_origin("https://app.example.com", "app.example.com"));
+        assert!(same_origin("https://app.example.com", "app.example.com:443"));
+        assert!(same_origin("http://127.0.0.1:8000", "127.0.0.1:8000"));
+        assert!(!same_origin("http://127.0.0.1:8000", "127.0.0.1:8001"));
+        assert!(!same_origin("https://evil.example", "app.example.com"));
+        assert!(!same_origin("null", "app.example.com"));
+        assert!(!same_origin("https://app.example.com", "app.example.com/x"));
     }
 
     #[test]

@@ -130,7 +130,7 @@ impl IntoResponse for McpError {
             McpError::StatelessRevision { id, .. } => id.as_ref(),
             _ => None,
         };
-        crate::metrics::error_sent(self.code());
+        crate::status::error_sent(self.code(), &self.to_string(), None, None);
         let body = error_body(id, self.code(), &self.to_string(), self.data());
         let mut response =
             (self.status(), [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body)

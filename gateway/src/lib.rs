@@ -18,7 +18,8 @@
 //! - [`registry`]: the MCP servers offered (the default and the Procfile's
 //!   `mcp*` types) and their tools; [`agents`]: `/v1/agents/heroku`, an
 //!   agent loop whose tool calls each run on a runner of their own.
-//! - [`metrics`]: what the gateway counts, at `GET /metrics`.
+//! - [`metrics`]: what the gateway counts, at `GET /metrics`; [`status`]:
+//!   the status page at `GET /status`.
 //! - [`server`]: binding, serving and shutting down; [`listen`]: accepting
 //!   connections, with deadlines and caps; [`throttle`]: rate limits for log
 //!   lines anyone can cause.
@@ -43,6 +44,7 @@ pub mod sessions;
 pub mod spawn;
 pub mod sse;
 pub mod sse_encode;
+pub mod status;
 pub mod streams;
 pub mod throttle;
 pub mod token;
@@ -97,6 +99,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Every session task, so shutdown can wait for them.
     pub tracker: TaskTracker,
+    /// When the gateway started serving.
+    pub started: tokio::time::Instant,
 }
 
 impl Shared {

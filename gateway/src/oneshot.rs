@@ -61,6 +61,7 @@ pub async fn run(
     };
     let handle = crate::mcp::create_session(state, Transport::Streamable, launch)
         .map_err(|e| RunError::Unavailable(e.to_string()))?;
+    handle.mark_single_request();
     // Whatever happens from here, the session ends with this run.
     let session = Ending(handle);
     let deadline = Instant::now() + limit;

@@ -39,6 +39,7 @@ pub fn app(state: AppState) -> Router {
         .route("/mcp/{name}", axum::routing::post(mcp::post_on).get(mcp::get_on).delete(mcp::delete_on))
         .route("/v1/mcp/servers", get(registry::list))
         .route("/metrics", get(crate::metrics::scrape))
+        .route("/v1/status", get(crate::status::data))
         .route(
             "/v1/agents/heroku",
             // A conversation can be long: the same bound as an MCP body, not axum's 2 MB.
@@ -51,6 +52,9 @@ pub fn app(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::check_origin))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_api_key))
         .route(dynogate_shared::names::RENDEZVOUS_PATH, get(rendezvous::accept))
+        .route("/status", get(crate::status::page))
+        .route("/status/page.js", get(crate::status::script))
+        .route("/status/page.css", get(crate::status::style))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .layer(middleware::from_fn(request_span))
@@ -138,6 +142,7 @@ pub async fn start(config: Config, listener: TcpListener, drain: CancellationTok
         draining: drain.clone(),
         shutdown: CancellationToken::new(),
         tracker: TaskTracker::new(),
+        started: tokio::time::Instant::now(),
         config: Arc::new(config),
     });
     match &state.runner_url {

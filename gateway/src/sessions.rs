@@ -84,6 +84,11 @@ impl Sessions {
         self.map.iter().map(|entry| entry.value().in_flight()).sum()
     }
 
+    /// Every session now, claimed or in the pool.
+    pub fn handles(&self) -> Vec<SessionHandle> {
+        self.map.iter().map(|entry| entry.value().clone()).collect()
+    }
+
     /// Sessions whose standalone (GET) stream a client is reading.
     pub fn get_streams_open(&self) -> usize {
         self.map.iter().filter(|entry| entry.value().streams().standalone().has_reader()).count()

@@ -3,6 +3,8 @@
 //! and real MCP clients.
 //! Every test starts its own gateway on a free loopback port.
 
+/// A headless Chromium driven over the DevTools protocol.
+mod browser;
 /// A scripted OpenAI-compatible model server.
 mod model;
 /// `runner exec` on plain stdio, driven with raw JSON-RPC lines.
@@ -60,5 +62,7 @@ mod sandbox;
 mod single_request;
 /// Slow and greedy clients: header and body deadlines, connection caps.
 mod slow_clients;
+/// The status page, in a real browser.
+mod status_page;
 /// The older SSE transport, server requests, origins, the Python SDK.
 mod transports;

@@ -31,7 +31,7 @@ mod end;
 mod in_flight;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -196,6 +196,14 @@ struct Shared {
     end_reason: Mutex<Option<EndReason>>,
     /// Cancelled once the session has fully ended and its runner is gone.
     finished: CancellationToken,
+    /// What the status page shows; the task keeps them current.
+    created: Instant,
+    calls: AtomicU64,
+    /// The runner as its spawner describes it, once started.
+    runner: OnceLock<String>,
+    attached_once: AtomicBool,
+    /// Started by the single-request API rather than for a client.
+    single_request: AtomicBool,
 }
 
 /// The cheap, cloneable side of a session.
@@ -297,6 +305,50 @@ impl SessionHandle {
         self.shared.ending.cancel();
     }
 
+    /// How long ago it was created.
+    pub fn age(&self) -> Duration {
+        self.shared.created.elapsed()
+    }
+
+    /// Tool calls answered so far.
+    pub fn calls(&self) -> u64 {
+        self.shared.calls.load(Ordering::Relaxed)
+    }
+
+    /// Its runner as the spawner describes it (`pid 4242`, `dyno run.1234 (…)`), once started.
+    pub fn runner(&self) -> Option<&str> {
+        self.shared.runner.get().map(String::as_str)
+    }
+
+    /// Where the session is in its life, as a word.
+    pub fn state(&self) -> &'static str {
+        if self.shared.ending.is_cancelled() {
+            "ending"
+        } else if self.is_ready() {
+            "ready"
+        } else if self.shared.attached_once.load(Ordering::Acquire) {
+            "reconnecting"
+        } else {
+            "starting"
+        }
+    }
+
+    /// Marks it as started by the single-request API.
+    pub fn mark_single_request(&self) {
+        self.shared.single_request.store(true, Ordering::Release);
+    }
+
+    /// Who it is for: `client`, `pool` (warm, unclaimed) or `single-request`.
+    pub fn purpose(&self) -> &'static str {
+        if !self.is_claimed() {
+            "pool"
+        } else if self.shared.single_request.load(Ordering::Acquire) {
+            "single-request"
+        } else {
+            "client"
+        }
+    }
+
     /// Resolves once the session has ended and its runner is gone.
     pub async fn finished(&self) {
         self.shared.finished.cancelled().await;
@@ -376,6 +428,11 @@ impl Session {
             ending: params.shutdown.child_token(),
             end_reason: Mutex::new(None),
             finished: CancellationToken::new(),
+            created: Instant::now(),
+            calls: AtomicU64::new(0),
+            runner: OnceLock::new(),
+            attached_once: AtomicBool::new(false),
+            single_request: AtomicBool::new(false),
         });
         let now = Instant::now();
         let session = Session {
@@ -419,7 +476,9 @@ impl Session {
         };
         let (reason, runner) = match spawned {
             Ok(mut runner) => {
-                info!(runner = %runner.describe(), "runner started");
+                let described = runner.describe();
+                info!(runner = %described, "runner started");
+                let _ = self.shared.runner.set(described);
                 let follow = runner.follow_after_connect();
                 let reason = {
                     let mut exited = runner.exited();
@@ -691,10 +750,10 @@ impl Session {
     fn observe(&mut self, call: &Call, json: &Bytes, is_error: bool) {
         crate::metrics::request_answered(call.method, call.received.elapsed());
         if is_error {
-            let code: Option<i64> = serde_json::from_slice::<serde_json::Value>(json)
-                .ok()
-                .and_then(|answer| answer["error"]["code"].as_i64());
-            crate::metrics::error_sent(code.unwrap_or(0));
+            let answer = serde_json::from_slice::<serde_json::Value>(json).unwrap_or_default();
+            let code = answer["error"]["code"].as_i64().unwrap_or(0);
+            let message = answer["error"]["message"].as_str().unwrap_or_default();
+            crate::status::error_sent(code, message, Some(call.method), Some(&self.shared.id));
         }
         if let Some(tool) = &call.audit {
             tool.answered(&self.shared.id, self.key_fingerprint.as_deref(), json);
@@ -707,6 +766,7 @@ impl Session {
                 crate::metrics::first_result(self.began.elapsed());
             }
             self.calls += 1;
+            self.shared.calls.store(self.calls, Ordering::Relaxed);
         }
     }
 
@@ -718,7 +778,7 @@ impl Session {
     }
 
     fn fail(&self, call: &Call, code: i64, message: &str) {
-        crate::metrics::error_sent(code);
+        crate::status::error_sent(code, message, Some(call.method), Some(&self.shared.id));
         self.answer(call, error_body(Some(&call.id), code, message, None).into());
     }
 
@@ -802,6 +862,7 @@ impl Session {
         self.clock.told(self.clock.received());
         self.link = Some((link, slot));
         self.ever_attached = true;
+        self.shared.attached_once.store(true, Ordering::Release);
         self.detached_since = None;
         self.last_heard = Instant::now();
         None
