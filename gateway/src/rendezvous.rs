@@ -65,6 +65,10 @@ pub async fn accept(
         return refuse("token for a session that is not live", shown);
     };
     let span = tracing::info_span!("rendezvous", session = %shown);
+    // The runner's own span (its start-up, or its redial) is the parent.
+    if let Some(parent) = headers.get(dynogate_telemetry::TRACEPARENT).and_then(|v| v.to_str().ok()) {
+        dynogate_telemetry::set_parent(&span, parent);
+    }
     let _enter = span.enter();
     if !handle.accepts_token(&claims.jti) {
         warn!("token is not one this session issued, or it was superseded");

@@ -90,8 +90,20 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 /// One span per HTTP request, named by method and path (never headers).
+/// With traces exported, the span is exported too, as a child of the
+/// client's `traceparent` header when it sends one.
 async fn request_span(request: Request, next: Next) -> Response {
-    let span = tracing::debug_span!("http", method = %request.method(), path = %request.uri().path());
+    let span = if dynogate_telemetry::enabled() {
+        let span = tracing::info_span!("http", method = %request.method(), path = %request.uri().path());
+        if let Some(parent) =
+            request.headers().get(dynogate_telemetry::TRACEPARENT).and_then(|value| value.to_str().ok())
+        {
+            dynogate_telemetry::set_parent(&span, parent);
+        }
+        span
+    } else {
+        tracing::debug_span!("http", method = %request.method(), path = %request.uri().path())
+    };
     next.run(request).instrument(span).await
 }
 
@@ -319,7 +331,10 @@ async fn sweep(state: AppState, interval: std::time::Duration) {
 /// The `gateway` binary.
 pub fn main() -> anyhow::Result<()> {
     let mut config = Args::parse().validate()?;
-    init_tracing();
+    // The one TLS backend compiled in (ring); installing it up front makes
+    // every client (Platform API, the trace exporter) agree on it.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    dynogate_telemetry::init("dynogate-gateway", "info", true)?;
     let open_files = listen::raise_open_files_limit();
     tracing::debug!(open_files, "open-files limit");
     // Runners' code runs as the same user on a laptop: keep it out of this
@@ -328,15 +343,12 @@ pub fn main() -> anyhow::Result<()> {
     if let Err(e) = nix::sys::prctl::set_dumpable(false) {
         tracing::warn!("cannot make the gateway non-dumpable: {e}");
     }
-    // The one TLS backend compiled in (ring); installing it up front makes
-    // every client (Platform API, and anything later) agree on it.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(threads) = config.worker_threads {
         runtime.worker_threads(threads);
     }
     let runtime = runtime.enable_all().build().context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         // Before listening: a gateway that must not serve says so and exits.
         config.sandbox = match config.spawner {
             SpawnerKind::Local => {
@@ -371,31 +383,10 @@ pub fn main() -> anyhow::Result<()> {
         let shutdown = CancellationToken::new();
         tokio::spawn(signal_shutdown(shutdown.clone()));
         serve(config, listener, shutdown).await
-    })
-}
-
-fn init_tracing() {
-    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Only a filter that reaches `trace` needs the caps: added to a quieter
-    // one, they would raise the WebSocket library to `debug`.
-    let most = filter.max_level_hint();
-    if most.is_none_or(|level| level == tracing_subscriber::filter::LevelFilter::TRACE) {
-        for cap in dynogate_shared::names::LOG_CAPS {
-            filter = filter.add_directive(cap.parse().expect("log caps are valid directives"));
-        }
-    }
-    if most.is_none_or(|level| level >= tracing_subscriber::filter::LevelFilter::DEBUG) {
-        for cap in dynogate_shared::names::PAYLOAD_LOG_CAPS {
-            filter = filter.add_directive(cap.parse().expect("log caps are valid directives"));
-        }
-    }
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    });
+    // The last sessions' spans, ended during the drain.
+    dynogate_telemetry::flush();
+    served
 }
 
 /// Cancels `shutdown` on SIGTERM (what Heroku sends) or ctrl-c.

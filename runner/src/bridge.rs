@@ -33,6 +33,10 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Serves one session; returns the process exit code.
 pub async fn run(dial: Dial) -> anyhow::Result<i32> {
     let span = tracing::info_span!("runner", session = %log_id(&dial.session));
+    // The session's `spawn` span, handed over by the gateway (or the dyno's env).
+    if let Ok(parent) = std::env::var(dynogate_telemetry::TRACEPARENT_ENV) {
+        dynogate_telemetry::set_parent(&span, &parent);
+    }
     async move {
         // The server starts before the dial, so that its start-up (for the
         // built-in executor, finding Python) overlaps the connection.

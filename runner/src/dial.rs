@@ -91,6 +91,12 @@ async fn connect_once(dial: &Dial, token: &Secret, received: u64) -> Result<(Soc
     let bearer = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
         .map_err(|_| DialError::Refused("the runner token is not a valid header value".into()))?;
     request.headers_mut().insert(header::AUTHORIZATION, bearer);
+    // The runner's span is the parent of the gateway's `rendezvous` span.
+    if let Some(context) = dynogate_telemetry::traceparent(&tracing::Span::current())
+        && let Ok(value) = HeaderValue::from_str(&context)
+    {
+        request.headers_mut().insert(dynogate_telemetry::TRACEPARENT, value);
+    }
     request
         .headers_mut()
         .insert(header::USER_AGENT, HeaderValue::from_static(concat!("dynogate-runner/", env!("CARGO_PKG_VERSION"))));

@@ -19,6 +19,7 @@
 //!   the session's user, its cgroups).
 //! - [`exec`]: the code executor (and `runner limit`, its resource-limit shim).
 //! - [`size`]: byte sizes in config vars.
+//! - [`traces`]: the runner's side of each call, as spans.
 //! - [`workdir`]: the session's private directory.
 
 pub mod bridge;
@@ -34,6 +35,7 @@ pub mod reap;
 pub mod relay;
 pub mod sandbox;
 pub mod size;
+pub mod traces;
 pub mod workdir;
 
 use anyhow::Context;
@@ -49,9 +51,13 @@ pub fn main() -> anyhow::Result<()> {
     if let Some(config::Command::SandboxCheck) = args.command {
         return sandbox::check();
     }
-    init_tracing(args.command.is_some());
-    // ring is the one TLS backend compiled in; `wss://` dials use it.
+    // ring is the one TLS backend compiled in; `wss://` dials and the trace exporter use it.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let executor = args.command.is_some();
+    // Under a runner the executor's stderr lands in the runner's log, so it
+    // stays quiet unless asked; stdout is its MCP wire, so logs go to stderr.
+    let default = if executor { "warn,dynogate_runner=info" } else { "info" };
+    dynogate_telemetry::init("dynogate-runner", default, !executor)?;
     match args.command {
         Some(config::Command::Exec(exec)) => {
             // It may hold installer credentials (`PIP_INDEX_URL`, …), and
@@ -94,6 +100,7 @@ pub fn main() -> anyhow::Result<()> {
             // Leave without waiting for stray blocking tasks (a child's stderr
             // reader, say); everything that matters has been cleaned up.
             runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+            dynogate_telemetry::flush();
             std::process::exit(code)
         }
     }
@@ -107,33 +114,4 @@ pub fn forbid_inspection() {
     if let Err(e) = nix::sys::prctl::set_dumpable(false) {
         tracing::warn!("cannot make the runner non-dumpable: {e}");
     }
-}
-
-fn init_tracing(executor: bool) {
-    use std::io::IsTerminal;
-    // Under a runner the executor's stderr lands in the runner's log, so it
-    // stays quiet unless asked.
-    let default = if executor { "warn,dynogate_runner=info" } else { "info" };
-    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    // Only a filter that reaches `trace` needs the caps: added to a quieter
-    // one, they would raise the WebSocket library to `debug`.
-    let most = filter.max_level_hint();
-    if most.is_none_or(|level| level == tracing_subscriber::filter::LevelFilter::TRACE) {
-        for cap in dynogate_shared::names::LOG_CAPS {
-            filter = filter.add_directive(cap.parse().expect("log caps are valid directives"));
-        }
-    }
-    if most.is_none_or(|level| level >= tracing_subscriber::filter::LevelFilter::DEBUG) {
-        for cap in dynogate_shared::names::PAYLOAD_LOG_CAPS {
-            filter = filter.add_directive(cap.parse().expect("log caps are valid directives"));
-        }
-    }
-    // stdout is the MCP wire in `exec` mode, so logs always go to stderr.
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(!executor)
-        .init();
 }

@@ -32,6 +32,7 @@ use tracing::{debug, info, warn};
 use crate::config::Dial;
 use crate::dial::{DialError, Welcome};
 use crate::link::{Incoming, Link};
+use crate::traces::CallSpans;
 
 /// How long the pump gets to forward what a server wrote just before it
 /// exited (its last response is usually still in the pipe).
@@ -81,6 +82,8 @@ pub struct Relay {
     to_stdin: VecDeque<Bytes>,
     /// The gateway process that started this runner (local mode).
     parent: Option<nix::unistd::Pid>,
+    /// Spans of the calls in progress, when traces are exported.
+    spans: CallSpans,
 }
 
 impl Relay {
@@ -97,6 +100,7 @@ impl Relay {
             clock: AckClock::default(),
             to_stdin: VecDeque::new(),
             parent,
+            spans: CallSpans::default(),
         }
     }
 
@@ -211,6 +215,7 @@ impl Relay {
     }
 
     fn send_line(&mut self, line: Utf8Bytes) {
+        self.spans.answer(line.as_bytes());
         if let Some(link) = &self.link {
             link.send_text(line.clone());
         }
@@ -221,6 +226,7 @@ impl Relay {
         match incoming {
             Incoming::Message(text) => {
                 self.clock.receive();
+                self.spans.request(text.as_bytes());
                 self.to_stdin.push_back(Bytes::from(text));
             }
             Incoming::Control(Control::Ack { received }) => {

@@ -7,6 +7,8 @@
 mod browser;
 /// A scripted OpenAI-compatible model server.
 mod model;
+/// An OTLP/HTTP trace receiver.
+mod otlp;
 /// `runner exec` on plain stdio, driven with raw JSON-RPC lines.
 mod stdio;
 /// Shared machinery: gateway processes, HTTP helpers, process inspection.
@@ -64,5 +66,7 @@ mod single_request;
 mod slow_clients;
 /// The status page, in a real browser.
 mod status_page;
+/// Traces exported over OTLP, across the rendezvous.
+mod traces;
 /// The older SSE transport, server requests, origins, the Python SDK.
 mod transports;

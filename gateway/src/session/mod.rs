@@ -75,6 +75,9 @@ pub struct Call {
     pub received: Instant,
     /// A `tools/call`'s details for the audit trail, read when it is admitted.
     audit: Option<audit::ToolCall>,
+    /// Its span while it waits for the answer, when traces are exported;
+    /// the runner's side of the call is its child.
+    _span: tracing::Span,
 }
 
 impl Call {
@@ -85,6 +88,8 @@ impl Call {
         method: &str,
         stream: Arc<EventStream>,
     ) -> Call {
+        let (payload, span) =
+            if dynogate_telemetry::enabled() { traced(payload, method) } else { (payload, tracing::Span::none()) };
         Call {
             id,
             progress_token,
@@ -94,8 +99,29 @@ impl Call {
             method: crate::metrics::method_label(method),
             received: Instant::now(),
             audit: None,
+            _span: span,
         }
     }
+}
+
+/// A span for a request, a child of the context the client sent in
+/// `params._meta.traceparent` (else of the HTTP request's), and the request
+/// carrying the span's own context to the runner in that place.
+fn traced(payload: Bytes, method: &str) -> (Bytes, tracing::Span) {
+    let request: serde_json::Value = serde_json::from_slice(&payload).unwrap_or_default();
+    let tool = if method == "tools/call" { request["params"]["name"].as_str() } else { None };
+    let span = tracing::info_span!(
+        "mcp.request",
+        otel.name = %format!("{} {}", crate::metrics::method_label(method), tool.unwrap_or_default()).trim_end(),
+        rpc.method = crate::metrics::method_label(method),
+        mcp.tool = tool.map(|t| t.chars().take(64).collect::<String>()),
+    );
+    if let Some(parent) = dynogate_telemetry::meta_traceparent(&request) {
+        dynogate_telemetry::set_parent(&span, parent);
+    }
+    let carried = dynogate_telemetry::traceparent(&span)
+        .and_then(|context| dynogate_telemetry::with_meta_traceparent(&payload, &context));
+    (carried.map_or(payload, Bytes::from), span)
 }
 
 /// What handlers ask of a session.
@@ -469,8 +495,11 @@ impl Session {
 
     async fn run(mut self) {
         let started = Instant::now();
+        let spawn_span = tracing::info_span!("spawn");
+        let spec = RunnerSpec { traceparent: dynogate_telemetry::traceparent(&spawn_span), ..self.spec.clone() };
+        let spawn = self.spawner.spawn(spec).instrument(spawn_span);
         let spawned = tokio::select! {
-            result = self.spawner.spawn(self.spec.clone()) => result.map_err(|e| EndReason::SpawnFailed(e.to_string())),
+            result = spawn => result.map_err(|e| EndReason::SpawnFailed(e.to_string())),
             () = self.shared.ending.cancelled() => Err(self.requested_end()),
             () = tokio::time::sleep(self.timeouts.dial_back) => Err(EndReason::DialBackTimeout(self.timeouts.dial_back)),
         };

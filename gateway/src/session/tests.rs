@@ -87,6 +87,7 @@ fn start_with(timeouts: Timeouts, spawner: FakeSpawner) -> Harness {
         token_id: "j1".into(),
         tokens,
         spec: RunnerSpec {
+            traceparent: None,
             session: "s1".into(),
             token: dynogate_shared::Secret::new("t"),
             gateway_url: url::Url::parse("http://127.0.0.1:1/").unwrap(),

@@ -66,6 +66,11 @@ impl Spawner for LocalSpawner {
                 .env(TOKEN_ENV, spec.token.expose())
                 .env(RUNNER_SESSION_DIR_ENV, workdir.path())
                 .env(SANDBOX_ENV, self.sandbox.as_str());
+            // Its own session's context, never one inherited from the gateway's environment.
+            match &spec.traceparent {
+                Some(traceparent) => command.env(dynogate_telemetry::TRACEPARENT_ENV, traceparent),
+                None => command.env_remove(dynogate_telemetry::TRACEPARENT_ENV),
+            };
             let server = spec.launch.server.as_ref().map(|s| &s.command);
             match server.or(self.runner_command.as_ref()) {
                 Some(shell) => command.env("RUNNER_COMMAND", shell),

@@ -36,6 +36,9 @@ pub struct RunnerSpec {
     pub gateway_url: Url,
     /// What this runner is for, beyond the defaults.
     pub launch: Launch,
+    /// The context of the session's `spawn` span, when traces are exported:
+    /// the runner's start-up joins the session's trace.
+    pub traceparent: Option<String>,
 }
 
 /// A runner's server and size, where they differ from the gateway's

@@ -135,6 +135,9 @@ impl Spawner for HerokuSpawner {
             let mut env = BTreeMap::new();
             env.insert(dynogate_shared::names::TOKEN_ENV.to_owned(), spec.token.expose().to_owned());
             env.insert("GATEWAY_URL".to_owned(), spec.gateway_url.to_string());
+            if let Some(traceparent) = &spec.traceparent {
+                env.insert(dynogate_telemetry::TRACEPARENT_ENV.to_owned(), traceparent.clone());
+            }
             let server = spec.launch.server.as_ref().map(|s| &s.command);
             if let Some(command) = server.or(self.settings.runner_command.as_ref()) {
                 env.insert("RUNNER_COMMAND".to_owned(), command.clone());

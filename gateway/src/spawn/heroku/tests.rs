@@ -35,6 +35,7 @@ fn spawner(server: &MockServer) -> HerokuSpawner {
 
 fn spec() -> RunnerSpec {
     RunnerSpec {
+        traceparent: None,
         session: "abc123".into(),
         token: Secret::new("the-runner-token"),
         gateway_url: url::Url::parse("https://gw.example.com/").unwrap(),
