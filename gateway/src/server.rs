@@ -306,6 +306,7 @@ fn build_spawner(config: &Config) -> anyhow::Result<Arc<dyn Spawner>> {
                 ttl: heroku.dyno_ttl,
                 rate_limit_reserve: heroku.rate_limit_reserve,
                 watch_for: config.timeouts.dial_back,
+                trace_env: dynogate_telemetry::runner_env(),
             };
             Arc::new(HerokuSpawner::new(runners, api, settings))
         }

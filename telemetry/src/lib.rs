@@ -133,6 +133,20 @@ pub fn init(service: &str, default_filter: &str, with_target: bool) -> anyhow::R
     Ok(())
 }
 
+/// The settings a runner on another machine (a dyno) needs to export its
+/// spans to the same place: the endpoints and protocol, when traces are
+/// exported. Never `OTEL_EXPORTER_OTLP_HEADERS`: it may hold an ingest key,
+/// and code on the dyno could read it.
+pub fn runner_env() -> Vec<(String, String)> {
+    if !enabled() {
+        return Vec::new();
+    }
+    ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL"]
+        .iter()
+        .filter_map(|name| Some(((*name).to_owned(), std::env::var(name).ok()?)))
+        .collect()
+}
+
 /// Exports what is still buffered; call before the process exits.
 pub fn flush() {
     if let Some(provider) = PROVIDER.get()
@@ -170,12 +184,23 @@ pub fn meta_traceparent(message: &Value) -> Option<&str> {
 
 /// `request` with `params._meta.traceparent` set to `traceparent`, or
 /// `None` when it is not a JSON-RPC object with object (or no) params.
+/// Only `_meta` is rewritten: every other value (a tool's arguments, with
+/// numbers of any size) is carried over as the client wrote it.
 pub fn with_meta_traceparent(request: &[u8], traceparent: &str) -> Option<Vec<u8>> {
-    let mut message: Value = serde_json::from_slice(request).ok()?;
-    let object = message.as_object_mut()?;
-    let params = object.entry("params").or_insert_with(|| Value::Object(Default::default()));
-    let meta = params.as_object_mut()?.entry("_meta").or_insert_with(|| Value::Object(Default::default()));
-    meta.as_object_mut()?.insert(TRACEPARENT.to_owned(), Value::String(traceparent.to_owned()));
+    use serde_json::value::RawValue;
+    type RawObject = serde_json::Map<String, Value>;
+    let mut message: std::collections::BTreeMap<String, Box<RawValue>> = serde_json::from_slice(request).ok()?;
+    let mut params: std::collections::BTreeMap<String, Box<RawValue>> = match message.get("params") {
+        Some(raw) => serde_json::from_str(raw.get()).ok()?,
+        None => Default::default(),
+    };
+    let mut meta: RawObject = match params.get("_meta") {
+        Some(raw) => serde_json::from_str(raw.get()).ok()?,
+        None => RawObject::new(),
+    };
+    meta.insert(TRACEPARENT.to_owned(), Value::String(traceparent.to_owned()));
+    params.insert("_meta".to_owned(), serde_json::value::to_raw_value(&meta).ok()?);
+    message.insert("params".to_owned(), serde_json::value::to_raw_value(&params).ok()?);
     serde_json::to_vec(&message).ok()
 }
 
@@ -195,6 +220,10 @@ mod tests {
         assert_eq!(carried["params"]["_meta"]["progressToken"], 3);
         assert_eq!(carried["params"]["name"], "x");
         assert_eq!(carried["id"], 7);
+
+        let huge = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"arguments":{"n":123456789012345678901234567890,"f":1.10}}}"#;
+        let carried = String::from_utf8(with_meta_traceparent(huge, PARENT).unwrap()).unwrap();
+        assert!(carried.contains(r#"{"n":123456789012345678901234567890,"f":1.10}"#), "{carried}");
 
         let bare: Value = serde_json::from_slice(
             &with_meta_traceparent(br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#, PARENT).unwrap(),

@@ -47,6 +47,8 @@ pub struct HerokuSettings {
     pub rate_limit_reserve: i64,
     /// How long to watch a new dyno's state for an early crash.
     pub watch_for: Duration,
+    /// Where runner dynos export their spans ([`dynogate_telemetry::runner_env`]).
+    pub trace_env: Vec<(String, String)>,
 }
 
 /// Starts runners as one-off dynos.
@@ -138,6 +140,7 @@ impl Spawner for HerokuSpawner {
             if let Some(traceparent) = &spec.traceparent {
                 env.insert(dynogate_telemetry::TRACEPARENT_ENV.to_owned(), traceparent.clone());
             }
+            env.extend(self.settings.trace_env.iter().cloned());
             let server = spec.launch.server.as_ref().map(|s| &s.command);
             if let Some(command) = server.or(self.settings.runner_command.as_ref()) {
                 env.insert("RUNNER_COMMAND".to_owned(), command.clone());

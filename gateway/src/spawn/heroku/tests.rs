@@ -29,13 +29,14 @@ fn spawner(server: &MockServer) -> HerokuSpawner {
             ttl: Duration::from_secs(3600),
             rate_limit_reserve: 100,
             watch_for: Duration::from_secs(30),
+            trace_env: vec![("OTEL_EXPORTER_OTLP_ENDPOINT".into(), "https://otlp.example.com".into())],
         },
     )
 }
 
 fn spec() -> RunnerSpec {
     RunnerSpec {
-        traceparent: None,
+        traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
         session: "abc123".into(),
         token: Secret::new("the-runner-token"),
         gateway_url: url::Url::parse("https://gw.example.com/").unwrap(),
@@ -90,6 +91,8 @@ async fn a_dyno_is_created_with_the_documented_headers_and_body() {
     assert_eq!(body["env"]["RUNNER_TOKEN"], "the-runner-token");
     assert_eq!(body["env"]["GATEWAY_URL"], "https://gw.example.com/");
     assert_eq!(body["env"]["RUNNER_COMMAND"], "mcp-python");
+    assert_eq!(body["env"]["TRACEPARENT"], "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+    assert_eq!(body["env"]["OTEL_EXPORTER_OTLP_ENDPOINT"], "https://otlp.example.com");
     assert_eq!(body["attach"], false);
     assert_eq!(body["type"], "run");
     assert_eq!(body["size"], "standard-1x");
