@@ -114,22 +114,26 @@ pub fn init(service: &str, default_filter: &str, with_target: bool) -> anyhow::R
             filter = filter.add_directive(cap.parse().expect("log caps are valid directives"));
         }
     }
+    let traces = layer(service)?;
+    let Some(traces) = traces else {
+        // The filter stays global: disabled log lines then cost nothing at
+        // their call sites, which a per-layer filter (or an empty layer
+        // beside it) would turn into a check per line on the relay's path.
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_target(with_target)
+            .init();
+        return Ok(());
+    };
     let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(with_target)
         .with_filter(filter);
-    let registry = tracing_subscriber::registry().with(logs);
-    match layer(service) {
-        Ok(traces) => registry.with(traces).init(),
-        Err(e) => {
-            registry.init();
-            return Err(e);
-        }
-    }
-    if enabled() {
-        tracing::info!("traces are exported over OTLP");
-    }
+    tracing_subscriber::registry().with(logs).with(traces).init();
+    tracing::info!("traces are exported over OTLP");
     Ok(())
 }
 
