@@ -175,3 +175,49 @@ async fn an_agent_calls_a_registered_servers_tool_by_its_namespaced_name() {
     assert!(text.contains("from the agent"), "{text}");
     assert_eq!(model.requests()[0]["tools"][0]["function"]["name"], "echo__echo");
 }
+
+/// Listing a server's tools can take longer than a response may wait to
+/// start (a dyno's boot, on Heroku): past `REPLY_STREAM_AFTER` the agents
+/// stream starts, and the run goes on in it once the tools are known, or
+/// ends with the error there.
+#[tokio::test]
+async fn an_agent_whose_tools_are_slow_to_list_gets_its_stream_at_once() {
+    let model = crate::model::Model::start(None, |n, _| match n {
+        0 => crate::model::Turn::Calls(vec![("e1", "slow__echo", json!({"text": "after a slow start"}).to_string())]),
+        _ => crate::model::Turn::Text("echoed"),
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let procfile = format!("mcp-slow: sleep 1 && exec {ECHO}\nmcp-dies: sleep 3 && exit 7\n");
+    std::fs::write(dir.path().join("Procfile"), procfile).unwrap();
+    let gateway = Gateway::with(
+        Options::default()
+            .cwd(dir.path())
+            .env("REPLY_STREAM_AFTER", "100ms")
+            .env("INFERENCE_URL", &model.url)
+            .env("INFERENCE_MODEL_ID", "m"),
+    );
+    let ask = |tool: &str| {
+        let body = json!({"messages": [{"role": "user", "content": "echo"}], "tools": [{"type": "mcp", "name": tool}]});
+        reqwest::Client::new().post(format!("{}/v1/agents/heroku", gateway.url)).json(&body).send()
+    };
+
+    let response = ask("slow.echo").await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let text = tokio::time::timeout(PATIENCE, response.text()).await.unwrap().unwrap();
+    assert!(text.contains("after a slow start"), "{text}");
+    assert!(text.ends_with("event: done\ndata: [DONE]\n\n"), "{text}");
+
+    // Its server never starts: a quick failure would be a 400; this one
+    // comes after the stream began, as an error event.
+    let response = ask("dies.anything").await.unwrap();
+    assert_eq!(response.status(), 200, "the stream started before the failure was known");
+    let text = tokio::time::timeout(PATIENCE, response.text()).await.unwrap().unwrap();
+    let error = text.split("\n\n").find(|block| block.starts_with("event: error")).unwrap_or_else(|| panic!("{text}"));
+    let data: Value = serde_json::from_str(error.split_once("data: ").unwrap().1).unwrap();
+    assert_eq!(data["code"], 400, "{data}");
+    assert!(data["message"].as_str().unwrap().contains("dies"), "{data}");
+    assert!(text.ends_with("event: done\ndata: [DONE]\n\n"), "{text}");
+    assert_eq!(model.requests().len(), 2, "the model was asked only in the run whose tools were known");
+}

@@ -23,8 +23,8 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tracing::{Instrument, info, warn};
@@ -67,19 +67,41 @@ pub async fn post(State(state): State<AppState>, body: Bytes) -> Response {
             "model is required (or set INFERENCE_MODEL_ID on the gateway)",
         );
     };
-    let toolbox = match Toolbox::build(&state, &request.tools).await {
-        Ok(toolbox) => toolbox,
-        Err(e) => return refusal(StatusCode::BAD_REQUEST, "invalid_request_error", &e.0),
+    // Listing a server's tools may start a runner (a dyno's boot, on
+    // Heroku). A quick answer keeps errors as HTTP 400; past the time
+    // answers are streamed after, the stream starts (with keepalives) and a
+    // failure arrives in it, before Heroku's router gives up on the request.
+    let mut build = {
+        let state = state.clone();
+        let specs = request.tools.clone();
+        async move { Toolbox::build(&state, &specs).await }.boxed()
+    };
+    let toolbox = match tokio::time::timeout(state.config.timeouts.reply_stream_after, &mut build).await {
+        Ok(Ok(toolbox)) => Built::Ready(toolbox),
+        Ok(Err(e)) => return refusal(StatusCode::BAD_REQUEST, "invalid_request_error", &e.0),
+        Err(_) => Built::Pending(build),
     };
     let events = Events { id: format!("agent-{}", crate::sessions::random_id()), model };
-    info!(agent = %events.id, tools = toolbox.len(), "agent run starting");
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let keepalive = state.config.timeouts.heartbeat;
     let span = tracing::info_span!("agent", id = %events.id);
     let task_state = state.clone();
     state.tracker.spawn(
         async move {
-            let run = run_loop(&task_state, &upstream, &toolbox, &request, &events, &tx);
+            let run = async {
+                let toolbox = match toolbox {
+                    Built::Ready(toolbox) => toolbox,
+                    Built::Pending(build) => match build.await {
+                        Ok(toolbox) => toolbox,
+                        Err(e) => {
+                            let _ = tx.send(events::error(400, "invalid_request_error", &e.0)).await;
+                            return;
+                        }
+                    },
+                };
+                info!(tools = toolbox.len(), "agent run starting");
+                run_loop(&task_state, &upstream, &toolbox, &request, &events, &tx).await;
+            };
             tokio::pin!(run);
             let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
             loop {
@@ -110,6 +132,12 @@ pub async fn post(State(state): State<AppState>, body: Bytes) -> Response {
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     response
+}
+
+/// The tools of a run: set up already, or still being set up.
+enum Built {
+    Ready(Toolbox),
+    Pending(futures_util::future::BoxFuture<'static, Result<Toolbox, tools::ToolError>>),
 }
 
 /// The loop proper; every event it makes goes to `tx`.

@@ -20,7 +20,7 @@ pub struct AgentRequest {
     pub _stream: Option<bool>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct ToolSpec {
     #[serde(rename = "type")]
     pub kind: String,
@@ -30,7 +30,7 @@ pub struct ToolSpec {
     pub runtime_params: RuntimeParams,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 pub struct RuntimeParams {
     /// The app whose dynos run the tool: accepted when it is this gateway's.
     pub target_app_name: Option<String>,
@@ -40,7 +40,7 @@ pub struct RuntimeParams {
     pub tool_params: Option<CommandParams>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct CommandParams {
     pub cmd: String,
     pub description: Option<String>,
