@@ -115,7 +115,10 @@ async fn ask(
                     if event.last {
                         return Ok(event.json);
                     }
-                    on_message(&event.json);
+                    match jsonrpc::peek(&event.json) {
+                        Ok(Kind::Request { id, method, .. }) => answer_server(state, handle, &id, &method).await,
+                        _ => on_message(&event.json),
+                    }
                 }
             }
             Batch::Quiet => {}
@@ -123,6 +126,27 @@ async fn ask(
                 return Err(RunError::Ended("its stream closed without an answer".into()));
             }
         }
+    }
+}
+
+/// Answers a request the server sent the gateway in the middle of a run:
+/// `ping` as MCP says, anything else (sampling, elicitation, roots: the
+/// gateway declared no such capability) with an error at once, so the
+/// server is never left waiting for a client that is not there.
+async fn answer_server(state: &AppState, handle: &SessionHandle, id: &RequestId, method: &str) {
+    let payload = if method == "ping" {
+        format!(r#"{{"jsonrpc":"2.0","id":{},"result":{{}}}}"#, id.as_json())
+    } else {
+        let message = format!(
+            "{} is not available in a single-request run: the gateway answers for the client and offers no client \
+             capabilities",
+            crate::throttle::untrusted(method, 64)
+        );
+        jsonrpc::error_body(Some(id), jsonrpc::code::METHOD_NOT_FOUND, &message, None)
+    };
+    let notify = Command::Notify { payload: payload.into(), cancelled: None };
+    if let Err(e) = handle.send(notify, state.config.timeouts.request).await {
+        tracing::debug!("cannot answer the server's {method}: {e}");
     }
 }
 

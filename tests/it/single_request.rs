@@ -110,3 +110,26 @@ async fn progress_comes_before_the_answer_and_a_run_past_its_limit_ends_with_a_c
     drain.cancel();
     running.finished().await.unwrap();
 }
+
+/// A server that asks its client something mid-call (here `roots/list`)
+/// gets an error at once, since no client stands behind a single-request
+/// run, and can finish the call; it is never left waiting until the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_request_during_a_run_is_answered_at_once() {
+    let (running, drain, _) = in_process(&["--warm-runners", "0", "--runner-command", ECHO]).await;
+    let state = running.state.clone();
+    let ask = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "ask", "arguments": {}}});
+    let mut passed_on = Vec::new();
+    let answer = oneshot::run(&state, Default::default(), ask.to_string().into(), Duration::from_secs(60), |m| {
+        passed_on.push(serde_json::from_slice::<Value>(m).unwrap());
+    })
+    .await
+    .expect("the call finishes, well within its limit");
+    let answer: Value = serde_json::from_slice(&answer).unwrap();
+    let told: Value = serde_json::from_str(answer["result"]["content"][0]["text"].as_str().unwrap()).unwrap();
+    assert_eq!(told["code"], -32601, "{answer}");
+    assert!(told["message"].as_str().unwrap().contains("roots/list"), "{told}");
+    assert!(passed_on.iter().all(|m| m.get("method") != Some(&json!("roots/list"))), "not the caller's to answer");
+    drain.cancel();
+    running.finished().await.unwrap();
+}
