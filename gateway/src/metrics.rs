@@ -29,6 +29,9 @@ pub const PLATFORM_API_CALLS: &str = "dynogate_platform_api_calls_total";
 pub const ORPHANS_STOPPED: &str = "dynogate_sweeper_dynos_stopped_total";
 pub const PACKAGE_INSTALL: &str = "dynogate_package_install_seconds";
 pub const CODE_RUN: &str = "dynogate_code_run_seconds";
+pub const AGENT_RUNS: &str = "dynogate_agent_runs_total";
+pub const AGENT_TOOL_CALLS: &str = "dynogate_agent_tool_calls_total";
+pub const MODEL_CALLS: &str = "dynogate_model_call_seconds";
 const SESSIONS: &str = "dynogate_sessions";
 const RUNNERS: &str = "dynogate_runners";
 const POOLED: &str = "dynogate_pooled_runners";
@@ -66,6 +69,9 @@ fn describe() {
     describe_counter!(PLATFORM_API_CALLS, "Heroku Platform API calls, by status class (or `unreachable`)");
     describe_counter!(ORPHANS_STOPPED, "Runner dynos the sweeper stopped because their session was gone");
     describe_histogram!(PACKAGE_INSTALL, Unit::Seconds, "Package installs of code tool calls, by language");
+    describe_counter!(AGENT_RUNS, "Agent runs (/v1/agents/heroku) ended, by outcome");
+    describe_counter!(AGENT_TOOL_CALLS, "Tool calls agent runs made, by kind (code, command, mcp)");
+    describe_histogram!(MODEL_CALLS, Unit::Seconds, "Calls to the model API (INFERENCE_URL), by outcome");
     describe_histogram!(CODE_RUN, Unit::Seconds, "Code runs of code tool calls (after any install), by language");
     describe_gauge!(SESSIONS, "Sessions clients hold");
     describe_gauge!(RUNNERS, "Runners alive or starting (client sessions, warm and single-request runners)");
@@ -122,6 +128,21 @@ pub fn code_tool_timed(timing: &dynogate_shared::timing::Timing) {
     if let Some(seconds) = timing.run_seconds {
         histogram!(CODE_RUN, "language" => language).record(seconds);
     }
+}
+
+/// An agent run's end: `completed`, `model_failed`, `tools_unavailable`, `client_gone` or `shutdown`.
+pub fn agent_run_ended(outcome: &'static str) {
+    counter!(AGENT_RUNS, "outcome" => outcome).increment(1);
+}
+
+/// A tool call of an agent run, by the tool's kind.
+pub fn agent_tool_called(kind: &'static str) {
+    counter!(AGENT_TOOL_CALLS, "kind" => kind).increment(1);
+}
+
+/// A model call and how it went: `ok`, or the error's label.
+pub fn model_called(took: Duration, error: Option<&'static str>) {
+    histogram!(MODEL_CALLS, "outcome" => error.unwrap_or("ok")).record(took.as_secs_f64());
 }
 
 pub fn error_sent(code: i64) {

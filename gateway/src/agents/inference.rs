@@ -42,6 +42,19 @@ fn retry_text(after: Option<Duration>) -> String {
 }
 
 impl UpstreamError {
+    /// What went wrong, as a metrics label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            UpstreamError::Unauthorized { .. } => "unauthorized",
+            UpstreamError::RateLimited { .. } => "rate_limited",
+            UpstreamError::Refused { .. } => "refused",
+            UpstreamError::Failed { .. } => "failed",
+            UpstreamError::TimedOut(_) => "timed_out",
+            UpstreamError::Unreachable(_) => "unreachable",
+            UpstreamError::Malformed(_) => "malformed",
+        }
+    }
+
     /// The error's HTTP-like code and type, in the Inference API's error shape.
     pub fn code_and_type(&self) -> (u16, &'static str) {
         match self {

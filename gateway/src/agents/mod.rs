@@ -32,7 +32,7 @@ use tracing::{Instrument, info, warn};
 use crate::AppState;
 use crate::sse_encode::Comment;
 use events::Events;
-use inference::Upstream;
+use inference::{Upstream, UpstreamError};
 use request::AgentRequest;
 use tools::Toolbox;
 
@@ -95,24 +95,29 @@ pub async fn post(State(state): State<AppState>, body: Bytes) -> Response {
                         Ok(toolbox) => toolbox,
                         Err(e) => {
                             let _ = tx.send(events::error(400, "invalid_request_error", &e.0)).await;
-                            return;
+                            return "tools_unavailable";
                         }
                     },
                 };
                 info!(tools = toolbox.len(), "agent run starting");
-                run_loop(&task_state, &upstream, &toolbox, &request, &events, &tx).await;
+                run_loop(&task_state, &upstream, &toolbox, &request, &events, &tx).await
             };
             tokio::pin!(run);
             let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
             loop {
                 tokio::select! {
-                    () = &mut run => break,
+                    outcome = &mut run => {
+                        crate::metrics::agent_run_ended(outcome);
+                        break;
+                    }
                     // The client went away: dropping the loop stops its runners.
                     () = tx.closed() => {
                         info!("the client went away; the agent run stops");
+                        crate::metrics::agent_run_ended("client_gone");
                         return;
                     }
                     () = task_state.shutdown.cancelled() => {
+                        crate::metrics::agent_run_ended("shutdown");
                         let _ = tx.send(events::error(503, "server_error", "the gateway is shutting down")).await;
                         break;
                     }
@@ -140,7 +145,8 @@ enum Built {
     Pending(futures_util::future::BoxFuture<'static, Result<Toolbox, tools::ToolError>>),
 }
 
-/// The loop proper; every event it makes goes to `tx`.
+/// The loop proper; every event it makes goes to `tx`. Returns how the run
+/// ended, as a metrics label: `completed` or `model_failed`.
 async fn run_loop(
     state: &AppState,
     upstream: &Upstream,
@@ -148,7 +154,7 @@ async fn run_loop(
     request: &AgentRequest,
     events: &Events,
     tx: &mpsc::Sender<Bytes>,
-) {
+) -> &'static str {
     let mut messages = request.messages.clone();
     let mut calls_made = vec![0u32; toolbox.len()];
     let sampling = request.sampling();
@@ -159,20 +165,23 @@ async fn run_loop(
         // The last turn offers no tools: the model can only conclude.
         let offered: &[Value] = if last_turn { &[] } else { &definitions };
         let body = inference::request_body(&events.model, &messages, offered, &sampling);
-        let answer = match upstream.complete(&body).await {
+        let asked = std::time::Instant::now();
+        let answered = upstream.complete(&body).await;
+        crate::metrics::model_called(asked.elapsed(), answered.as_ref().err().map(UpstreamError::label));
+        let answer = match answered {
             Ok(answer) => answer,
             Err(e) => {
                 warn!(error = %e, "the model call failed");
                 let (code, kind) = e.code_and_type();
                 let _ = tx.send(events::error(code, kind, &e.to_string())).await;
-                return;
+                return "model_failed";
             }
         };
         let _ = tx.send(events.assistant(&answer)).await;
         let message = &answer["choices"][0]["message"];
         let calls = message["tool_calls"].as_array().cloned().unwrap_or_default();
         if calls.is_empty() || last_turn {
-            return;
+            return "completed";
         }
         messages.push(json!({"role": "assistant", "content": message["content"], "tool_calls": calls}));
         let outcome = run_calls(state, toolbox, &calls, &mut calls_made, events, tx).await;
@@ -183,6 +192,7 @@ async fn run_loop(
             last_turn = true;
         }
     }
+    unreachable!("the turns are counted without end")
 }
 
 /// What one turn's tool calls came to.
@@ -228,6 +238,7 @@ async fn run_calls(
         match serde_json::from_str::<Value>(text) {
             Ok(arguments) => {
                 calls_made[k] += 1;
+                crate::metrics::agent_tool_called(tool.kind());
                 running.push(async move { (i, tool.run(state, arguments).await) });
             }
             Err(e) => {

@@ -60,6 +60,18 @@ enum Target {
     Command { cmd: String },
 }
 
+impl AgentTool {
+    /// Its kind, as a metrics label: `code`, `command` or `mcp`.
+    pub fn kind(&self) -> &'static str {
+        match &self.target {
+            Target::Command { .. } => "command",
+            // A `heroku_tool` is named as the tool; an `mcp` tool as `<namespace>.<tool>`.
+            Target::Server { .. } if CODE_TOOLS.contains(&self.name.as_str()) => "code",
+            Target::Server { .. } => "mcp",
+        }
+    }
+}
+
 impl Toolbox {
     /// Sets up `specs`: each must name a tool this gateway has (the servers'
     /// tools are listed now if they are not known yet).
