@@ -91,9 +91,14 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 
 /// One span per HTTP request, named by method and path (never headers).
 /// With traces exported, the span is exported too, as a child of the
-/// client's `traceparent` header when it sends one.
+/// client's `traceparent` header when it sends one; except for the paths
+/// that are polled (probes, scrapes, the status page's every second), which
+/// would bury the traces that matter.
 async fn request_span(request: Request, next: Next) -> Response {
-    let span = if dynogate_telemetry::enabled() {
+    const POLLED: [&str; 4] = ["/healthz", "/readyz", "/metrics", "/v1/status"];
+    let path = request.uri().path();
+    let polled = POLLED.contains(&path) || path.starts_with("/status");
+    let span = if dynogate_telemetry::enabled() && !polled {
         let span = tracing::info_span!("http", method = %request.method(), path = %request.uri().path());
         if let Some(parent) =
             request.headers().get(dynogate_telemetry::TRACEPARENT).and_then(|value| value.to_str().ok())

@@ -21,6 +21,10 @@ async fn a_tool_call_yields_one_trace_with_gateway_and_runner_spans() {
             .env("OTEL_BSP_SCHEDULE_DELAY", "100"),
     );
     let http = gateway.http();
+    // Polled paths make no spans: the status page alone asks every second.
+    for path in ["healthz", "v1/status"] {
+        assert_eq!(reqwest::get(format!("{}/{path}", gateway.url)).await.unwrap().status(), 200);
+    }
     let (session, _) = http.initialize().await;
     let code = "import os; print(sorted(k for k in os.environ if k.startswith(('OTEL', 'TRACE'))))";
     let body = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
@@ -62,6 +66,10 @@ async fn a_tool_call_yields_one_trace_with_gateway_and_runner_spans() {
     let rendezvous = spans.iter().find(|s| s.name == "rendezvous").expect("a rendezvous span");
     assert_eq!((&rendezvous.trace_id, &rendezvous.parent_span_id), (&runner.trace_id, &runner.span_id));
     assert_ne!(spawn.trace_id, TRACE, "a session's life is a trace of its own");
+    let polled: Vec<&Received> =
+        spans.iter().filter(|s| matches!(s.attribute("path"), Some("/healthz" | "/v1/status"))).collect();
+    assert!(polled.is_empty(), "{polled:?}");
+    assert!(spans.iter().any(|s| s.attribute("path") == Some("/mcp")), "MCP requests have theirs");
     for span in &spans {
         for (key, value) in &span.attributes {
             assert!(!value.contains(SECRET) && !value.contains(&session), "{} {key}={value}", span.name);
