@@ -120,12 +120,14 @@ pub fn request_answered(method: &'static str, took: Duration) {
 }
 
 /// A code tool call's stages, as the executor timed them.
+/// Figures that are not a duration (negative, NaN) are not recorded.
 pub fn code_tool_timed(timing: &dynogate_shared::timing::Timing) {
     let language = timing.language_label();
-    if let Some(seconds) = timing.install_seconds {
+    let duration = |seconds: Option<f64>| seconds.filter(|s| s.is_finite() && *s >= 0.0);
+    if let Some(seconds) = duration(timing.install_seconds) {
         histogram!(PACKAGE_INSTALL, "language" => language).record(seconds);
     }
-    if let Some(seconds) = timing.run_seconds {
+    if let Some(seconds) = duration(timing.run_seconds) {
         histogram!(CODE_RUN, "language" => language).record(seconds);
     }
 }

@@ -151,10 +151,13 @@ pub fn runner_env() -> Vec<(String, String)> {
         .collect()
 }
 
-/// Exports what is still buffered; call before the process exits.
+/// Exports what is still buffered; call before the process exits. Waits
+/// a few seconds at most: on Heroku the drain has used most of the 30 s
+/// between SIGTERM and SIGKILL, and an unreachable collector must not hold
+/// the exit.
 pub fn flush() {
     if let Some(provider) = PROVIDER.get()
-        && let Err(e) = provider.shutdown()
+        && let Err(e) = provider.shutdown_with_timeout(std::time::Duration::from_secs(3))
     {
         eprintln!("could not export the last traces: {e}");
     }
