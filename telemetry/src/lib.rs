@@ -1,9 +1,10 @@
-//! Traces over OTLP for both binaries, and the trace context they hand
-//! each other.
+//! Logs and traces for both binaries, and the trace context they hand each
+//! other.
 //!
-//! With `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`)
-//! set, [`layer`] builds an OTLP/HTTP exporter and a `tracing` layer that
-//! exports the spans of dynogate's own crates. Without it nothing is built,
+//! [`init`] installs the subscriber: logs to stderr, and with
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`)
+//! set, an OTLP/HTTP exporter and a `tracing` layer that exports the spans
+//! of dynogate's own crates. Without it nothing is built,
 //! [`enabled`] is false, and callers skip every cost that only traces need:
 //! no context is written into messages and no extra span is made.
 //!
@@ -54,7 +55,7 @@ fn configured() -> bool {
 /// The exporting layer for `service`, or `None` when no endpoint is set.
 /// Only OTLP over HTTP with protobuf is built in; asking for another
 /// protocol is an error rather than silence.
-pub fn layer<S>(service: &str) -> anyhow::Result<Option<impl Layer<S> + Send + Sync + 'static>>
+fn layer<S>(service: &str) -> anyhow::Result<Option<impl Layer<S> + Send + Sync + 'static>>
 where
     S: tracing::Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
 {
