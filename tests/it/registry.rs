@@ -190,9 +190,13 @@ async fn an_agent_whose_tools_are_slow_to_list_gets_its_stream_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let procfile = format!("mcp-slow: sleep 1 && exec {ECHO}\nmcp-dies: sleep 3 && exit 7\n");
     std::fs::write(dir.path().join("Procfile"), procfile).unwrap();
+    // Unsandboxed: the echo server is started by a shell line, not as the
+    // command's program, so a sandbox would not mount it back where the
+    // build lives (under /tmp, in a fresh clone).
     let gateway = Gateway::with(
         Options::default()
             .cwd(dir.path())
+            .env("SANDBOX", "off")
             .env("REPLY_STREAM_AFTER", "100ms")
             .env("INFERENCE_URL", &model.url)
             .env("INFERENCE_MODEL_ID", "m"),
