@@ -160,37 +160,10 @@ async fn each_tool_call_runs_on_a_fresh_runner_and_the_stream_has_herokus_shapes
     assert_eq!(answered, ["call_1", "call_2", "call_3"]);
 
     eventually("every runner of the run is gone", || runners_of(&gateway).is_empty()).await;
-    let counted = metrics(&gateway).await;
-    assert_eq!(sample(&counted, "dynogate_agent_runs_total", ("outcome", "completed")), 1.0);
-    assert_eq!(sample(&counted, "dynogate_agent_tool_calls_total", ("kind", "code")), 3.0);
-    assert_eq!(sample(&counted, "dynogate_model_call_seconds_count", ("outcome", "ok")), 3.0);
-}
-
-/// The gateway's metrics, parsed.
-async fn metrics(gateway: &Gateway) -> prometheus_parse::Scrape {
-    let text = reqwest::get(format!("{}/metrics", gateway.url)).await.unwrap().text().await.unwrap();
-    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("Prometheus text format")
-}
-
-/// A counter's value, or a histogram's count (`<name>_count`), with one label.
-fn sample(scrape: &prometheus_parse::Scrape, metric: &str, (key, value): (&str, &str)) -> f64 {
-    use prometheus_parse::Value as V;
-    let (name, count) = match metric.strip_suffix("_count") {
-        Some(name) => (name, true),
-        None => (metric, false),
-    };
-    scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == name && s.labels.get(key) == Some(value))
-        .map(|s| match &s.value {
-            V::Counter(v) | V::Gauge(v) | V::Untyped(v) => *v,
-            V::Histogram(buckets) if count => {
-                buckets.iter().find(|b| b.less_than.is_infinite()).map_or(0.0, |b| b.count)
-            }
-            _ => 0.0,
-        })
-        .sum()
+    let counted = scrape_metrics(&gateway, None).await.2;
+    assert_eq!(metric(&counted, "dynogate_agent_runs_total", &[("outcome", "completed")]), 1.0);
+    assert_eq!(metric(&counted, "dynogate_agent_tool_calls_total", &[("kind", "code")]), 3.0);
+    assert_eq!(metric(&counted, "dynogate_model_call_seconds", &[("outcome", "ok")]), 3.0);
 }
 
 #[tokio::test]
@@ -267,16 +240,16 @@ async fn upstream_failures_reach_the_caller_as_error_events() {
     assert_eq!(objects(&events, "chat.completion")[0]["choices"][0]["message"]["content"], "fine");
 
     // Each failure counted by what went wrong (a 429 worth waiting out is retried first).
-    let counted = metrics(&gateway).await;
-    assert_eq!(sample(&counted, "dynogate_agent_runs_total", ("outcome", "model_failed")), 4.0);
-    assert_eq!(sample(&counted, "dynogate_agent_runs_total", ("outcome", "completed")), 1.0);
+    let counted = scrape_metrics(&gateway, None).await.2;
+    assert_eq!(metric(&counted, "dynogate_agent_runs_total", &[("outcome", "model_failed")]), 4.0);
+    assert_eq!(metric(&counted, "dynogate_agent_runs_total", &[("outcome", "completed")]), 1.0);
     for (outcome, calls) in
         [("rate_limited", 1.0), ("failed", 1.0), ("timed_out", 1.0), ("malformed", 1.0), ("ok", 1.0)]
     {
-        assert_eq!(sample(&counted, "dynogate_model_call_seconds_count", ("outcome", outcome)), calls, "{outcome}");
+        assert_eq!(metric(&counted, "dynogate_model_call_seconds", &[("outcome", outcome)]), calls, "{outcome}");
     }
-    let refused = metrics(&wrong_key).await;
-    assert_eq!(sample(&refused, "dynogate_model_call_seconds_count", ("outcome", "unauthorized")), 1.0);
+    let refused = scrape_metrics(&wrong_key, None).await.2;
+    assert_eq!(metric(&refused, "dynogate_model_call_seconds", &[("outcome", "unauthorized")]), 1.0);
 }
 
 #[tokio::test]
@@ -365,8 +338,8 @@ async fn a_client_that_goes_away_stops_the_loop_and_its_runners() {
     eventually("the runner is stopped", || runners.iter().all(|pid| gone(*pid))).await;
     assert!(Instant::now() <= gone_by, "the runner outlived the client by more than 2s");
     assert_eq!(model.requests().len(), 1, "the loop went on after the client left");
-    let counted = metrics(&gateway).await;
-    assert_eq!(sample(&counted, "dynogate_agent_runs_total", ("outcome", "client_gone")), 1.0);
+    let counted = scrape_metrics(&gateway, None).await.2;
+    assert_eq!(metric(&counted, "dynogate_agent_runs_total", &[("outcome", "client_gone")]), 1.0);
 }
 
 #[tokio::test]

@@ -1,33 +1,10 @@
-use prometheus_parse::{Scrape, Value as Metric};
+use prometheus_parse::Scrape;
 use serde_json::{Value, json};
 
 use crate::support::*;
 
 const KEY: &str = "operability-key-0123456789";
 const CODE_MARKER: &str = "code-text-that-must-not-be-logged-7f3a";
-
-async fn scrape(gateway: &Gateway, key: Option<&str>) -> (u16, String) {
-    let mut request = reqwest::Client::new().get(format!("{}/metrics", gateway.url));
-    if let Some(key) = key {
-        request = request.bearer_auth(key);
-    }
-    let response = request.send().await.unwrap();
-    (response.status().as_u16(), response.text().await.unwrap())
-}
-
-/// The value of a counter or gauge, or a histogram's count, with these labels.
-fn value(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
-    scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .map(|s| match &s.value {
-            Metric::Counter(v) | Metric::Gauge(v) | Metric::Untyped(v) => *v,
-            Metric::Histogram(buckets) => buckets.iter().find(|b| b.less_than.is_infinite()).map_or(0.0, |b| b.count),
-            Metric::Summary(_) => 0.0,
-        })
-        .sum()
-}
 
 async fn readyz(gateway: &Gateway) -> u16 {
     reqwest::get(format!("{}/readyz", gateway.url)).await.unwrap().status().as_u16()
@@ -39,7 +16,7 @@ async fn metrics_count_a_workload_with_bounded_labels_and_the_audit_trail_names_
     let log = dir.path().join("gateway.log");
     let mut gateway = Gateway::with(Options::default().api_key(KEY).log_to(log.clone()));
     assert_eq!(readyz(&gateway).await, 200);
-    let (status, _) = scrape(&gateway, None).await;
+    let (status, _, _) = scrape_metrics(&gateway, None).await;
     assert_eq!(status, 401, "metrics need the key");
 
     // A session that runs code twice (one failing) and is deleted.
@@ -67,47 +44,40 @@ async fn metrics_count_a_workload_with_bounded_labels_and_the_audit_trail_names_
         .await
         .unwrap();
     assert_eq!(get_stream.status(), 200);
-    let (_, text) = scrape_text(&gateway).await;
-    let open = Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
-    assert_eq!(value(&open, "dynogate_get_streams_open", &[]), 1.0, "{text}");
-    assert_eq!(value(&open, "dynogate_sessions", &[]), 1.0, "{text}");
+    let (_, text, open) = scrape_metrics(&gateway, Some(KEY)).await;
+    assert_eq!(metric(&open, "dynogate_get_streams_open", &[]), 1.0, "{text}");
+    assert_eq!(metric(&open, "dynogate_sessions", &[]), 1.0, "{text}");
     let runner = runner_pids(&killed)[0];
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(runner), nix::sys::signal::Signal::SIGKILL).unwrap();
     eventually("the killed runner's session ends", || runner_pids(&killed).is_empty() && gone(runner)).await;
     let unknown = http.call("0123456789abcdef0123456789abcdef", 9, "echo", json!({})).await;
     assert_eq!(unknown.error_code(), -32001);
 
-    let (status, text) = scrape(&gateway, Some(KEY)).await;
+    let (status, mut text, mut scrape) = scrape_metrics(&gateway, Some(KEY)).await;
     assert_eq!(status, 200);
-    let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("Prometheus text format");
+    // The killed session's end is counted when its task ends; wait for it.
     let deadline = std::time::Instant::now() + PATIENCE;
-    let scrape = {
-        // The killed session's end is counted when its task ends; wait for it.
-        let mut scrape = scrape;
-        while value(&scrape, "dynogate_sessions_ended_total", &[]) < 2.0 {
-            assert!(std::time::Instant::now() < deadline, "sessions not counted as ended:\n{text}");
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            let (_, text) = scrape_text(&gateway).await;
-            scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
-        }
-        scrape
-    };
-    assert_eq!(value(&scrape, "dynogate_sessions_started_total", &[("pooled", "false")]), 2.0, "{text}");
-    assert_eq!(value(&scrape, "dynogate_sessions_ended_total", &[("reason", "deleted")]), 1.0, "{text}");
-    let lost = value(&scrape, "dynogate_sessions_ended_total", &[("reason", "runner_lost")])
-        + value(&scrape, "dynogate_sessions_ended_total", &[("reason", "server_exited")]);
+    while metric(&scrape, "dynogate_sessions_ended_total", &[]) < 2.0 {
+        assert!(std::time::Instant::now() < deadline, "sessions not counted as ended:\n{text}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        (_, text, scrape) = scrape_metrics(&gateway, Some(KEY)).await;
+    }
+    assert_eq!(metric(&scrape, "dynogate_sessions_started_total", &[("pooled", "false")]), 2.0, "{text}");
+    assert_eq!(metric(&scrape, "dynogate_sessions_ended_total", &[("reason", "deleted")]), 1.0, "{text}");
+    let lost = metric(&scrape, "dynogate_sessions_ended_total", &[("reason", "runner_lost")])
+        + metric(&scrape, "dynogate_sessions_ended_total", &[("reason", "server_exited")]);
     assert_eq!(lost, 1.0, "{text}");
-    assert_eq!(value(&scrape, "dynogate_request_duration_seconds", &[("method", "tools/call")]), 2.0, "{text}");
-    assert_eq!(value(&scrape, "dynogate_request_duration_seconds", &[("method", "initialize")]), 2.0, "{text}");
-    assert_eq!(value(&scrape, "dynogate_runner_start_seconds", &[]), 2.0, "{text}");
-    assert_eq!(value(&scrape, "dynogate_first_result_seconds", &[]), 1.0, "{text}");
-    assert!(value(&scrape, "dynogate_jsonrpc_errors_total", &[("code", "-32001")]) >= 1.0, "{text}");
-    assert_eq!(value(&scrape, "dynogate_sessions", &[]), 0.0, "{text}");
-    assert_eq!(value(&scrape, "dynogate_get_streams_open", &[]), 0.0, "{text}");
+    assert_eq!(metric(&scrape, "dynogate_request_duration_seconds", &[("method", "tools/call")]), 2.0, "{text}");
+    assert_eq!(metric(&scrape, "dynogate_request_duration_seconds", &[("method", "initialize")]), 2.0, "{text}");
+    assert_eq!(metric(&scrape, "dynogate_runner_start_seconds", &[]), 2.0, "{text}");
+    assert_eq!(metric(&scrape, "dynogate_first_result_seconds", &[]), 1.0, "{text}");
+    assert!(metric(&scrape, "dynogate_jsonrpc_errors_total", &[("code", "-32001")]) >= 1.0, "{text}");
+    assert_eq!(metric(&scrape, "dynogate_sessions", &[]), 0.0, "{text}");
+    assert_eq!(metric(&scrape, "dynogate_get_streams_open", &[]), 0.0, "{text}");
     drop(get_stream);
     // Both calls ran Python; the second installed a package first.
-    assert_eq!(value(&scrape, "dynogate_code_run_seconds", &[("language", "python")]), 2.0, "{text}");
-    assert_eq!(value(&scrape, "dynogate_package_install_seconds", &[("language", "python")]), 1.0, "{text}");
+    assert_eq!(metric(&scrape, "dynogate_code_run_seconds", &[("language", "python")]), 2.0, "{text}");
+    assert_eq!(metric(&scrape, "dynogate_package_install_seconds", &[("language", "python")]), 1.0, "{text}");
     for sample in &scrape.samples {
         for (name, label) in sample.labels.iter() {
             assert!(label.len() <= 24 && !label.contains(&session) && !label.contains(&killed), "{name}={label}");
@@ -139,10 +109,6 @@ async fn metrics_count_a_workload_with_bounded_labels_and_the_audit_trail_names_
     for secret in [KEY, SECRET, CODE_MARKER, &session, &killed] {
         assert!(!logged.contains(secret), "the log holds {secret:?}");
     }
-}
-
-async fn scrape_text(gateway: &Gateway) -> (u16, String) {
-    scrape(gateway, Some(KEY)).await
 }
 
 /// In process: once the drain begins the gateway takes no new connections

@@ -588,3 +588,35 @@ pub async fn in_process(
     let running = dynogate_gateway::server::start(config, listener, drain.clone()).await.expect("the gateway starts");
     (running, drain, url)
 }
+
+/// `GET /metrics` (with `key` when given): the status, the text, and the
+/// text parsed by a Prometheus parser (empty unless the status is 200).
+pub async fn scrape_metrics(gateway: &Gateway, key: Option<&str>) -> (u16, String, prometheus_parse::Scrape) {
+    let mut request = reqwest::Client::new().get(format!("{}/metrics", gateway.url)).timeout(PATIENCE);
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    let lines = if status == 200 { text.clone() } else { String::new() };
+    let parsed =
+        prometheus_parse::Scrape::parse(lines.lines().map(|l| Ok(l.to_owned()))).expect("Prometheus text format");
+    (status, text, parsed)
+}
+
+/// A counter's or gauge's value, or a histogram's count, over the samples
+/// of `metric` with these labels.
+pub fn metric(scrape: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    use prometheus_parse::Value as V;
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match &s.value {
+            V::Counter(v) | V::Gauge(v) | V::Untyped(v) => *v,
+            V::Histogram(buckets) => buckets.iter().find(|b| b.less_than.is_infinite()).map_or(0.0, |b| b.count),
+            V::Summary(_) => 0.0,
+        })
+        .sum()
+}

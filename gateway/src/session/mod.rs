@@ -222,11 +222,13 @@ struct Shared {
     end_reason: Mutex<Option<EndReason>>,
     /// Cancelled once the session has fully ended and its runner is gone.
     finished: CancellationToken,
-    /// What the status page shows; the task keeps them current.
+    /// Kept by the task and read by the status page too.
     created: Instant,
+    /// Tool calls answered.
     calls: AtomicU64,
     /// The runner as its spawner describes it, once started.
     runner: OnceLock<String>,
+    /// Whether a runner has connected at least once.
     attached_once: AtomicBool,
     /// Started by the single-request API rather than for a client.
     single_request: AtomicBool,
@@ -414,7 +416,6 @@ pub struct Session {
     sessions: Sessions,
     timeouts: Timeouts,
     link: Option<(Link, RunnerSlot)>,
-    ever_attached: bool,
     detached_since: Option<Instant>,
     /// Frames to the runner, kept until acknowledged.
     window: SendWindow<Bytes>,
@@ -429,8 +430,6 @@ pub struct Session {
     key_fingerprint: Option<String>,
     /// When a client got the session (its start, or its claim from the pool).
     began: Instant,
-    /// Tool calls answered.
-    calls: u64,
 }
 
 impl Session {
@@ -471,7 +470,6 @@ impl Session {
             sessions: params.sessions,
             timeouts: params.timeouts,
             link: None,
-            ever_attached: false,
             detached_since: None,
             window: SendWindow::default(),
             clock: AckClock::default(),
@@ -482,7 +480,6 @@ impl Session {
             probe: None,
             key_fingerprint: params.key_fingerprint,
             began: now,
-            calls: 0,
         };
         (session, SessionHandle { shared })
     }
@@ -520,7 +517,13 @@ impl Session {
         let lifetime_ms = started.elapsed().as_millis() as u64;
         info!(%reason, lifetime_ms, "session ending");
         crate::metrics::session_ended(reason.label());
-        audit::session_ended(&self.shared.id, self.key_fingerprint.as_deref(), reason.label(), lifetime_ms, self.calls);
+        audit::session_ended(
+            &self.shared.id,
+            self.key_fingerprint.as_deref(),
+            reason.label(),
+            lifetime_ms,
+            self.shared.calls.load(Ordering::Relaxed),
+        );
         // A runner that is not connected cannot be told to stop; don't wait for it.
         let grace = if self.link.is_some() { self.timeouts.runner_stop_grace } else { Duration::ZERO };
         let place = self.teardown(&reason);
@@ -531,6 +534,11 @@ impl Session {
         drop(place);
         self.shared.finished.cancel();
         debug!("session ended");
+    }
+
+    /// Whether a runner has connected at least once.
+    fn ever_attached(&self) -> bool {
+        self.shared.attached_once.load(Ordering::Acquire)
     }
 
     fn requested_end(&self) -> EndReason {
@@ -563,7 +571,7 @@ impl Session {
             // Unbiased: neither the client's messages nor the runner's may starve the other.
             tokio::select! {
                 () = &mut cancelled => return self.requested_end(),
-                status = &mut *exited, if follow || !self.ever_attached => {
+                status = &mut *exited, if follow || !self.ever_attached() => {
                     return EndReason::RunnerLost(format!("runner process ended: {status}"));
                 }
                 frame = recv(&mut self.link) => {
@@ -592,7 +600,7 @@ impl Session {
                     ack_armed = false;
                     self.send_ack();
                 }
-                () = &mut dial_back, if !self.ever_attached => {
+                () = &mut dial_back, if !self.ever_attached() => {
                     return EndReason::DialBackTimeout(self.timeouts.dial_back);
                 }
                 () = sleep_until_opt(reattach_by) => {
@@ -791,11 +799,9 @@ impl Session {
             if let Some(timing) = dynogate_shared::timing::Timing::from_answer(json) {
                 crate::metrics::code_tool_timed(&timing);
             }
-            if self.calls == 0 {
+            if self.shared.calls.fetch_add(1, Ordering::Relaxed) == 0 {
                 crate::metrics::first_result(self.began.elapsed());
             }
-            self.calls += 1;
-            self.shared.calls.store(self.calls, Ordering::Relaxed);
         }
     }
 
@@ -881,7 +887,7 @@ impl Session {
             link.send(Outgoing::Message(frame.clone()));
             resent += 1;
         }
-        if self.ever_attached {
+        if self.ever_attached() {
             info!(resent, "runner reconnected");
             crate::metrics::runner_reconnected();
         } else {
@@ -890,7 +896,6 @@ impl Session {
         }
         self.clock.told(self.clock.received());
         self.link = Some((link, slot));
-        self.ever_attached = true;
         self.shared.attached_once.store(true, Ordering::Release);
         self.detached_since = None;
         self.last_heard = Instant::now();
