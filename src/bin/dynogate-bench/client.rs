@@ -66,17 +66,30 @@ impl Session {
     }
 
     /// Runs Python with `code_exec_python`; checks it printed `expect`.
-    pub async fn python(&self, id: u64, code: &str, expect: &str) -> anyhow::Result<()> {
+    /// Runs `code` with `code_exec_python` and checks it printed `expect`;
+    /// returns the executor's own time for the command (`_meta` timing),
+    /// when it reports one.
+    pub async fn python(&self, id: u64, code: &str, expect: &str) -> anyhow::Result<Option<f64>> {
+        let (stdout, seconds) = self.run_python(id, code).await?;
+        if stdout != expect {
+            bail!("{code:?} printed {stdout:?}, not {expect:?}");
+        }
+        Ok(seconds)
+    }
+
+    /// Runs `code` with `code_exec_python`: its stdout and the command's time.
+    pub async fn run_python(&self, id: u64, code: &str) -> anyhow::Result<(String, Option<f64>)> {
         let call = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
                           "params": {"name": "code_exec_python", "arguments": {"code": code}}});
         let reply = self.post(call.to_string()).await?;
         let answer = message_of(&reply.content_type, text_of(&reply)?)?;
         let text = answer["result"]["content"][0]["text"].as_str().with_context(|| format!("no result: {answer}"))?;
         let result: Value = serde_json::from_str(text)?;
-        if answer["id"] != id || result["returncode"] != 0 || result["stdout"] != expect {
+        if answer["id"] != id || result["returncode"] != 0 {
             bail!("unexpected answer: {answer}");
         }
-        Ok(())
+        let stdout = result["stdout"].as_str().unwrap_or_default().to_owned();
+        Ok((stdout, answer["result"]["_meta"][dynogate_shared::timing::META_KEY]["run_seconds"].as_f64()))
     }
 
     pub async fn close(&self) -> anyhow::Result<()> {

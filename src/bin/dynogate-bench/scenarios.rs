@@ -199,8 +199,9 @@ pub async fn sessions(url: &str, name: &str, count: u64, concurrency: usize) -> 
 /// `first-result`: for `count` sessions one after another: the time from
 /// `initialize` sent to the first `code_exec_python` `print(1)` result, that
 /// first call alone, and `later` calls of the same session, each followed by
-/// the same code run bare (`python3 -c 'print(1)'` of the interpreter on
-/// PATH) to read the executor's own cost against. Every one of these waits
+/// the same code run bare (`python -c 'print(1)'` of the interpreter the
+/// executor uses, asked of a session first) to read the executor's own cost
+/// against. Every one of these waits
 /// `gap` first, as a client's calls come after a model's turn: on an idle
 /// machine the first work after a pause is slower (CPU idle states), and
 /// back-to-back calls would flatter the later ones. A warm pool refills
@@ -212,14 +213,15 @@ pub async fn first_result(url: &str, name: &str, count: u64, later: u64, gap: Du
     // Each later call is paired with a bare run right after it, so both meet
     // the machine in the same state: their difference is the executor's cost.
     let mut differences = Vec::new();
-    let python = String::from_utf8(
-        tokio::process::Command::new("python3")
-            .args(["-c", "import sys; print(sys.executable)"])
-            .output()
-            .await?
-            .stdout,
-    )?;
+    // The same call split in two: the command's time as the executor timed
+    // it, against the bare run; and the rest (the hops around the command).
+    let (mut command_differences, mut hops) = (Vec::new(), Vec::new());
+    // The interpreter the executor runs code with, asked of a session of its own.
+    let probe = Session::open(&endpoint).await?;
+    let (python, _) = probe.run_python(1, "import sys; print(sys.executable)").await?;
+    probe.close().await?;
     let python = python.trim().to_owned();
+    eprintln!("first-result {name:<12} bare runs use {python}");
     let started = Instant::now();
     for _ in 0..count {
         tokio::time::sleep(gap).await;
@@ -232,19 +234,22 @@ pub async fn first_result(url: &str, name: &str, count: u64, later: u64, gap: Du
         for id in 0..later {
             tokio::time::sleep(gap).await;
             let call = Instant::now();
-            session.python(2 + id, "print(1)", "1").await?;
+            let command = session.python(2 + id, "print(1)", "1").await?;
             let through = call.elapsed();
             later_calls.record(through);
             tokio::time::sleep(gap).await;
             let direct = bare_python(&python).await?;
             bare.record(direct);
             differences.push(through.as_secs_f64() * 1000.0 - direct.as_secs_f64() * 1000.0);
+            if let Some(command) = command {
+                command_differences.push(command * 1000.0 - direct.as_secs_f64() * 1000.0);
+                hops.push(through.as_secs_f64() * 1000.0 - command * 1000.0);
+            }
         }
         session.close().await?;
     }
     let elapsed = started.elapsed();
-    differences.sort_by(f64::total_cmp);
-    let paired = differences.get(differences.len() / 2).copied().unwrap_or(0.0);
+    let (paired, command_paired, hops) = (median(differences), median(command_differences), median(hops));
     let summary = json!({
         "count": count,
         "first_result": first_results.summary(elapsed),
@@ -252,11 +257,14 @@ pub async fn first_result(url: &str, name: &str, count: u64, later: u64, gap: Du
         "later_call": later_calls.summary(elapsed),
         "bare_python": bare.summary(elapsed),
         "later_minus_bare_p50_ms": paired,
+        "command_minus_bare_p50_ms": command_paired,
+        "hops_p50_ms": hops,
     });
     let p50 = |key: &str| summary[key]["p50_us"].as_u64().unwrap_or(0) as f64 / 1000.0;
     eprintln!(
         "first-result {name:<12} p50: initialize→first result {:.1} ms, first call {:.1} ms, later calls {:.1} ms, \
-         bare python {:.1} ms, later − bare (paired) {paired:+.1} ms",
+         bare python {:.1} ms, later − bare (paired) {paired:+.1} ms: command − bare {command_paired:+.1} ms, \
+         hops {hops:.1} ms",
         p50("first_result"),
         p50("first_call"),
         p50("later_call"),
@@ -268,6 +276,12 @@ pub async fn first_result(url: &str, name: &str, count: u64, later: u64, gap: Du
     line["target"] = json!(name);
     println!("{line}");
     Ok(())
+}
+
+/// The median of `values` (0 for none).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// One `python -c 'print(1)'`, timed.
