@@ -9,7 +9,9 @@
 //! runner's (on Heroku every dyno gets every config var; see
 //! [`passes_to_server`]) plus the names in `SERVER_ENV`, never a secret of
 //! [`SECRET_ENV`], plus [`SESSION_DIR_ENV`]. Its stderr is copied to the
-//! runner's log, line by line, and never onto the wire.
+//! runner's log, line by line, and never onto the wire. Where no cgroup holds
+//! the sandbox's memory and CPU limits, a [`governor`] keeps them while the
+//! server runs.
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -29,7 +31,7 @@ use tracing::{Instrument, info, warn};
 use crate::config::ServerCommand;
 use crate::exec::env::passes_to_server;
 use crate::reap;
-use crate::sandbox::Sandbox;
+use crate::sandbox::{Sandbox, governor};
 
 /// A running MCP server.
 pub struct Server {
@@ -39,6 +41,8 @@ pub struct Server {
     exit: watch::Receiver<Option<ExitStatus>>,
     /// Reaps orphans that exit while the server runs (never the server itself).
     reaper: AbortHandle,
+    /// Keeps the session's memory and CPU limits where no cgroup does.
+    governor: Option<AbortHandle>,
     stopped: bool,
     /// Dropped after the server: removes the session's cgroups.
     sandbox: Option<Sandbox>,
@@ -112,6 +116,7 @@ pub fn start(
     // The server's pid is also its group's id; tokio waits for that pid, so
     // the reaper leaves it alone.
     let reaper = tokio::spawn(reap::reap_while_running(pgid).in_current_span()).abort_handle();
+    let governor = sandbox.as_ref().map(Sandbox::watched).filter(|w| w.any()).map(|w| governor::watch(pgid, w));
     let (tx, exit) = watch::channel(None);
     tokio::spawn(async move {
         let status = child.wait().await.unwrap_or_else(|e| {
@@ -120,7 +125,7 @@ pub fn start(
         });
         let _ = tx.send(Some(status));
     });
-    Ok(Server { stdin, stdout, pgid, exit, reaper, stopped: false, sandbox })
+    Ok(Server { stdin, stdout, pgid, exit, reaper, governor, stopped: false, sandbox })
 }
 
 /// The server's environment: the names it may see, from the runner's own.
@@ -166,6 +171,7 @@ impl Server {
             None => tokio::time::timeout(Duration::from_secs(5), self.wait()).await.ok(),
         };
         self.reaper.abort();
+        self.stop_governor();
         // The server is gone, so nothing new can be started below the runner
         // except by what is left there, which this kills pass after pass.
         reap::kill_descendants(Some(self.pgid)).await;
@@ -174,6 +180,12 @@ impl Server {
         }
         self.stopped = true;
         status
+    }
+
+    fn stop_governor(&mut self) {
+        if let Some(governor) = self.governor.take() {
+            governor.abort();
+        }
     }
 
     /// Kills whatever is left in the server's process group. The group id is
@@ -191,6 +203,7 @@ impl Drop for Server {
     fn drop(&mut self) {
         if !self.stopped {
             self.reaper.abort();
+            self.stop_governor();
             self.kill_group();
             // One pass, without waiting: a drop cannot await the rest.
             reap::kill_descendants_once(Some(self.pgid));

@@ -303,6 +303,13 @@ pub struct ExecArgs {
     /// EXEC_TOOLS_DIR (false: install Python packages with pip).
     #[arg(long, env = "EXEC_OBTAIN_UV", default_value_t = true, action = clap::ArgAction::Set)]
     pub obtain_uv: bool,
+
+    /// Every process this executor can see belongs to its session (set by
+    /// the runner's sandbox, whose PID namespace it runs in). Without a
+    /// cgroup per command, it then ends every other process it sees
+    /// whenever no command is running, as a cgroup per command would.
+    #[arg(long, env = "EXEC_SANDBOXED", default_value_t = false, action = clap::ArgAction::Set)]
+    pub sandboxed: bool,
 }
 
 /// The executor's checked settings.
@@ -320,6 +327,7 @@ pub struct Exec {
     pub allow_package_sources: bool,
     pub tools_dir: PathBuf,
     pub obtain_uv: bool,
+    pub sandboxed: bool,
 }
 
 impl ExecArgs {
@@ -350,6 +358,7 @@ impl ExecArgs {
             cache_dir,
             allow_package_sources: self.allow_package_sources,
             obtain_uv: self.obtain_uv,
+            sandboxed: self.sandboxed,
         })
     }
 }

@@ -42,12 +42,19 @@ pub fn become_subreaper() {
     }
 }
 
-/// One line of `/proc/<pid>/stat`, as far as this module needs it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stat {
-    pid: i32,
-    ppid: i32,
-    zombie: bool,
+/// One line of `/proc/<pid>/stat`, as far as the runner needs it (here, and
+/// for the session governor's accounting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Stat {
+    pub pid: i32,
+    pub ppid: i32,
+    pub zombie: bool,
+    /// User and system time, in clock ticks.
+    pub cpu_ticks: u64,
+    /// When it started, in clock ticks after boot.
+    pub start: u64,
+    /// Resident pages (shared ones included, so an upper bound of its own use).
+    pub rss_pages: u64,
 }
 
 /// Parses `/proc/<pid>/stat`: `pid (comm) state ppid …`. The command name
@@ -55,15 +62,24 @@ struct Stat {
 fn parse_stat(text: &str) -> Option<Stat> {
     let (head, rest) = text.rsplit_once(')')?;
     let pid = head.split_once(" (")?.0.trim().parse().ok()?;
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?;
-    let ppid = fields.next()?.parse().ok()?;
-    // `X` (dead) is only ever seen fleetingly; it needs reaping no more than a zombie.
-    Some(Stat { pid, ppid, zombie: matches!(state, "Z" | "X") })
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first()?;
+    let ppid = fields.get(1)?.parse().ok()?;
+    // Fields counted from the state (field 3 of proc(5)); absent on a short line.
+    let number = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    Some(Stat {
+        pid,
+        ppid,
+        // `X` (dead) is only ever seen fleetingly; it needs reaping no more than a zombie.
+        zombie: matches!(*state, "Z" | "X"),
+        cpu_ticks: number(11) + number(12),
+        start: number(19),
+        rss_pages: number(21),
+    })
 }
 
 /// Every process visible in `/proc` (those that vanish mid-scan are skipped).
-fn processes() -> Vec<Stat> {
+pub(crate) fn processes() -> Vec<Stat> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -74,7 +90,7 @@ fn processes() -> Vec<Stat> {
 }
 
 /// The processes below `root` in `table`, parents before their children.
-fn descendants(table: &[Stat], root: i32) -> Vec<Stat> {
+pub(crate) fn descendants(table: &[Stat], root: i32) -> Vec<Stat> {
     let mut found: Vec<Stat> = Vec::new();
     let mut parents = vec![root];
     while let Some(parent) = parents.pop() {
@@ -177,8 +193,8 @@ mod tests {
 
     #[test]
     fn parses_stat_lines() {
-        let z = |pid, ppid| Some(Stat { pid, ppid, zombie: true });
-        let r = |pid, ppid| Some(Stat { pid, ppid, zombie: false });
+        let z = |pid, ppid| Some(Stat { pid, ppid, zombie: true, ..Stat::default() });
+        let r = |pid, ppid| Some(Stat { pid, ppid, ..Stat::default() });
         let cases = [
             ("123 (sleep) S 45 123 45 0 -1 4194304 90 0 0 0", r(123, 45)),
             ("7 (python3) Z 1 7 7 0 -1", z(7, 1)),
@@ -197,7 +213,14 @@ mod tests {
     }
 
     fn stat(pid: i32, ppid: i32) -> Stat {
-        Stat { pid, ppid, zombie: false }
+        Stat { pid, ppid, ..Stat::default() }
+    }
+
+    #[test]
+    fn reads_cpu_time_start_and_resident_pages() {
+        let line = "42 (python3) R 1 42 42 0 -1 4194304 900 0 0 0 150 25 0 0 20 0 1 0 7777 123456789 2048 18446744073709551615";
+        let stat = parse_stat(line).unwrap();
+        assert_eq!((stat.cpu_ticks, stat.start, stat.rss_pages), (175, 7777, 2048));
     }
 
     #[test]
@@ -225,5 +248,6 @@ mod tests {
         assert_eq!(stat.pid, me);
         assert_eq!(stat.ppid, nix::unistd::getppid().as_raw());
         assert!(!stat.zombie);
+        assert!(stat.rss_pages > 0 && stat.start > 0);
     }
 }

@@ -20,6 +20,7 @@
 //! is no sandbox.
 
 pub mod cgroups;
+pub mod governor;
 pub mod identity;
 pub mod mounts;
 pub mod seccomp;
@@ -32,6 +33,7 @@ use anyhow::{Context, bail};
 pub use dynogate_shared::sandbox::Mode;
 
 use self::cgroups::{SessionGroups, SessionLimits};
+use self::governor::Watched;
 use self::identity::Identity;
 use crate::config::ServerCommand;
 
@@ -60,6 +62,10 @@ pub struct Sandbox {
     delegated: Option<PathBuf>,
     /// The machine's tools directory (uv), shown read-only.
     tools: Option<PathBuf>,
+    /// The session's process cap as RLIMIT_NPROC, where no cgroup holds it.
+    nproc: Option<u64>,
+    /// The limits the runner keeps by watching, where no cgroup holds them.
+    watched: Watched,
 }
 
 impl Sandbox {
@@ -112,7 +118,30 @@ impl Sandbox {
                 .filter(|p| p.exists())
                 .collect(),
         });
-        let outcome = SessionGroups::create(&settings.limits, pid);
+        let mut outcome = SessionGroups::create(&settings.limits, pid);
+        // Without cgroups: the process cap as RLIMIT_NPROC, where the kernel
+        // counts it for this session alone (a user of the session's own as
+        // root; otherwise the sandbox's user namespace, on Linux 5.14+); the
+        // memory and CPU limits watched by the runner.
+        let nproc = outcome.unheld.processes.filter(|_| identity.is_some() || nproc_counted_per_user_namespace());
+        let watched = Watched { memory: outcome.unheld.memory, cpus: outcome.unheld.cpus };
+        if !outcome.missing.is_empty() {
+            tracing::debug!(without = %outcome.missing.join("; "), "session limits that no cgroup holds");
+            outcome.missing.clear();
+        }
+        if let Some(n) = nproc {
+            outcome.enforced.push(format!("RLIMIT_NPROC={n}"));
+        } else if let Some(n) = outcome.unheld.processes {
+            outcome.missing.push(format!(
+                "processes ({n}): no writable pids cgroup, and this kernel counts RLIMIT_NPROC per user, not per session"
+            ));
+        }
+        if let Some(bytes) = watched.memory {
+            outcome.enforced.push(format!("memory={bytes} (watched)"));
+        }
+        if let Some(cpus) = watched.cpus {
+            outcome.enforced.push(format!("cpus={cpus} (watched)"));
+        }
         tracing::info!(
             user = ?identity.map(|i| i.uid),
             network = settings.network,
@@ -136,6 +165,8 @@ impl Sandbox {
             groups: outcome.groups,
             delegated,
             tools,
+            nproc,
+            watched,
         }))
     }
 
@@ -154,6 +185,10 @@ impl Sandbox {
             command.arg("--bind").arg(dir).arg(dir);
         }
         command.arg("--").arg(&self.exe).arg("limit").arg("--no-new-privs");
+        if let Some(n) = self.nproc {
+            // Set inside: the user namespace (or the session's user) it counts in exists by then.
+            command.arg("--nproc").arg(n.to_string());
+        }
         if let Some(identity) = self.identity {
             command
                 .arg("--chown")
@@ -186,7 +221,12 @@ impl Sandbox {
         if let Some(tools) = &self.tools {
             command.env("EXEC_TOOLS_DIR", tools);
         }
-        command.env("EXEC_OBTAIN_UV", "false");
+        command.env("EXEC_OBTAIN_UV", "false").env("EXEC_SANDBOXED", "true");
+    }
+
+    /// The limits the runner has to keep by watching the sandbox's processes.
+    pub fn watched(&self) -> Watched {
+        self.watched
     }
 
     /// Kills every process the session has left.
@@ -208,6 +248,22 @@ fn program_of(server: &ServerCommand) -> Option<PathBuf> {
     };
     let path = PathBuf::from(&first);
     if path.is_absolute() { Some(path) } else { crate::exec::process::find_program(&first) }
+}
+
+/// Whether RLIMIT_NPROC counts a user's processes per user namespace, as
+/// Linux does since 5.14: then a limit set inside the sandbox's own user
+/// namespace counts the session's processes only.
+fn nproc_counted_per_user_namespace() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    kernel_at_least(&release, (5, 14))
+}
+
+fn kernel_at_least(release: &str, wanted: (u32, u32)) -> bool {
+    let mut parts = release.trim().split(['.', '-']).map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= wanted,
+        _ => false,
+    }
 }
 
 /// The namespace flags: a user namespace only for an unprivileged runner.
@@ -276,6 +332,15 @@ pub fn check() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_releases_compare_by_major_and_minor() {
+        assert!(kernel_at_least("6.18.44-fc-v1252\n", (5, 14)));
+        assert!(kernel_at_least("5.14.0", (5, 14)));
+        assert!(!kernel_at_least("5.10.209-198.858.amzn2.x86_64", (5, 14)));
+        assert!(!kernel_at_least("4.19", (5, 14)));
+        assert!(!kernel_at_least("garbage", (5, 14)));
+    }
 
     #[test]
     fn root_drops_to_a_user_and_others_use_a_user_namespace() {

@@ -58,8 +58,10 @@ mod rendezvous;
 mod resilience;
 /// Where server messages go: request streams, the GET stream, batches.
 mod routing;
-/// The local sandbox tried as an attacker: secrets, other sessions, signals, limits.
+/// The local sandbox tried as an attacker: secrets, other sessions, signals.
 mod sandbox;
+/// A session's limits on all of its processes, as root and as an unprivileged user.
+mod session_limits;
 /// One request on a runner of its own, through the in-process API.
 mod single_request;
 /// Slow and greedy clients: header and body deadlines, connection caps.

@@ -404,7 +404,12 @@ pub async fn serve(settings: Exec) -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&workdir).with_context(|| format!("cannot create {}", workdir.display()))?;
     let shim = std::env::current_exe().context("cannot locate the runner binary (for `runner limit`)")?;
-    let supervisor = Supervisor::new(shim, cgroup::PidsRoot::create());
+    let supervisor = match cgroup::PidsRoot::create() {
+        Some(pids) => Supervisor::new(shim, Some(pids)),
+        // In the sandbox, what a command left behind is found without a cgroup.
+        None if settings.sandboxed => Supervisor::sweeping_when_idle(shim),
+        None => Supervisor::new(shim, None),
+    };
     if !supervisor.caps_processes() {
         warn!("EXEC_MAX_PROCESSES cannot be enforced: no writable pids cgroup, and RLIMIT_NPROC does not bind root");
     }

@@ -7,7 +7,9 @@
 //! joined its cgroup ahead of time takes the command when one is waiting
 //! ([`super::primed`]). When it finishes,
 //! times out, is cancelled, or the executor exits, the whole group (and
-//! cgroup) is killed, so nothing it forked survives. Output is bounded: past
+//! cgroup) is killed, so nothing it forked survives; without a cgroup, in
+//! the sandbox, what left the group is ended once no command runs
+//! ([`Supervisor::sweeping_when_idle`]). Output is bounded: past
 //! the limit only the head and the tail are kept, with a note of how many
 //! bytes were left out.
 
@@ -47,6 +49,11 @@ struct SupervisorInner {
     next: AtomicU64,
     /// A shim waiting in its own cgroup for the next command.
     spare: Mutex<Option<Spare>>,
+    /// Ends every other process this executor sees once no command runs
+    /// (see [`Supervisor::sweeping_when_idle`]).
+    sweep_idle: bool,
+    /// Commands being started, not yet in `running`: no sweep meanwhile.
+    starting: AtomicU64,
 }
 
 /// `runner limit --job-from-stdin`, started ahead of its command.
@@ -84,8 +91,22 @@ impl Supervisor {
                 running: Mutex::new(Some(HashMap::new())),
                 next: AtomicU64::new(0),
                 spare: Mutex::new(None),
+                sweep_idle: false,
+                starting: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// A supervisor that also kills every process it can see other than
+    /// itself and its ancestors whenever no command is running: for an
+    /// executor alone in its session's PID namespace without a cgroup per
+    /// command, where a command's detached processes (`setsid`, a double
+    /// fork) cannot be told from another's while several run, but all are
+    /// leftovers once none does.
+    pub fn sweeping_when_idle(shim: PathBuf) -> Self {
+        let mut supervisor = Self::build(Some(shim), None);
+        Arc::get_mut(&mut supervisor.inner).expect("not shared yet").sweep_idle = true;
+        supervisor
     }
 
     /// Whether process caps hold here: a cgroup per command, or RLIMIT_NPROC
@@ -134,10 +155,16 @@ impl Supervisor {
 
     /// Runs `job` to completion or to its deadline.
     pub async fn run(&self, job: &Job) -> std::io::Result<Output> {
-        if self.inner.running.lock().expect("running lock").is_none() {
-            // Checked again once started, for a shut-down that comes meanwhile.
-            return Err(shutting_down());
+        {
+            let running = self.inner.running.lock().expect("running lock");
+            if running.is_none() {
+                // Checked again once started, for a shut-down that comes meanwhile.
+                return Err(shutting_down());
+            }
+            // Under the lock an idle sweep holds: it cannot kill this one as it starts.
+            self.inner.starting.fetch_add(1, Ordering::SeqCst);
         }
+        let starting = Starting(&self.inner.starting);
         let started = std::time::Instant::now();
         let (mut child, cgroup) = match self.primed_cap(job) {
             Some((shim, pids, max)) => self.start_primed(job, shim, pids, max).await?,
@@ -162,6 +189,7 @@ impl Supervisor {
             Some(running) => running.insert(id, Running { pgid, cgroup: cgroup_dir }).is_none(),
             None => false,
         };
+        drop(starting);
         let _guard = RunningGuard { supervisor: self.clone(), id, pgid, _cgroup: cgroup };
         if !admitted {
             // Started while the executor shuts down: the guard kills it.
@@ -298,10 +326,52 @@ struct RunningGuard {
 
 impl Drop for RunningGuard {
     fn drop(&mut self) {
-        if let Some(running) = self.supervisor.inner.running.lock().expect("running lock").as_mut() {
+        let inner = &self.supervisor.inner;
+        let mut running = inner.running.lock().expect("running lock");
+        let idle = running.as_mut().is_some_and(|running| {
             running.remove(&self.id);
-        }
+            running.is_empty()
+        });
         kill_group(self.pgid);
+        if idle && inner.sweep_idle && inner.starting.load(Ordering::SeqCst) == 0 {
+            // Held: no command starts while this runs (a few reads of /proc).
+            sweep_leftovers();
+        }
+        drop(running);
+    }
+}
+
+/// Counts a command as starting until dropped.
+struct Starting<'a>(&'a AtomicU64);
+
+impl Drop for Starting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// SIGKILLs every process visible here but this one and its ancestors: in
+/// the session's PID namespace, with no command running, everything else is
+/// what commands left behind. The namespace's init reaps them.
+fn sweep_leftovers() {
+    let me = std::process::id().cast_signed();
+    let table = crate::reap::processes();
+    let mut keep = vec![me];
+    let mut at = me;
+    // (A torn read of a changing table could hold a cycle: each pid once.)
+    while let Some(parent) = table.iter().find(|s| s.pid == at).map(|s| s.ppid).filter(|p| *p > 0 && !keep.contains(p))
+    {
+        keep.push(parent);
+        at = parent;
+    }
+    let mut swept = 0;
+    for stat in table.iter().filter(|s| !s.zombie && !keep.contains(&s.pid)) {
+        if nix::sys::signal::kill(Pid::from_raw(stat.pid), Signal::SIGKILL).is_ok() {
+            swept += 1;
+        }
+    }
+    if swept > 0 {
+        tracing::debug!(swept, "ended what finished commands left running");
     }
 }
 

@@ -49,6 +49,8 @@ pub struct Outcome {
     pub enforced: Vec<String>,
     /// Why a limit asked for does not hold.
     pub missing: Vec<String>,
+    /// The limits asked for that no cgroup holds.
+    pub unheld: SessionLimits,
 }
 
 impl SessionGroups {
@@ -59,6 +61,7 @@ impl SessionGroups {
             (std::fs::read_to_string("/proc/self/cgroup"), std::fs::read_to_string("/proc/self/mountinfo"))
         else {
             outcome.missing.push("cgroups: cannot read /proc/self/cgroup".into());
+            outcome.unheld = *limits;
             return outcome;
         };
         let mut dirs: Vec<PathBuf> = Vec::new();
@@ -69,6 +72,7 @@ impl SessionGroups {
             }
             let Some(hierarchy) = locate(&memberships, &mounts, controller) else {
                 outcome.missing.push(format!("{}: no cgroup hierarchy", controller.name()));
+                outcome.unhold(limits, controller);
                 continue;
             };
             let dir = hierarchy.dir.join(session_group(pid));
@@ -82,7 +86,10 @@ impl SessionGroups {
                         dirs.push(dir);
                     }
                 }
-                Err(e) => outcome.missing.push(format!("{}: {e}", controller.name())),
+                Err(e) => {
+                    outcome.missing.push(format!("{}: {e}", controller.name()));
+                    outcome.unhold(limits, controller);
+                }
             }
         }
         if !dirs.is_empty() {
@@ -128,6 +135,17 @@ impl Drop for SessionGroups {
         self.kill();
         for dir in &self.dirs {
             remove_tree(dir, REMOVE_PATIENCE);
+        }
+    }
+}
+
+impl Outcome {
+    /// Notes that `controller`'s part of `limits` holds through no cgroup.
+    fn unhold(&mut self, limits: &SessionLimits, controller: Controller) {
+        match controller {
+            Controller::Pids => self.unheld.processes = limits.processes,
+            Controller::Memory => self.unheld.memory = limits.memory,
+            Controller::Cpu => self.unheld.cpus = limits.cpus,
         }
     }
 }
