@@ -193,30 +193,32 @@ async fn a_setsid_double_fork_is_gone_with_its_call_and_its_session() {
     if !sandbox_works() {
         return;
     }
-    let gateway = Gateway::start();
-    let http = gateway.http();
-    let (session, _) = http.initialize().await;
-    let escape = |marker: &str, then: &str| {
-        let sleep = format!(
-            "os.execv(sys.executable, [sys.executable, \"-c\", \"import time; time.sleep(1000)\", \"{marker}\"])"
-        );
-        format!("{}import time\n{then}\n", double_fork(&sleep))
-    };
-    // One that escapes a call that returns is gone with the call.
-    let marker = format!("dynogate-escapee-{}", &session[..12]);
-    python(&http, &session, 1, &escape(&marker, "time.sleep(0.5)")).await;
-    eventually("the escapee of a finished call is gone", || pid_with_arg(&marker).is_none()).await;
-    // One that escapes a call still running is gone with the session.
-    let marker = format!("dynogate-escapee-late-{}", &session[..12]);
-    let code = escape(&marker, "time.sleep(1000)");
-    let call = tokio::spawn({
-        let (http, session) = (http.clone(), session.clone());
-        async move { http.call(&session, 2, "code_exec_python", json!({ "code": code })).await }
-    });
-    eventually("the escapee runs", || pid_with_arg(&marker).is_some()).await;
-    assert_eq!(http.delete(&session).await, StatusCode::NO_CONTENT);
-    eventually("the escapee is gone with its session", || pid_with_arg(&marker).is_none()).await;
-    call.abort();
+    for (who, options) in as_each_user(Options::default) {
+        let gateway = Gateway::with(options);
+        let http = gateway.http();
+        let (session, _) = http.initialize().await;
+        let escape = |marker: &str, then: &str| {
+            let sleep = format!(
+                "os.execv(sys.executable, [sys.executable, \"-c\", \"import time; time.sleep(1000)\", \"{marker}\"])"
+            );
+            format!("{}import time\n{then}\n", double_fork(&sleep))
+        };
+        // One that escapes a call that returns is gone with the call.
+        let marker = format!("dynogate-escapee-{}", &session[..12]);
+        python(&http, &session, 1, &escape(&marker, "time.sleep(0.5)")).await;
+        eventually(&format!("{who}: the escapee of a finished call is gone"), || pid_with_arg(&marker).is_none()).await;
+        // One that escapes a call still running is gone with the session.
+        let marker = format!("dynogate-escapee-late-{}", &session[..12]);
+        let code = escape(&marker, "time.sleep(1000)");
+        let call = tokio::spawn({
+            let (http, session) = (http.clone(), session.clone());
+            async move { http.call(&session, 2, "code_exec_python", json!({ "code": code })).await }
+        });
+        eventually(&format!("{who}: the escapee runs"), || pid_with_arg(&marker).is_some()).await;
+        assert_eq!(http.delete(&session).await, StatusCode::NO_CONTENT);
+        eventually(&format!("{who}: the escapee is gone with its session"), || pid_with_arg(&marker).is_none()).await;
+        call.abort();
+    }
 }
 
 #[tokio::test]
@@ -224,8 +226,11 @@ async fn killed_executor_or_runner_leaves_nothing() {
     if !sandbox_works() {
         return;
     }
-    for victim in ["executor", "runner"] {
-        let gateway = Gateway::start();
+    let runs = as_each_user(Options::default)
+        .into_iter()
+        .flat_map(|(who, options)| [("executor", who, options.clone()), ("runner", who, options)]);
+    for (victim, who, options) in runs {
+        let gateway = Gateway::with(options);
         let http = gateway.http();
         let (session, _) = http.initialize().await;
         let runner = runner_pids(&session)[0];
@@ -244,13 +249,15 @@ async fn killed_executor_or_runner_leaves_nothing() {
         };
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
         let _ = call.await;
-        eventually(&format!("{victim} killed: the call's processes are gone"), || pid_with_arg(&marker).is_none())
-            .await;
+        eventually(&format!("{who}, {victim} killed: the call's processes are gone"), || {
+            pid_with_arg(&marker).is_none()
+        })
+        .await;
         let _ = http.delete(&session).await;
-        eventually(&format!("{victim} killed: the runner is gone"), || gone(runner)).await;
+        eventually(&format!("{who}, {victim} killed: the runner is gone"), || gone(runner)).await;
         let group = format!("dynogate-session-{runner}");
-        eventually(&format!("{victim} killed: no cgroup is left"), || !cgroup_exists(&group)).await;
-        eventually(&format!("{victim} killed: no session directory is left"), || {
+        eventually(&format!("{who}, {victim} killed: no cgroup is left"), || !cgroup_exists(&group)).await;
+        eventually(&format!("{who}, {victim} killed: no session directory is left"), || {
             !session_dirs().iter().any(|d| d.contains(&session[..8]))
         })
         .await;

@@ -5,33 +5,10 @@
 //! runs, memory and CPU watched by the runner). Each test runs as whoever
 //! runs the suite and, when that is root, again as an unprivileged user.
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
-
 use serde_json::json;
 
 use crate::sandbox::{python, sandbox_works, stdout};
 use crate::support::*;
-
-/// `options` for each user a gateway is started as here: whoever runs the
-/// suite, and `nobody` as well when that is root (and the binaries are
-/// reachable by other users).
-fn as_each_user(options: impl Fn() -> Options) -> Vec<(&'static str, Options)> {
-    let mut users = vec![("this user", options())];
-    if !nix::unistd::geteuid().is_root() {
-        return users;
-    }
-    for dir in Path::new(RUNNER).ancestors().skip(1) {
-        let mode = std::fs::metadata(dir).map(|m| m.permissions().mode()).unwrap_or(0);
-        if mode & 0o001 == 0 {
-            eprintln!("not run as an unprivileged user: {} is not searchable by other users", dir.display());
-            return users;
-        }
-    }
-    let unprivileged = options().user(65_534).env("PATH", "/usr/local/bin:/usr/bin:/bin").env("HOME", "/nonexistent");
-    users.push(("an unprivileged user", unprivileged));
-    users
-}
 
 #[tokio::test]
 async fn a_fork_bomb_and_a_process_flood_hit_the_session_cap() {

@@ -620,3 +620,24 @@ pub fn metric(scrape: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, 
         })
         .sum()
 }
+
+/// `options` for each user a sandbox test starts a gateway as: whoever runs the
+/// suite, and `nobody` as well when that is root (and the binaries are
+/// reachable by other users).
+pub fn as_each_user(options: impl Fn() -> Options) -> Vec<(&'static str, Options)> {
+    let mut users = vec![("this user", options())];
+    if !nix::unistd::geteuid().is_root() {
+        return users;
+    }
+    for dir in std::path::Path::new(RUNNER).ancestors().skip(1) {
+        let mode =
+            std::fs::metadata(dir).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions())).unwrap_or(0);
+        if mode & 0o001 == 0 {
+            eprintln!("not run as an unprivileged user: {} is not searchable by other users", dir.display());
+            return users;
+        }
+    }
+    let unprivileged = options().user(65_534).env("PATH", "/usr/local/bin:/usr/bin:/bin").env("HOME", "/nonexistent");
+    users.push(("an unprivileged user", unprivileged));
+    users
+}
