@@ -18,7 +18,11 @@ type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStre
 /// The browser: `CHROMIUM`, else Debian's `/usr/bin/chromium`.
 fn chromium() -> PathBuf {
     let path = std::env::var_os("CHROMIUM").map_or_else(|| PathBuf::from("/usr/bin/chromium"), PathBuf::from);
-    assert!(path.is_file(), "no Chromium at {} (scripts/test installs Debian's chromium)", path.display());
+    assert!(
+        path.is_file(),
+        "no Chromium at {} (.ci/run installs Debian's chromium; apt-get install chromium)",
+        path.display()
+    );
     path
 }
 

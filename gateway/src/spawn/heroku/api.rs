@@ -221,6 +221,19 @@ impl Api {
         Some(self.remaining.load(Ordering::Relaxed)).filter(|n| *n >= 0)
     }
 
+    /// Asks Heroku how many calls are left (a call that costs none) and
+    /// keeps the answer.
+    pub async fn refresh_remaining(&self) -> Result<i64, ApiError> {
+        #[derive(Deserialize)]
+        struct RateLimits {
+            remaining: i64,
+        }
+        let response = self.call::<()>(Method::GET, "account/rate-limits", None, Tolerate::default()).await?;
+        let limits: RateLimits = parse(response).await?;
+        self.remaining.store(limits.remaining, Ordering::Relaxed);
+        Ok(limits.remaining)
+    }
+
     pub async fn create_dyno(&self, body: &CreateDyno) -> Result<Dyno, ApiError> {
         let path = format!("apps/{}/dynos", self.app);
         // A fresh app's release may not be ready yet: Heroku says 409.

@@ -61,13 +61,19 @@ pub struct HerokuSpawner {
     settings: HerokuSettings,
     /// Set at start-up when the app runs on Cloud Native Buildpacks.
     cnb: std::sync::Arc<std::sync::OnceLock<bool>>,
+    /// When the budget was last asked for while sessions were refused.
+    budget_asked: std::sync::Arc<std::sync::Mutex<Option<Instant>>>,
 }
+
+/// How often, at most, a spawner refusing sessions for the budget asks
+/// Heroku for it again.
+const ASK_BUDGET_EVERY: Duration = Duration::from_secs(5);
 
 impl HerokuSpawner {
     /// `api` is bound to the app runner dynos run in, `gateway` to the
     /// gateway's own (the same app only when the operator allowed it).
     pub fn new(api: Api, gateway: Api, settings: HerokuSettings) -> Self {
-        Self { api, gateway, settings, cnb: Default::default() }
+        Self { api, gateway, settings, cnb: Default::default(), budget_asked: Default::default() }
     }
 
     /// The dyno's command: the runner, the marker and the session, nothing
@@ -76,6 +82,29 @@ impl HerokuSpawner {
     pub fn command(&self, session: &str) -> String {
         let launcher = if self.cnb.get() == Some(&true) { "launcher " } else { "" };
         format!("{launcher}{} {MARKER} --session {session}", self.settings.runner_bin)
+    }
+}
+
+impl HerokuSpawner {
+    /// Asks Heroku for the budget again, in the background (at most every
+    /// [`ASK_BUDGET_EVERY`]): the budget refills over time, but while
+    /// sessions are refused nothing else may call the API to say so.
+    fn ask_budget(&self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        {
+            let mut asked = self.budget_asked.lock().expect("budget lock");
+            if asked.is_some_and(|at| at.elapsed() < ASK_BUDGET_EVERY) {
+                return;
+            }
+            *asked = Some(Instant::now());
+        }
+        let api = self.api.clone();
+        runtime.spawn(async move {
+            match api.refresh_remaining().await {
+                Ok(remaining) => info!(remaining, "asked Heroku for the API budget"),
+                Err(e) => warn!("cannot ask Heroku for the API budget: {e}"),
+            }
+        });
     }
 }
 
@@ -120,10 +149,13 @@ impl Spawner for HerokuSpawner {
 
     fn admit(&self) -> Result<(), String> {
         match self.api.remaining() {
-            Some(remaining) if remaining < self.settings.rate_limit_reserve => Err(format!(
-                "the Heroku API budget is nearly spent ({remaining} calls left, reserve {}); new sessions resume as it refills",
-                self.settings.rate_limit_reserve
-            )),
+            Some(remaining) if remaining < self.settings.rate_limit_reserve => {
+                self.ask_budget();
+                Err(format!(
+                    "the Heroku API budget is nearly spent ({remaining} calls left, reserve {}); new sessions resume as it refills",
+                    self.settings.rate_limit_reserve
+                ))
+            }
             _ => Ok(()),
         }
     }

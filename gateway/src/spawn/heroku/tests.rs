@@ -183,6 +183,21 @@ async fn a_nearly_spent_rate_limit_refuses_new_sessions() {
     spawner.spawn(spec()).await.unwrap();
     let refusal = spawner.admit().unwrap_err();
     assert!(refusal.contains("42 calls left"), "{refusal}");
+    // Idle, nothing else calls the API: the refusal itself asks for the
+    // budget again (a call that costs none), and sessions resume once it refilled.
+    Mock::given(method("GET"))
+        .and(path("/account/rate-limits"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"remaining": 4200})))
+        .mount(&server)
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while spawner.admit().is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "the budget was never asked for again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(spawner.budget_remaining(), Some(4200));
+    let asked = requests(&server).await.iter().filter(|r| r.url.path() == "/account/rate-limits").count();
+    assert_eq!(asked, 1, "asked once however often sessions were refused meanwhile");
 }
 
 #[tokio::test]
