@@ -31,6 +31,11 @@ pub struct Args {
     #[arg(long, env = "METRICS_PORT")]
     pub metrics_port: Option<u16>,
 
+    /// Address METRICS_PORT binds (e.g. a private interface's); defaults to
+    /// BIND_ADDRESS's.
+    #[arg(long, env = "METRICS_BIND")]
+    pub metrics_bind: Option<IpAddr>,
+
     /// Address to bind. Defaults to `::` (IPv6 and IPv4, as Fir's web dynos
     /// require) when API_KEY is set, else 127.0.0.1.
     #[arg(long, env = "BIND_ADDRESS")]
@@ -488,7 +493,7 @@ impl Args {
         }
         Ok(Config {
             listen: SocketAddr::new(bind, self.port),
-            metrics_listen: self.metrics_port.map(|port| SocketAddr::new(bind, port)),
+            metrics_listen: self.metrics_port.map(|port| SocketAddr::new(self.metrics_bind.unwrap_or(bind), port)),
             api_key: self.api_key,
             gateway_url,
             rendezvous_secret,

@@ -52,13 +52,24 @@ pub async fn run(
     launch: Launch,
     request: Bytes,
     limit: Duration,
-    mut on_message: impl FnMut(&Bytes),
+    on_message: impl FnMut(&Bytes),
 ) -> Result<Bytes, RunError> {
-    let (id, progress_token, method) = match jsonrpc::peek_client(&request) {
-        Ok(Kind::Request { id, method, progress_token }) if method != "initialize" => (id, progress_token, method),
-        Ok(_) => return Err(RunError::NotARequest("a request other than initialize is needed".into())),
-        Err(e) => return Err(RunError::NotARequest(e.to_string())),
-    };
+    run_in_turn(state, launch, request, limit, on_message, |_| None).await
+}
+
+/// Like [`run`], for requests that follow from each other's answers (the
+/// pages of a list) on the same runner: after each answer, `next` gives the
+/// next request, or `None` to stop. Returns the last answer; `limit` is for
+/// all of them together.
+pub async fn run_in_turn(
+    state: &AppState,
+    launch: Launch,
+    request: Bytes,
+    limit: Duration,
+    mut on_message: impl FnMut(&Bytes),
+    mut next: impl FnMut(&Bytes) -> Option<Bytes>,
+) -> Result<Bytes, RunError> {
+    let (id, progress_token, method) = request_of(&request)?;
     let handle = crate::mcp::create_session(state, Transport::Streamable, launch)
         .map_err(|e| RunError::Unavailable(e.to_string()))?;
     handle.mark_single_request();
@@ -82,13 +93,28 @@ pub async fn run(
             .send(Command::Notify { payload: initialized, cancelled: None }, state.config.timeouts.request)
             .await
             .map_err(|e| RunError::Ended(e.to_string()))?;
-        ask(state, &session.0, id, progress_token, request, &method, &mut on_message).await
+        let (mut id, mut progress_token, mut method, mut request) = (id, progress_token, method, request);
+        loop {
+            let answer = ask(state, &session.0, id, progress_token, request, &method, &mut on_message).await?;
+            let Some(following) = next(&answer) else { return Ok(answer) };
+            (id, progress_token, method) = request_of(&following)?;
+            request = following;
+        }
     })
     .await
     .unwrap_or(Err(RunError::TimedOut(limit)));
     session.0.end(EndReason::Completed);
     let _ = tokio::time::timeout(STOP_PATIENCE, session.0.finished()).await;
     answer
+}
+
+/// The id, progress token and method of a request a run may send.
+fn request_of(request: &Bytes) -> Result<(RequestId, Option<RequestId>, String), RunError> {
+    match jsonrpc::peek_client(request) {
+        Ok(Kind::Request { id, method, progress_token }) if method != "initialize" => Ok((id, progress_token, method)),
+        Ok(_) => Err(RunError::NotARequest("a request other than initialize is needed".into())),
+        Err(e) => Err(RunError::NotARequest(e.to_string())),
+    }
 }
 
 /// Sends one request into the session and reads its stream to the answer.

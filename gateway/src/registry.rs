@@ -211,22 +211,34 @@ impl Server {
         found
     }
 
+    /// Every tool the server lists, page after page (`nextCursor`), on one runner.
     async fn list_tools(&self, state: &AppState) -> Result<Arc<Vec<Value>>, String> {
+        let mut tools = Vec::new();
+        let mut failure = None;
+        let mut pages = 0;
+        let next = |answer: &Bytes| -> Option<Bytes> {
+            pages += 1;
+            match page_of(answer) {
+                Ok((page, cursor)) => {
+                    tools.extend(page);
+                    let cursor = cursor.filter(|_| pages < MAX_TOOL_PAGES)?;
+                    let request = json!({"jsonrpc": "2.0", "id": pages + 1, "method": "tools/list",
+                                         "params": {"cursor": cursor}});
+                    Some(Bytes::from(request.to_string()))
+                }
+                Err(error) => {
+                    failure = Some(error);
+                    None
+                }
+            }
+        };
         let request = Bytes::from_static(br#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{}}"#);
-        let answer = crate::oneshot::run(state, self.launch(None), request, DISCOVERY_LIMIT, |_| {})
+        crate::oneshot::run_in_turn(state, self.launch(None), request, DISCOVERY_LIMIT, |_| {}, next)
             .await
             .map_err(|e| format!("the server did not list its tools: {e}"))?;
-        let answer: Value =
-            serde_json::from_slice(&answer).map_err(|e| format!("the server's tools/list answer is not JSON: {e}"))?;
-        if let Some(error) = answer.get("error") {
-            return Err(format!(
-                "the server refused tools/list: {}",
-                error["message"].as_str().unwrap_or("no message")
-            ));
-        }
-        match answer["result"]["tools"].as_array() {
-            Some(tools) => Ok(Arc::new(tools.clone())),
-            None => Err("the server's tools/list answer holds no tool list".into()),
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(Arc::new(tools)),
         }
     }
 
@@ -339,6 +351,24 @@ fn rfc3339(at: SystemTime) -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rest / 3600, rest % 3600 / 60, rest % 60)
+}
+
+/// Pages of `tools/list` read at most from one server: a server whose
+/// cursors never end cannot keep discovery going.
+const MAX_TOOL_PAGES: u32 = 100;
+
+/// The tools of one `tools/list` answer and the cursor of the next page.
+fn page_of(answer: &Bytes) -> Result<(Vec<Value>, Option<String>), String> {
+    let answer: Value =
+        serde_json::from_slice(answer).map_err(|e| format!("the server's tools/list answer is not JSON: {e}"))?;
+    if let Some(error) = answer.get("error") {
+        return Err(format!("the server refused tools/list: {}", error["message"].as_str().unwrap_or("no message")));
+    }
+    let result = &answer["result"];
+    match result["tools"].as_array() {
+        Some(tools) => Ok((tools.clone(), result["nextCursor"].as_str().map(ToOwned::to_owned))),
+        None => Err("the server's tools/list answer holds no tool list".into()),
+    }
 }
 
 #[cfg(test)]

@@ -19,7 +19,8 @@
 //! - `seen {tag}`: how many calls carried the argument `tag` (any tool counts
 //!   the `tag` it is given, when it starts), to check nothing ran twice.
 //!
-//! `progress` also takes `delay_ms` between steps.
+//! `progress` also takes `delay_ms` between steps. Started as
+//! `mcp-echo --page-size N`, it lists its tools N at a time (`nextCursor`).
 
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
@@ -34,6 +35,11 @@ type Out = Arc<Mutex<std::io::Stdout>>;
 static SEEN: LazyLock<Mutex<HashMap<String, u64>>> = LazyLock::new(Mutex::default);
 /// Requests sent to the client, by their id, with the tool call waiting on each.
 static ASKED: LazyLock<Mutex<HashMap<String, Value>>> = LazyLock::new(Mutex::default);
+/// Tools per `tools/list` page (`--page-size N`); all at once without it.
+static PAGE_SIZE: LazyLock<Option<usize>> = LazyLock::new(|| {
+    let args: Vec<String> = std::env::args().collect();
+    args.windows(2).find(|w| w[0] == "--page-size").and_then(|w| w[1].parse().ok()).filter(|n| *n > 0)
+});
 
 fn main() {
     let out: Out = Arc::new(Mutex::new(std::io::stdout()));
@@ -100,13 +106,27 @@ fn handle(message: &Value, out: &Out) {
             );
         }
         "ping" => reply(out, id, json!({})),
-        "tools/list" => reply(out, id, json!({"tools": tools()})),
+        "tools/list" => reply(out, id, tools_page(&params)),
         "tools/call" => call(id, &params, out),
         _ => send(
             out,
             &json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32601, "message": format!("unknown method {method}")}}),
         ),
     }
+}
+
+/// One page of the tool list: from the `cursor` given (an offset) on.
+fn tools_page(params: &Value) -> Value {
+    let all = tools();
+    let all = all.as_array().expect("a list");
+    let Some(size) = *PAGE_SIZE else { return json!({"tools": all}) };
+    let from: usize = params["cursor"].as_str().and_then(|c| c.parse().ok()).unwrap_or(0);
+    let to = (from + size).min(all.len());
+    let mut page = json!({"tools": all.get(from..to).unwrap_or_default()});
+    if to < all.len() {
+        page["nextCursor"] = json!(to.to_string());
+    }
+    page
 }
 
 fn tools() -> Value {

@@ -152,14 +152,21 @@ async fn no_secret_and_no_code_reaches_the_log_at_trace() {
     }
 }
 
-/// With METRICS_PORT, `/metrics` is also served on a port of its own,
-/// without the key; the main port still asks for it.
+/// With METRICS_PORT, `/metrics` is also served on a port of its own (on
+/// METRICS_BIND's address when given), without the key; the main port still
+/// asks for it.
 #[tokio::test]
 async fn metrics_port_serves_metrics_without_the_key() {
-    let (running, drain, url) =
-        in_process(&["--warm-runners", "0", "--metrics-port", "0", "--bind", "127.0.0.1", "--api-key", KEY]).await;
+    // Where IPv6 loopback exists, the metrics port binds it apart from the main one.
+    let v6 = std::net::TcpListener::bind("[::1]:0").is_ok();
+    let mut args = vec!["--warm-runners", "0", "--metrics-port", "0", "--bind", "127.0.0.1", "--api-key", KEY];
+    if v6 {
+        args.extend(["--metrics-bind", "::1"]);
+    }
+    let (running, drain, url) = in_process(&args).await;
     let metrics = running.metrics.expect("a metrics listener");
     assert!(metrics.ip().is_loopback(), "{metrics}");
+    assert_eq!(metrics.is_ipv6(), v6, "METRICS_BIND is where the metrics port listens: {metrics}");
     let response = reqwest::get(format!("http://{metrics}/metrics")).await.unwrap();
     assert_eq!(response.status(), 200);
     let text = response.text().await.unwrap();

@@ -6,10 +6,12 @@ use serde_json::{Value, json};
 use crate::support::*;
 
 /// A gateway started in a directory whose Procfile declares the executor,
-/// the echo server and a server that cannot start.
+/// the echo server (also listing its tools three at a time) and a server
+/// that cannot start.
 fn gateway_with_procfile(dir: &tempfile::TempDir, extra: Options) -> Gateway {
     let procfile = format!(
-        "web: {GATEWAY}\nmcp-exec: {RUNNER} exec\nmcp-echo: {ECHO}\nmcp-broken: /nonexistent/mcp-server --stdio\nworker: sleep 1\n"
+        "web: {GATEWAY}\nmcp-exec: {RUNNER} exec\nmcp-echo: {ECHO}\nmcp-broken: /nonexistent/mcp-server --stdio\n\
+         mcp-paged: {ECHO} --page-size 3\nworker: sleep 1\n"
     );
     std::fs::write(dir.path().join("Procfile"), procfile).unwrap();
     Gateway::with(extra.cwd(dir.path()).env("DISCOVER_SERVERS", "start"))
@@ -56,7 +58,7 @@ async fn the_procfiles_servers_are_listed_with_their_tools_and_a_broken_one_with
     let gateway = gateway_with_procfile(&dir, Options::default().api_key("registry-key"));
     let list = synced(&gateway).await;
     let types: Vec<&str> = list.iter().map(|s| s["process_type"].as_str().unwrap()).collect();
-    assert_eq!(types, ["mcp-code-exec", "mcp-exec", "mcp-echo", "mcp-broken"], "{list:?}");
+    assert_eq!(types, ["mcp-code-exec", "mcp-exec", "mcp-echo", "mcp-broken", "mcp-paged"], "{list:?}");
 
     let exec = by_type(&list, "mcp-exec");
     assert_eq!(
@@ -79,6 +81,13 @@ async fn the_procfiles_servers_are_listed_with_their_tools_and_a_broken_one_with
     let echo = by_type(&list, "mcp-echo");
     assert_eq!(echo["primitives_status"], "synced", "{echo}");
     assert!(echo["tools"].as_array().unwrap().iter().any(|t| t["namespaced_name"] == "echo.echo"), "{echo}");
+    // A server that lists its tools a page at a time has all of them found.
+    let paged = by_type(&list, "mcp-paged");
+    let names = |server: &Value| -> Vec<String> {
+        server["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap().to_owned()).collect()
+    };
+    assert!(names(echo).len() > 3, "{echo}");
+    assert_eq!(names(paged), names(echo), "{paged}");
 
     let broken = by_type(&list, "mcp-broken");
     assert_eq!(
