@@ -360,32 +360,6 @@ impl Gate {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use futures_util::FutureExt;
-
-    use super::*;
-
-    #[tokio::test]
-    async fn calls_past_the_limit_wait_in_a_bounded_queue() {
-        let gate = Gate::new(1);
-        let first = gate.enter().await.unwrap();
-        let mut queued: Vec<_> = (0..Gate::QUEUE_PER_SLOT).map(|_| Box::pin(gate.enter())).collect();
-        for call in &mut queued {
-            assert!(call.as_mut().now_or_never().is_none(), "waits its turn");
-        }
-        let refused = gate.enter().now_or_never().expect("refused at once").unwrap_err();
-        assert!(refused.contains("EXEC_MAX_CONCURRENT_CALLS=1"), "{refused}");
-        // A waiting call that gives up frees its place in the queue.
-        drop(queued.pop());
-        let mut late = Box::pin(gate.enter());
-        assert!(late.as_mut().now_or_never().is_none(), "queued, not refused");
-        drop(first);
-        let turn = queued[0].as_mut().await.unwrap();
-        drop(turn);
-    }
-}
-
 /// How long after start-up the executor looks for its other toolchains and
 /// readies the Python venv.
 const WARM_LATER: std::time::Duration = std::time::Duration::from_millis(300);
@@ -461,4 +435,30 @@ pub async fn serve(settings: Exec) -> anyhow::Result<()> {
     }
     executor.kill_everything();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::FutureExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn calls_past_the_limit_wait_in_a_bounded_queue() {
+        let gate = Gate::new(1);
+        let first = gate.enter().await.unwrap();
+        let mut queued: Vec<_> = (0..Gate::QUEUE_PER_SLOT).map(|_| Box::pin(gate.enter())).collect();
+        for call in &mut queued {
+            assert!(call.as_mut().now_or_never().is_none(), "waits its turn");
+        }
+        let refused = gate.enter().now_or_never().expect("refused at once").unwrap_err();
+        assert!(refused.contains("EXEC_MAX_CONCURRENT_CALLS=1"), "{refused}");
+        // A waiting call that gives up frees its place in the queue.
+        drop(queued.pop());
+        let mut late = Box::pin(gate.enter());
+        assert!(late.as_mut().now_or_never().is_none(), "queued, not refused");
+        drop(first);
+        let turn = queued[0].as_mut().await.unwrap();
+        drop(turn);
+    }
 }

@@ -170,15 +170,19 @@ impl Governor {
         let spent = spent_ticks as f64 / self.ticks_per_second;
         self.budget = (self.budget + cpus * elapsed - spent).min(cpus * BURST_SECONDS);
         if self.budget < 0.0 {
-            // Stop what is running, including processes started since the last reading.
+            // Stop what runs, including processes started since the last
+            // reading, and again what was stopped already: a process started
+            // in between may have continued it.
             let spared = spared(members, self.root);
             for member in members.iter().filter(|m| !m.zombie && !spared.contains(&m.pid)) {
-                if !self.stopped.contains(&member.pid) && kill(Pid::from_raw(member.pid), Signal::SIGSTOP).is_ok() {
+                if kill(Pid::from_raw(member.pid), Signal::SIGSTOP).is_ok() && !self.stopped.contains(&member.pid) {
                     self.stopped.push(member.pid);
                 }
             }
             debug!(budget = self.budget, stopped = self.stopped.len(), "session over its CPU share: stopped");
         } else if !self.stopped.is_empty() {
+            // Only what is still the session's: a pid that left may be reused.
+            self.stopped.retain(|pid| members.iter().any(|m| m.pid == *pid));
             self.continue_stopped();
         }
     }

@@ -93,7 +93,7 @@ mod tests {
     #[test]
     fn the_filter_compiles_to_whole_instructions() {
         let bytes = program().unwrap();
-        assert!(!bytes.is_empty() && bytes.len() % 8 == 0);
+        assert!(!bytes.is_empty() && bytes.len().is_multiple_of(8));
         assert!(denied().iter().any(|(name, _)| *name == "keyctl"));
     }
 }
