@@ -9,8 +9,8 @@
 use std::future::Future;
 use std::time::Duration;
 
-use dynogate_shared::Control;
 use dynogate_shared::names::log_id;
+use dynogate_shared::{Control, Secret};
 use futures_util::FutureExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -25,8 +25,11 @@ use crate::relay::{End, Redialer, Relay};
 use crate::sandbox::Sandbox;
 use crate::workdir::Workdir;
 
-/// How long the first dial may keep retrying an unreachable gateway.
+/// How long the first dial keeps retrying an unreachable gateway when its
+/// token does not say (see [`first_dial_deadline`]), and at least.
 const FIRST_DIAL: Duration = Duration::from_secs(20);
+/// The longest the first dial keeps retrying, whatever the token says.
+const FIRST_DIAL_AT_MOST: Duration = Duration::from_secs(15 * 60);
 /// After the last words, how long to wait for the gateway to close.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -45,7 +48,7 @@ pub async fn run(dial: Dial) -> anyhow::Result<i32> {
             Ok(workdir) => start_server(&dial, workdir.path()),
             Err(e) => Err((anyhow::anyhow!("{e:#}"), "cannot create the session's directory".to_owned())),
         };
-        let joined = dial::connect(&dial, &dial.token, 0, Instant::now() + FIRST_DIAL, false).await;
+        let joined = dial::connect(&dial, &dial.token, 0, first_dial_deadline(&dial.token), false).await;
         let (socket, welcome) = match joined {
             Ok(joined) => joined,
             Err(e) => {
@@ -160,5 +163,44 @@ fn stop_signal() -> impl Future<Output = ()> {
             _ = term.recv() => {}
             _ = interrupt.recv() => {}
         }
+    }
+}
+
+/// Until when the first dial keeps retrying an unreachable gateway: while
+/// the runner's token is good, since the gateway sizes it to its own wait
+/// for the dial (`DIAL_BACK_TIMEOUT`, plus slack); within
+/// [`FIRST_DIAL`]..[`FIRST_DIAL_AT_MOST`].
+fn first_dial_deadline(token: &Secret) -> Instant {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let good_for = dynogate_shared::token::RunnerClaims::read_unverified(token.expose())
+        .map_or(FIRST_DIAL, |claims| Duration::from_secs(claims.exp.saturating_sub(now)));
+    Instant::now() + good_for.clamp(FIRST_DIAL, FIRST_DIAL_AT_MOST)
+}
+
+#[cfg(test)]
+mod tests {
+    use dynogate_shared::token::{AUDIENCE, RunnerClaims};
+
+    use super::*;
+
+    /// A token of the gateway's shape good for `seconds` more (unsigned: the
+    /// runner never checks the signature).
+    fn token_good_for(seconds: u64) -> Secret {
+        use base64::Engine;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let claims =
+            RunnerClaims { aud: AUDIENCE.into(), sid: "s".into(), iat: now, exp: now + seconds, jti: "j".into() };
+        let encode = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        Secret::new(format!("{}.{}.sig", encode(b"{}"), encode(&serde_json::to_vec(&claims).unwrap())))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_dial_retries_while_the_token_is_good_within_bounds() {
+        let window = |token: &Secret| first_dial_deadline(token) - Instant::now();
+        let ninety = window(&token_good_for(90));
+        assert!(ninety <= Duration::from_secs(90) && ninety >= Duration::from_secs(88), "{ninety:?}");
+        assert_eq!(window(&token_good_for(5)), FIRST_DIAL);
+        assert_eq!(window(&token_good_for(24 * 3600)), FIRST_DIAL_AT_MOST);
+        assert_eq!(window(&Secret::new("not-a-token")), FIRST_DIAL);
     }
 }
