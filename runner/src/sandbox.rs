@@ -13,8 +13,9 @@
 //! user namespace and code keeps that user's id, confined by the other
 //! namespaces. Either way `no_new_privs` is set, so no setuid program gives
 //! privileges back. The session's [`cgroups`] bound all of its processes
-//! together, and a [`seccomp`] filter takes away kernel interfaces code has
-//! no use for. The network is shared unless `SANDBOX_NETWORK=off`.
+//! together (where they cannot be written: RLIMIT_NPROC set inside, and the
+//! runner's [`governor`] for memory and CPU), and a [`seccomp`] filter takes
+//! away kernel interfaces code has no use for. The network is shared unless `SANDBOX_NETWORK=off`.
 //!
 //! On a dyno (`runner` without `--local`) the dyno is the machine and there
 //! is no sandbox.
@@ -123,7 +124,8 @@ impl Sandbox {
         // counts it for this session alone (a user of the session's own as
         // root; otherwise the sandbox's user namespace, on Linux 5.14+); the
         // memory and CPU limits watched by the runner.
-        let nproc = outcome.unheld.processes.filter(|_| identity.is_some() || nproc_counted_per_user_namespace());
+        let counted_apart = identity.map_or_else(nproc_counted_per_user_namespace, |i| i.is_own());
+        let nproc = outcome.unheld.processes.filter(|_| counted_apart);
         let watched = Watched { memory: outcome.unheld.memory, cpus: outcome.unheld.cpus };
         if !outcome.missing.is_empty() {
             tracing::debug!(without = %outcome.missing.join("; "), "session limits that no cgroup holds");
@@ -133,7 +135,8 @@ impl Sandbox {
             outcome.enforced.push(format!("RLIMIT_NPROC={n}"));
         } else if let Some(n) = outcome.unheld.processes {
             outcome.missing.push(format!(
-                "processes ({n}): no writable pids cgroup, and this kernel counts RLIMIT_NPROC per user, not per session"
+                "processes ({n}): no writable pids cgroup, and RLIMIT_NPROC would count other sessions' processes \
+                 too here (sessions share `nobody`, or the kernel is older than 5.14)"
             ));
         }
         if let Some(bytes) = watched.memory {

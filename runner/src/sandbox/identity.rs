@@ -34,6 +34,14 @@ impl Identity {
     }
 }
 
+impl Identity {
+    /// Whether the id is this session's alone (not the shared `nobody`), so
+    /// what the kernel counts per user counts this session only.
+    pub fn is_own(&self) -> bool {
+        self.uid != NOBODY
+    }
+}
+
 /// Whether `[first, first + count)` is inside one line of an id map
 /// (`inside outside count`).
 fn maps(map: &str, first: u32, count: u32) -> bool {
@@ -61,6 +69,7 @@ mod tests {
     fn a_narrow_map_falls_back_to_nobody() {
         let narrow = "0 100000 65536\n";
         assert_eq!(Identity::for_runner(42, narrow, narrow), Identity { uid: NOBODY, gid: NOBODY });
+        assert!(!Identity::for_runner(42, narrow, narrow).is_own() && Identity::for_runner(42, FULL, FULL).is_own());
         assert_eq!(Identity::for_runner(42, FULL, narrow).uid, NOBODY);
     }
 }
