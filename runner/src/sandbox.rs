@@ -67,6 +67,8 @@ pub struct Sandbox {
     nproc: Option<u64>,
     /// The limits the runner keeps by watching, where no cgroup holds them.
     watched: Watched,
+    /// Holds `identity`'s id for this session alone while the runner lives.
+    _identity_claim: Option<identity::Claim>,
 }
 
 impl Sandbox {
@@ -93,10 +95,14 @@ impl Sandbox {
         };
         let exe = std::env::current_exe().context("cannot locate the runner binary")?;
         let pid = std::process::id();
-        let identity = nix::unistd::geteuid().is_root().then(|| {
+        let (identity, identity_claim) = if nix::unistd::geteuid().is_root() {
             let read = |file| std::fs::read_to_string(file).unwrap_or_default();
-            Identity::for_runner(pid, &read("/proc/self/uid_map"), &read("/proc/self/gid_map"))
-        });
+            let dir = Path::new(identity::CLAIMS_DIR);
+            let (identity, held) = identity::claim(dir, pid, &read("/proc/self/uid_map"), &read("/proc/self/gid_map"));
+            (Some(identity), held)
+        } else {
+            (None, None)
+        };
         // bubblewrap fails on a path that is not there: only what exists.
         let dir = |name: &str| std::env::var_os(name).map(PathBuf::from).filter(|d| d.is_dir());
         // Made now, so a uv the gateway obtains later shows through the mount.
@@ -170,6 +176,7 @@ impl Sandbox {
             tools,
             nproc,
             watched,
+            _identity_claim: identity_claim,
         }))
     }
 

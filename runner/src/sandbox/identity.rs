@@ -1,11 +1,23 @@
 //! The unprivileged user a session's code runs as when the runner is root.
 //!
-//! Each session gets a user id of its own, derived from the runner's pid
-//! (unique among live runners), so even outside the sandbox's namespaces two
-//! sessions' processes and files belong to different users. The id must be
-//! mapped in this user namespace (a container may map only 65,536 ids);
-//! where the range is not, every session shares `nobody`, and the
-//! namespaces alone keep them apart.
+//! Each session gets a user id of its own, so even outside the sandbox's
+//! namespaces two sessions' processes and files belong to different users.
+//! The id is chosen from the runner's pid and held with a lock ([`claim`]):
+//! pids are unique among live runners but not modulo the range, so a runner
+//! whose first choice is held by another live runner takes the next free
+//! id. The lock is the kernel's (`flock`), so it goes with the runner
+//! however it ends. The id must be mapped in this user namespace (a
+//! container may map only 65,536 ids); where the range is not, every
+//! session shares `nobody`, and the namespaces alone keep them apart.
+
+use std::fs::File;
+use std::path::Path;
+
+use nix::fcntl::{Flock, FlockArg};
+
+/// Where runners hold their session ids: root's alone, and covered in every
+/// sandbox.
+pub const CLAIMS_DIR: &str = "/run/dynogate/session-users";
 
 /// First id of the range session users are taken from.
 const BASE: u32 = 200_000;
@@ -32,6 +44,44 @@ impl Identity {
             Identity { uid: NOBODY, gid: NOBODY }
         }
     }
+}
+
+/// A session id held by this runner until dropped.
+#[derive(Debug)]
+pub struct Claim {
+    _lock: Flock<File>,
+}
+
+/// The identity for the session of the runner with `pid`: the first id from
+/// [`Identity::for_runner`]'s choice on that no other live runner holds in
+/// `dir`, and the claim that holds it. Without a usable `dir` the first
+/// choice, unheld.
+pub fn claim(dir: &Path, pid: u32, uid_map: &str, gid_map: &str) -> (Identity, Option<Claim>) {
+    let first = Identity::for_runner(pid, uid_map, gid_map);
+    if !first.is_own() || !private_dir(dir) {
+        return (first, None);
+    }
+    for step in 0..SPAN {
+        let id = BASE + (first.uid - BASE + step) % SPAN;
+        let Ok(file) = File::options().create(true).truncate(false).write(true).open(dir.join(id.to_string())) else {
+            break;
+        };
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return (Identity { uid: id, gid: id }, Some(Claim { _lock: lock })),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => continue,
+            Err(_) => break,
+        }
+    }
+    (first, None)
+}
+
+/// Makes `dir` (and its parents) if missing, readable by its owner only.
+fn private_dir(dir: &Path) -> bool {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).is_err() {
+        return false;
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).is_ok()
 }
 
 impl Identity {
@@ -63,6 +113,26 @@ mod tests {
         assert_eq!(Identity::for_runner(42, FULL, FULL), Identity { uid: 200_042, gid: 200_042 });
         assert_ne!(Identity::for_runner(43, FULL, FULL), Identity::for_runner(42, FULL, FULL));
         assert!(Identity::for_runner(u32::MAX, FULL, FULL).uid < BASE + SPAN);
+    }
+
+    #[test]
+    fn a_held_id_is_not_given_twice_and_comes_back_when_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let claims = dir.path().join("claims");
+        let (first, held) = claim(&claims, 42, FULL, FULL);
+        assert_eq!(first.uid, 200_042);
+        assert!(held.is_some());
+        // Another runner whose pid gives the same id (42 + 60,000) gets the next one.
+        let (second, _also_held) = claim(&claims, 42 + SPAN, FULL, FULL);
+        assert_eq!(second.uid, 200_043);
+        drop(held);
+        assert_eq!(claim(&claims, 42 + SPAN, FULL, FULL).0.uid, 200_042, "released with its holder");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&claims).unwrap().permissions().mode() & 0o777, 0o700);
+        // The last id of the range wraps to the first.
+        let (last, _held) = claim(&claims, SPAN - 1, FULL, FULL);
+        let (wrapped, _held) = claim(&claims, 2 * SPAN - 1, FULL, FULL);
+        assert_eq!((last.uid, wrapped.uid), (BASE + SPAN - 1, BASE));
     }
 
     #[test]
