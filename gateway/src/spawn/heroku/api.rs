@@ -189,6 +189,10 @@ impl Api {
         &self.app
     }
 
+    pub fn retry_policy(&self) -> &RetryPolicy {
+        &self.retry
+    }
+
     /// The app this client is bound to.
     pub async fn app_info(&self) -> Result<App, ApiError> {
         let path = format!("apps/{}", self.app);

@@ -68,6 +68,17 @@ pub struct HerokuSpawner {
 /// How often, at most, a spawner refusing sessions for the budget asks
 /// Heroku for it again.
 const ASK_BUDGET_EVERY: Duration = Duration::from_secs(5);
+/// How long start-up keeps trying a Platform API that is unavailable (a
+/// refusal, such as a wrong key, fails at once).
+const PREPARE_PATIENCE: Duration = Duration::from_secs(180);
+/// The longest wait between two tries at start-up.
+const PREPARE_WAIT_AT_MOST: Duration = Duration::from_secs(30);
+
+/// Whether `error` comes of the Platform API being unavailable, which
+/// waiting may cure, rather than of a refusal.
+fn unavailable(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| matches!(cause.downcast_ref::<ApiError>(), Some(ApiError::Unavailable(_))))
+}
 
 impl HerokuSpawner {
     /// `api` is bound to the app runner dynos run in, `gateway` to the
@@ -86,6 +97,22 @@ impl HerokuSpawner {
 }
 
 impl HerokuSpawner {
+    /// Reads the gateway's app and readies the runner app; returns the
+    /// gateway's public URL.
+    async fn prepare_once(&self) -> anyhow::Result<Option<url::Url>> {
+        let own = self
+            .gateway
+            .app_info()
+            .await
+            .with_context(|| format!("cannot read the gateway's app {}", self.gateway.app()))?;
+        if own.is_cnb() {
+            info!("the app is built with Cloud Native Buildpacks: runner dynos start through `launcher`");
+            let _ = self.cnb.set(true);
+        }
+        runner_app::prepare(&self.gateway, &self.api, &own).await?;
+        Ok(own.web_url.as_deref().and_then(|url| url::Url::parse(url).ok()))
+    }
+
     /// Asks Heroku for the budget again, in the background (at most every
     /// [`ASK_BUDGET_EVERY`]): the budget refills over time, but while
     /// sessions are refused nothing else may call the API to say so.
@@ -132,17 +159,20 @@ fn spawn_error(error: ApiError) -> SpawnError {
 impl Spawner for HerokuSpawner {
     fn prepare(&self) -> BoxFuture<'_, anyhow::Result<Option<url::Url>>> {
         async move {
-            let own = self
-                .gateway
-                .app_info()
-                .await
-                .with_context(|| format!("cannot read the gateway's app {}", self.gateway.app()))?;
-            if own.is_cnb() {
-                info!("the app is built with Cloud Native Buildpacks: runner dynos start through `launcher`");
-                let _ = self.cnb.set(true);
+            // An outage of the Platform API at boot is waited out: failing
+            // would crash the web dyno, and Heroku backs off restarting it.
+            let started = Instant::now();
+            let mut wait = self.api.retry_policy().max_wait;
+            loop {
+                match self.prepare_once().await {
+                    Err(e) if unavailable(&e) && started.elapsed() + wait < PREPARE_PATIENCE => {
+                        warn!("cannot prepare yet; trying again in {wait:?}: {e:#}");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(PREPARE_WAIT_AT_MOST);
+                    }
+                    done => return done,
+                }
             }
-            runner_app::prepare(&self.gateway, &self.api, &own).await?;
-            Ok(own.web_url.as_deref().and_then(|url| url::Url::parse(url).ok()))
         }
         .boxed()
     }

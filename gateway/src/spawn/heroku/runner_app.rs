@@ -11,7 +11,7 @@
 //! build the gateway runs. What a runner needs (its token, `GATEWAY_URL`,
 //! `RUNNER_COMMAND`) travels in its dyno's `env`, one session at a time.
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use tracing::{info, warn};
 
 use super::api::{Api, ApiError, App};
@@ -48,7 +48,7 @@ pub async fn prepare(gateway: &Api, runner: &Api, own: &App) -> anyhow::Result<(
             })?;
             info!(app = runner.app(), ?stack, ?region, "created the app runner dynos run in");
         }
-        Err(e) => bail!("cannot read the runner app {}: {e}", runner.app()),
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot read the runner app {}", runner.app()))),
     }
     if let Err(e) = sync_slug(gateway, runner).await {
         warn!(app = runner.app(), "cannot release the gateway's slug on the runner app: {e:#}");

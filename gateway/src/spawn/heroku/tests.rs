@@ -416,6 +416,36 @@ async fn a_runner_app_that_cannot_be_created_stops_the_gateway_with_the_reason()
 }
 
 #[tokio::test]
+async fn an_api_outage_at_start_up_is_waited_out_and_a_refusal_is_not() {
+    let server = MockServer::start().await;
+    let ready = spawner(&server);
+    // Unavailable for longer than one call's own retries (3 here).
+    Mock::given(method("GET"))
+        .and(path("/apps/my-gw"))
+        .respond_with(error(503, "unavailable", "the API is down"))
+        .up_to_n_times(10)
+        .mount(&server)
+        .await;
+    answer_get(&server, "/apps/my-gw", json!({"name": "my-gw", "web_url": "https://my-gw.herokuapp.com/"})).await;
+    answer_get(&server, "/apps/my-app", json!({"name": "my-app"})).await;
+    answer_get(&server, "/apps/my-gw/releases", json!([])).await;
+    let url = ready.prepare().await.expect("ready once the API is back");
+    assert_eq!(url.unwrap().as_str(), "https://my-gw.herokuapp.com/");
+    let tries = requests(&server).await.iter().filter(|r| r.url.path() == "/apps/my-gw").count();
+    assert_eq!(tries, 11, "every unavailable answer was followed by another try");
+
+    let server = MockServer::start().await;
+    let refused = spawner(&server);
+    Mock::given(method("GET"))
+        .respond_with(error(403, "forbidden", "This key may not read the app"))
+        .mount(&server)
+        .await;
+    let error = format!("{:#}", refused.prepare().await.unwrap_err());
+    assert!(error.contains("This key may not read the app"), "{error}");
+    assert_eq!(requests(&server).await.len(), 1, "a refusal fails at once");
+}
+
+#[tokio::test]
 async fn a_cnb_app_gives_its_url_and_its_dynos_start_through_launcher() {
     let server = MockServer::start().await;
     let spawner = spawner(&server);
