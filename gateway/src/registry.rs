@@ -221,7 +221,11 @@ impl Server {
             match page_of(answer) {
                 Ok((page, cursor)) => {
                     tools.extend(page);
-                    let cursor = cursor.filter(|_| pages < MAX_TOOL_PAGES)?;
+                    let cursor = cursor?;
+                    if pages >= MAX_TOOL_PAGES {
+                        warn!(server = %self.process_type, pages, "the server lists more pages of tools than are read; the rest are left out");
+                        return None;
+                    }
                     let request = json!({"jsonrpc": "2.0", "id": pages + 1, "method": "tools/list",
                                          "params": {"cursor": cursor}});
                     Some(Bytes::from(request.to_string()))

@@ -305,7 +305,8 @@ pub struct ExecArgs {
     pub obtain_uv: bool,
 
     /// Every process this executor can see belongs to its session (set by
-    /// the runner's sandbox, whose PID namespace it runs in). Without a
+    /// the runner's sandbox, whose PID namespace it runs in; heeded only
+    /// when the executor's parent is that namespace's init). Without a
     /// cgroup per command, it then ends every other process it sees
     /// whenever no command is running, as a cgroup per command would.
     #[arg(long, env = "EXEC_SANDBOXED", default_value_t = false, action = clap::ArgAction::Set)]

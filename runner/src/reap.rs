@@ -51,6 +51,8 @@ pub(crate) struct Stat {
     pub zombie: bool,
     /// User and system time, in clock ticks.
     pub cpu_ticks: u64,
+    /// User and system time of its children that it has waited for.
+    pub child_ticks: u64,
     /// When it started, in clock ticks after boot.
     pub start: u64,
     /// Resident pages (shared ones included, so an upper bound of its own use).
@@ -73,6 +75,7 @@ fn parse_stat(text: &str) -> Option<Stat> {
         // `X` (dead) is only ever seen fleetingly; it needs reaping no more than a zombie.
         zombie: matches!(*state, "Z" | "X"),
         cpu_ticks: number(11) + number(12),
+        child_ticks: number(13) + number(14),
         start: number(19),
         rss_pages: number(21),
     })
@@ -218,9 +221,9 @@ mod tests {
 
     #[test]
     fn reads_cpu_time_start_and_resident_pages() {
-        let line = "42 (python3) R 1 42 42 0 -1 4194304 900 0 0 0 150 25 0 0 20 0 1 0 7777 123456789 2048 18446744073709551615";
+        let line = "42 (python3) R 1 42 42 0 -1 4194304 900 0 0 0 150 25 7 3 20 0 1 0 7777 123456789 2048 18446744073709551615";
         let stat = parse_stat(line).unwrap();
-        assert_eq!((stat.cpu_ticks, stat.start, stat.rss_pages), (175, 7777, 2048));
+        assert_eq!((stat.cpu_ticks, stat.child_ticks, stat.start, stat.rss_pages), (175, 10, 7777, 2048));
     }
 
     #[test]

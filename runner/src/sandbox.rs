@@ -130,7 +130,7 @@ impl Sandbox {
         // counts it for this session alone (a user of the session's own as
         // root; otherwise the sandbox's user namespace, on Linux 5.14+); the
         // memory and CPU limits watched by the runner.
-        let counted_apart = identity.map_or_else(nproc_counted_per_user_namespace, |i| i.is_own());
+        let counted_apart = identity.map_or_else(nproc_counted_per_user_namespace, |_| identity_claim.is_some());
         let nproc = outcome.unheld.processes.filter(|_| counted_apart);
         let watched = Watched { memory: outcome.unheld.memory, cpus: outcome.unheld.cpus };
         if !outcome.missing.is_empty() {

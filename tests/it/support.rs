@@ -637,6 +637,22 @@ pub fn as_each_user(options: impl Fn() -> Options) -> Vec<(&'static str, Options
             return users;
         }
     }
+    // Where this user cannot make a sandbox (unprivileged user namespaces
+    // disabled), there is nothing to test as it.
+    let check = {
+        use std::os::unix::process::CommandExt;
+        Command::new(RUNNER)
+            .arg("sandbox-check")
+            .uid(65_534)
+            .gid(65_534)
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .output()
+    };
+    if !check.as_ref().is_ok_and(|out| out.status.success()) {
+        eprintln!("not run as an unprivileged user: it cannot make a sandbox here: {check:?}");
+        return users;
+    }
     let unprivileged = options().user(65_534).env("PATH", "/usr/local/bin:/usr/bin:/bin").env("HOME", "/nonexistent");
     users.push(("an unprivileged user", unprivileged));
     users

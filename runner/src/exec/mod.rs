@@ -380,9 +380,20 @@ pub async fn serve(settings: Exec) -> anyhow::Result<()> {
     let shim = std::env::current_exe().context("cannot locate the runner binary (for `runner limit`)")?;
     let supervisor = match cgroup::PidsRoot::create() {
         Some(pids) => Supervisor::new(shim, Some(pids)),
-        // In the sandbox, what a command left behind is found without a cgroup.
-        None if settings.sandboxed => Supervisor::sweeping_when_idle(shim),
-        None => Supervisor::new(shim, None),
+        // In the sandbox, what a command left behind is found without a
+        // cgroup: every process the executor sees is the session's. It
+        // checks that it is the first process below the namespace's init
+        // rather than trust the variable alone: outside a sandbox the sweep
+        // would reach whatever else runs as this user.
+        None if settings.sandboxed && nix::unistd::getppid().as_raw() == 1 => Supervisor::sweeping_when_idle(shim),
+        None => {
+            if settings.sandboxed {
+                warn!(
+                    "EXEC_SANDBOXED is set, but this executor is not the first process of a sandbox: it leaves others' processes alone"
+                );
+            }
+            Supervisor::new(shim, None)
+        }
     };
     if !supervisor.caps_processes() {
         warn!("EXEC_MAX_PROCESSES cannot be enforced: no writable pids cgroup, and RLIMIT_NPROC does not bind root");

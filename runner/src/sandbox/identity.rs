@@ -58,7 +58,11 @@ pub struct Claim {
 /// choice, unheld.
 pub fn claim(dir: &Path, pid: u32, uid_map: &str, gid_map: &str) -> (Identity, Option<Claim>) {
     let first = Identity::for_runner(pid, uid_map, gid_map);
-    if !first.is_own() || !private_dir(dir) {
+    if !first.is_own() {
+        return (first, None);
+    }
+    if !private_dir(dir) {
+        tracing::warn!(dir = %dir.display(), uid = first.uid, "cannot claim the session's user here; it may be another live session's too");
         return (first, None);
     }
     for step in 0..SPAN {
@@ -72,6 +76,7 @@ pub fn claim(dir: &Path, pid: u32, uid_map: &str, gid_map: &str) -> (Identity, O
             Err(_) => break,
         }
     }
+    tracing::warn!(dir = %dir.display(), uid = first.uid, "cannot claim the session's user here; it may be another live session's too");
     (first, None)
 }
 

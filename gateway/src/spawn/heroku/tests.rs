@@ -181,15 +181,15 @@ async fn a_nearly_spent_rate_limit_refuses_new_sessions() {
     spawner.spawn(spec()).await.unwrap();
     assert!(spawner.admit().is_ok(), "4000 left");
     spawner.spawn(spec()).await.unwrap();
-    let refusal = spawner.admit().unwrap_err();
-    assert!(refusal.contains("42 calls left"), "{refusal}");
-    // Idle, nothing else calls the API: the refusal itself asks for the
-    // budget again (a call that costs none), and sessions resume once it refilled.
     Mock::given(method("GET"))
         .and(path("/account/rate-limits"))
         .respond_with(ResponseTemplate::new(200).set_body_json(json!({"remaining": 4200})))
         .mount(&server)
         .await;
+    let refusal = spawner.admit().unwrap_err();
+    assert!(refusal.contains("42 calls left"), "{refusal}");
+    // Idle, nothing else calls the API: the refusal itself asked for the
+    // budget again (a call that costs none), and sessions resume once it is refilled.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while spawner.admit().is_err() {
         assert!(tokio::time::Instant::now() < deadline, "the budget was never asked for again");
