@@ -203,9 +203,18 @@ async fn a_setsid_double_fork_is_gone_with_its_call_and_its_session() {
             );
             format!("{}import time\n{then}\n", double_fork(&sleep))
         };
-        // One that escapes a call that returns is gone with the call.
+        // One that escapes a call that returns is gone with the call. The
+        // call sees it running first, so its absence later means something.
         let marker = format!("dynogate-escapee-{}", &session[..12]);
-        python(&http, &session, 1, &escape(&marker, "time.sleep(0.5)")).await;
+        let see_it = format!(
+            "def running():\n    for p in filter(str.isdigit, os.listdir('/proc')):\n        try:\n            \
+             if b'{marker}' in open(f'/proc/{{p}}/cmdline', 'rb').read(): return True\n        \
+             except OSError: pass\n    return False\n\
+             deadline = time.time() + 10\nwhile not running() and time.time() < deadline: time.sleep(0.02)\n\
+             print('running' if running() else 'never ran')"
+        );
+        let result = python(&http, &session, 1, &escape(&marker, &see_it)).await;
+        assert_eq!(stdout(&result), "running", "{who}: {result}");
         eventually(&format!("{who}: the escapee of a finished call is gone"), || pid_with_arg(&marker).is_none()).await;
         // One that escapes a call still running is gone with the session.
         let marker = format!("dynogate-escapee-late-{}", &session[..12]);
