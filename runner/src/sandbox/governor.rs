@@ -10,8 +10,8 @@
 //!   weighs each by its proportional share (`Pss` in `smaps_rollup`, so pages
 //!   shared after a fork count once; its own anonymous and shared pages from
 //!   `status` where `smaps_rollup` cannot be read) and, while the session is
-//!   really over, SIGKILLs the largest, as the kernel's OOM killer does
-//!   inside a cgroup;
+//!   really over, SIGKILLs the largest process, then the next, as the
+//!   kernel's OOM killer does inside a cgroup;
 //! - **CPU**: it charges the session the CPU time of its processes and of
 //!   the children they reaped (which is where a short-lived process's time
 //!   goes), keeps a budget of `cpus` seconds per second (with a short burst
