@@ -64,12 +64,12 @@ pub async fn run(
 pub async fn run_in_turn(
     state: &AppState,
     launch: Launch,
-    request: Bytes,
+    mut request: Bytes,
     limit: Duration,
     mut on_message: impl FnMut(&Bytes),
     mut next: impl FnMut(&Bytes) -> Option<Bytes>,
 ) -> Result<Bytes, RunError> {
-    let (id, progress_token, method) = request_of(&request)?;
+    let (mut id, mut progress_token, mut method) = request_of(&request)?;
     let handle = crate::mcp::create_session(state, Transport::Streamable, launch)
         .map_err(|e| RunError::Unavailable(e.to_string()))?;
     handle.mark_single_request();
@@ -93,7 +93,6 @@ pub async fn run_in_turn(
             .send(Command::Notify { payload: initialized, cancelled: None }, state.config.timeouts.request)
             .await
             .map_err(|e| RunError::Ended(e.to_string()))?;
-        let (mut id, mut progress_token, mut method, mut request) = (id, progress_token, method, request);
         loop {
             let answer = ask(state, &session.0, id, progress_token, request, &method, &mut on_message).await?;
             let Some(following) = next(&answer) else { return Ok(answer) };

@@ -116,7 +116,7 @@ pub fn start(
     // The server's pid is also its group's id; tokio waits for that pid, so
     // the reaper leaves it alone.
     let reaper = tokio::spawn(reap::reap_while_running(pgid).in_current_span()).abort_handle();
-    let governor = sandbox.as_ref().map(Sandbox::watched).filter(|w| w.any()).map(|w| governor::watch(pgid, w));
+    let governor = sandbox.as_ref().and_then(Sandbox::watched).map(|limits| governor::watch(pgid, limits));
     let (tx, exit) = watch::channel(None);
     tokio::spawn(async move {
         let status = child.wait().await.unwrap_or_else(|e| {

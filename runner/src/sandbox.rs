@@ -34,7 +34,6 @@ use anyhow::{Context, bail};
 pub use dynogate_shared::sandbox::Mode;
 
 use self::cgroups::{SessionGroups, SessionLimits};
-use self::governor::Watched;
 use self::identity::Identity;
 use crate::config::ServerCommand;
 
@@ -65,8 +64,9 @@ pub struct Sandbox {
     tools: Option<PathBuf>,
     /// The session's process cap as RLIMIT_NPROC, where no cgroup holds it.
     nproc: Option<u64>,
-    /// The limits the runner keeps by watching, where no cgroup holds them.
-    watched: Watched,
+    /// The memory and CPU limits the runner keeps by watching, where no
+    /// cgroup holds them.
+    watched: SessionLimits,
     /// Holds `identity`'s id for this session alone while the runner lives.
     _identity_claim: Option<identity::Claim>,
 }
@@ -126,24 +126,18 @@ impl Sandbox {
                 .collect(),
         });
         let mut outcome = SessionGroups::create(&settings.limits, pid);
-        // Without cgroups: the process cap as RLIMIT_NPROC, where the kernel
-        // counts it for this session alone (a user of the session's own as
-        // root; otherwise the sandbox's user namespace, on Linux 5.14+); the
-        // memory and CPU limits watched by the runner.
-        let counted_apart = identity.map_or_else(nproc_counted_per_user_namespace, |_| identity_claim.is_some());
-        let nproc = outcome.unheld.processes.filter(|_| counted_apart);
-        let watched = Watched { memory: outcome.unheld.memory, cpus: outcome.unheld.cpus };
         if !outcome.missing.is_empty() {
             tracing::debug!(without = %outcome.missing.join("; "), "session limits that no cgroup holds");
-            outcome.missing.clear();
         }
+        // Without cgroups: the process cap as RLIMIT_NPROC, where the kernel
+        // counts it for this session alone (a user claimed for the session
+        // as root; otherwise the sandbox's user namespace, on Linux 5.14+);
+        // the memory and CPU limits watched by the runner.
+        let counted_apart = identity.map_or_else(nproc_counted_per_user_namespace, |_| identity_claim.is_some());
+        let nproc = outcome.unheld.processes.filter(|_| counted_apart);
+        let watched = SessionLimits { processes: None, ..outcome.unheld };
         if let Some(n) = nproc {
             outcome.enforced.push(format!("RLIMIT_NPROC={n}"));
-        } else if let Some(n) = outcome.unheld.processes {
-            outcome.missing.push(format!(
-                "processes ({n}): no writable pids cgroup, and RLIMIT_NPROC would count other sessions' processes \
-                 too here (sessions share `nobody`, or the kernel is older than 5.14)"
-            ));
         }
         if let Some(bytes) = watched.memory {
             outcome.enforced.push(format!("memory={bytes} (watched)"));
@@ -157,8 +151,11 @@ impl Sandbox {
             limits = %outcome.enforced.join(" "),
             "session sandboxed with bubblewrap"
         );
-        if !outcome.missing.is_empty() {
-            tracing::warn!(missing = %outcome.missing.join("; "), "some per-session limits do not hold here");
+        if let (None, Some(n)) = (nproc, outcome.unheld.processes) {
+            tracing::warn!(
+                "the session's process cap ({n}) does not hold here: no writable pids cgroup, and RLIMIT_NPROC \
+                 would count other sessions' processes too (sessions share a user, or the kernel is older than 5.14)"
+            );
         }
         let delegated = outcome
             .groups
@@ -235,8 +232,8 @@ impl Sandbox {
     }
 
     /// The limits the runner has to keep by watching the sandbox's processes.
-    pub fn watched(&self) -> Watched {
-        self.watched
+    pub fn watched(&self) -> Option<SessionLimits> {
+        (self.watched.memory.is_some() || self.watched.cpus.is_some()).then_some(self.watched)
     }
 
     /// Kills every process the session has left.

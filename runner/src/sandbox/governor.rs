@@ -35,6 +35,7 @@ use nix::unistd::Pid;
 use tokio::task::AbortHandle;
 use tracing::{Instrument, debug, warn};
 
+use super::cgroups::SessionLimits;
 use crate::reap::{Stat, descendants, processes};
 
 /// How often the session is read.
@@ -43,22 +44,10 @@ pub const PERIOD: Duration = Duration::from_millis(100);
 /// seconds of its allowance: an idle session's next snippet starts at full speed.
 const BURST_SECONDS: f64 = 0.5;
 
-/// The limits the runner keeps by watching.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Watched {
-    pub memory: Option<u64>,
-    pub cpus: Option<f64>,
-}
-
-impl Watched {
-    pub fn any(&self) -> bool {
-        self.memory.is_some() || self.cpus.is_some()
-    }
-}
-
 /// Watches the processes below `root` (the sandbox's outer process) until
-/// the returned handle is aborted.
-pub fn watch(root: Pid, limits: Watched) -> AbortHandle {
+/// the returned handle is aborted, for the memory and CPU parts of `limits`
+/// (the process count is the kernel's, see above).
+pub fn watch(root: Pid, limits: SessionLimits) -> AbortHandle {
     let mut governor = Governor::new(root.as_raw(), limits);
     tokio::spawn(
         async move {
@@ -89,7 +78,7 @@ pub fn watch(root: Pid, limits: Watched) -> AbortHandle {
 #[derive(Debug)]
 struct Governor {
     root: i32,
-    limits: Watched,
+    limits: SessionLimits,
     page_size: u64,
     ticks_per_second: f64,
     /// The session's CPU ticks at the last reading (see [`session_ticks`]).
@@ -106,7 +95,7 @@ struct Governor {
 const STOP_ROUNDS: usize = 4;
 
 impl Governor {
-    fn new(root: i32, limits: Watched) -> Governor {
+    fn new(root: i32, limits: SessionLimits) -> Governor {
         use nix::unistd::{SysconfVar, sysconf};
         let page_size = sysconf(SysconfVar::PAGE_SIZE).ok().flatten().map_or(4096, |n| n as u64);
         let ticks_per_second = sysconf(SysconfVar::CLK_TCK).ok().flatten().map_or(100.0, |n| n as f64);
@@ -299,7 +288,7 @@ mod tests {
 
     #[test]
     fn cpu_past_the_share_is_over_until_the_budget_is_back() {
-        let mut governor = Governor::new(-1, Watched { memory: None, cpus: Some(0.5) });
+        let mut governor = Governor::new(-1, SessionLimits { cpus: Some(0.5), ..SessionLimits::default() });
         governor.ticks_per_second = 100.0;
         let start = Instant::now();
         let at = |ms: u64| start + Duration::from_millis(ms);
@@ -316,7 +305,7 @@ mod tests {
         assert!(governor.charge(&[member(20, 2, 9, 1100, 50)], 0.5, at(3100)));
         assert!((governor.budget - (0.25 + 0.05 - 0.5)).abs() < 1e-9, "{}", governor.budget);
         // One that is reaped while seen is not charged twice.
-        let mut governor = Governor::new(-1, Watched { memory: None, cpus: Some(1.0) });
+        let mut governor = Governor::new(-1, SessionLimits { cpus: Some(1.0), ..SessionLimits::default() });
         governor.ticks_per_second = 100.0;
         governor.charge(&[member(20, 2, 9, 0, 0), member(21, 20, 10, 30, 0)], 1.0, at(0));
         governor.charge(&[member(20, 2, 9, 0, 40)], 1.0, at(100));
