@@ -48,6 +48,8 @@ pub fn become_subreaper() {
 pub(crate) struct Stat {
     pub pid: i32,
     pub ppid: i32,
+    /// Its process group.
+    pub pgrp: i32,
     pub zombie: bool,
     /// User and system time, in clock ticks.
     pub cpu_ticks: u64,
@@ -72,6 +74,7 @@ fn parse_stat(text: &str) -> Option<Stat> {
     Some(Stat {
         pid,
         ppid,
+        pgrp: fields.get(2).and_then(|f| f.parse().ok()).unwrap_or(0),
         // `X` (dead) is only ever seen fleetingly; it needs reaping no more than a zombie.
         zombie: matches!(*state, "Z" | "X"),
         cpu_ticks: number(11) + number(12),
@@ -196,8 +199,9 @@ mod tests {
 
     #[test]
     fn parses_stat_lines() {
-        let z = |pid, ppid| Some(Stat { pid, ppid, zombie: true, ..Stat::default() });
-        let r = |pid, ppid| Some(Stat { pid, ppid, ..Stat::default() });
+        // (pid, ppid, zombie); the other fields have a test of their own.
+        let z = |pid, ppid| Some((pid, ppid, true));
+        let r = |pid, ppid| Some((pid, ppid, false));
         let cases = [
             ("123 (sleep) S 45 123 45 0 -1 4194304 90 0 0 0", r(123, 45)),
             ("7 (python3) Z 1 7 7 0 -1", z(7, 1)),
@@ -211,7 +215,7 @@ mod tests {
             ("", None),
         ];
         for (line, expected) in cases {
-            assert_eq!(parse_stat(line), expected, "{line:?}");
+            assert_eq!(parse_stat(line).map(|s| (s.pid, s.ppid, s.zombie)), expected, "{line:?}");
         }
     }
 
@@ -223,7 +227,10 @@ mod tests {
     fn reads_cpu_time_start_and_resident_pages() {
         let line = "42 (python3) R 1 42 42 0 -1 4194304 900 0 0 0 150 25 7 3 20 0 1 0 7777 123456789 2048 18446744073709551615";
         let stat = parse_stat(line).unwrap();
-        assert_eq!((stat.cpu_ticks, stat.child_ticks, stat.start, stat.rss_pages), (175, 10, 7777, 2048));
+        assert_eq!(
+            (stat.pgrp, stat.cpu_ticks, stat.child_ticks, stat.start, stat.rss_pages),
+            (42, 175, 10, 7777, 2048)
+        );
     }
 
     #[test]

@@ -329,7 +329,7 @@ pub async fn read(response: reqwest::Response) -> Reply {
 /// The `{returncode, stdout, stderr}` a code tool returned, from its text content.
 pub fn exec_result(result: &Value) -> Value {
     let text = result["result"]["content"][0]["text"].as_str().unwrap_or_else(|| panic!("no text content in {result}"));
-    serde_json::from_str(text).expect("the text content is JSON")
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("the text content is not JSON ({e}): {text}"))
 }
 
 /// The same, from an rmcp result.

@@ -52,8 +52,6 @@ struct SupervisorInner {
     /// Ends every other process this executor sees once no command runs
     /// (see [`Supervisor::sweeping_when_idle`]).
     sweep_idle: bool,
-    /// Commands being started, not yet in `running`: no sweep meanwhile.
-    starting: AtomicU64,
 }
 
 /// `runner limit --job-from-stdin`, started ahead of its command.
@@ -69,6 +67,9 @@ struct Spare {
 struct Running {
     pgid: i32,
     cgroup: Option<PathBuf>,
+    /// Runs code (it has limits), as opposed to one of the executor's own
+    /// helpers (toolchain probes, making the venv).
+    code: bool,
 }
 
 impl Supervisor {
@@ -92,17 +93,16 @@ impl Supervisor {
                 next: AtomicU64::new(0),
                 spare: Mutex::new(None),
                 sweep_idle: false,
-                starting: AtomicU64::new(0),
             }),
         }
     }
 
     /// A supervisor that also kills every process it can see other than
-    /// itself and its ancestors whenever no command is running: for an
-    /// executor alone in its session's PID namespace without a cgroup per
-    /// command, where a command's detached processes (`setsid`, a double
-    /// fork) cannot be told from another's while several run, but all are
-    /// leftovers once none does.
+    /// itself, its ancestors and its helpers' process groups whenever no
+    /// command running code is left: for an executor alone in its session's
+    /// PID namespace without a cgroup per command, where a command's
+    /// detached processes (`setsid`, a double fork) cannot be told from
+    /// another's while several run, but all are leftovers once none does.
     pub fn sweeping_when_idle(shim: PathBuf) -> Self {
         let mut supervisor = Self::build(Some(shim), None);
         Arc::get_mut(&mut supervisor.inner).expect("not shared yet").sweep_idle = true;
@@ -155,19 +155,17 @@ impl Supervisor {
 
     /// Runs `job` to completion or to its deadline.
     pub async fn run(&self, job: &Job) -> std::io::Result<Output> {
-        {
-            let running = self.inner.running.lock().expect("running lock");
-            if running.is_none() {
-                // Checked again once started, for a shut-down that comes meanwhile.
-                return Err(shutting_down());
-            }
-            // Under the lock an idle sweep holds: it cannot kill this one as it starts.
-            self.inner.starting.fetch_add(1, Ordering::SeqCst);
+        if self.inner.running.lock().expect("running lock").is_none() {
+            // Checked again once started, for a shut-down that comes meanwhile.
+            return Err(shutting_down());
         }
-        let starting = Starting(&self.inner.starting);
         let started = std::time::Instant::now();
-        let (mut child, cgroup) = match self.primed_cap(job) {
-            Some((shim, pids, max)) => self.start_primed(job, shim, pids, max).await?,
+        let (mut child, cgroup, id, pgid, admitted) = match self.primed_cap(job) {
+            Some((shim, pids, max)) => {
+                let (child, cgroup) = self.start_primed(job, shim, pids, max).await?;
+                let (id, pgid, admitted) = self.register(job, &child, cgroup.as_ref());
+                (child, cgroup, id, pgid, admitted)
+            }
             None => {
                 let (program, prefix, cgroup) = self.wrap(job)?;
                 let mut command = Command::new(program);
@@ -178,18 +176,14 @@ impl Supervisor {
                     .env_clear()
                     .envs(job.env.iter().map(|(k, v)| (k, v)))
                     .stdin(Stdio::null());
+                // Started and registered under one hold of the lock an idle
+                // sweep takes too, so no sweep meets it started but unknown.
+                let running = self.inner.running.lock().expect("running lock");
                 let child = spawn_watched(&mut command)?;
-                (child, cgroup)
+                let (id, pgid, admitted) = self.register_in(running, job, &child, cgroup.as_ref());
+                (child, cgroup, id, pgid, admitted)
             }
         };
-        let pgid = i32::try_from(child.id().unwrap_or_default()).expect("pids fit in i32");
-        let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
-        let cgroup_dir = cgroup.as_ref().map(|group| group.dir().to_owned());
-        let admitted = match self.inner.running.lock().expect("running lock").as_mut() {
-            Some(running) => running.insert(id, Running { pgid, cgroup: cgroup_dir }).is_none(),
-            None => false,
-        };
-        drop(starting);
         let _guard = RunningGuard { supervisor: self.clone(), id, pgid, _cgroup: cgroup };
         if !admitted {
             // Started while the executor shuts down: the guard kills it.
@@ -215,6 +209,26 @@ impl Supervisor {
                 Ok(Output { code: -2, stdout: String::new(), stderr: String::new(), timed_out: true })
             }
         }
+    }
+
+    /// Records a started command: its id, its process group, and whether it
+    /// was admitted (not when the executor is shutting down).
+    fn register(&self, job: &Job, child: &Child, cgroup: Option<&CommandGroup>) -> (u64, i32, bool) {
+        self.register_in(self.inner.running.lock().expect("running lock"), job, child, cgroup)
+    }
+
+    fn register_in(
+        &self,
+        mut running: std::sync::MutexGuard<'_, Option<HashMap<u64, Running>>>,
+        job: &Job,
+        child: &Child,
+        cgroup: Option<&CommandGroup>,
+    ) -> (u64, i32, bool) {
+        let pgid = i32::try_from(child.id().unwrap_or_default()).expect("pids fit in i32");
+        let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
+        let entry = Running { pgid, cgroup: cgroup.map(|group| group.dir().to_owned()), code: job.limits.is_some() };
+        let admitted = running.as_mut().is_some_and(|running| running.insert(id, entry).is_none());
+        (id, pgid, admitted)
     }
 
     /// When `job` gets a cgroup of its own: the shim, the pids root and its cap.
@@ -328,32 +342,32 @@ impl Drop for RunningGuard {
     fn drop(&mut self) {
         let inner = &self.supervisor.inner;
         let mut running = inner.running.lock().expect("running lock");
-        let idle = running.as_mut().is_some_and(|running| {
+        // The process groups of the helpers still running, when no command
+        // running code is left: then everything else is left over.
+        let helpers = running.as_mut().and_then(|running| {
             running.remove(&self.id);
-            running.is_empty()
+            (inner.sweep_idle && !running.values().any(|command| command.code))
+                .then(|| running.values().map(|helper| helper.pgid).collect::<Vec<_>>())
         });
         kill_group(self.pgid);
-        if idle && inner.sweep_idle && inner.starting.load(Ordering::SeqCst) == 0 {
-            // Held: no command starts while this runs (a few reads of /proc).
-            sweep_leftovers();
+        if let Some(helpers) = helpers {
+            // Held: no command starts while this runs.
+            sweep_leftovers(&helpers);
         }
         drop(running);
     }
 }
 
-/// Counts a command as starting until dropped.
-struct Starting<'a>(&'a AtomicU64);
+/// How long a sweep waits for what it killed to be reaped.
+const SWEEP_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 
-impl Drop for Starting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// SIGKILLs every process visible here but this one and its ancestors: in
-/// the session's PID namespace, with no command running, everything else is
-/// what commands left behind. The namespace's init reaps them.
-fn sweep_leftovers() {
+/// SIGKILLs every process visible here but this one, its ancestors and the
+/// process groups of `helpers`: in the session's PID namespace, with no
+/// command running code, everything else is what commands left behind. The namespace's init reaps them; until it
+/// has, they still count against the session's process cap, so the sweep
+/// waits for that (bounded) and the next command, which waits for the
+/// sweep, finds room.
+fn sweep_leftovers(helpers: &[i32]) {
     let me = std::process::id().cast_signed();
     let table = crate::reap::processes();
     let mut keep = vec![me];
@@ -364,15 +378,21 @@ fn sweep_leftovers() {
         keep.push(parent);
         at = parent;
     }
-    let mut swept = 0;
-    for stat in table.iter().filter(|s| !s.zombie && !keep.contains(&s.pid)) {
-        if nix::sys::signal::kill(Pid::from_raw(stat.pid), Signal::SIGKILL).is_ok() {
-            swept += 1;
+    let mut swept: Vec<Pid> = Vec::new();
+    for stat in table.iter().filter(|s| !keep.contains(&s.pid) && !helpers.contains(&s.pgrp)) {
+        let pid = Pid::from_raw(stat.pid);
+        if stat.zombie || nix::sys::signal::kill(pid, Signal::SIGKILL).is_ok() {
+            swept.push(pid);
         }
     }
-    if swept > 0 {
-        tracing::debug!(swept, "ended what finished commands left running");
+    if swept.is_empty() {
+        return;
     }
+    let deadline = std::time::Instant::now() + SWEEP_PATIENCE;
+    while swept.iter().any(|pid| nix::sys::signal::kill(*pid, None).is_ok()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    tracing::debug!(swept = swept.len(), "ended what finished commands left running");
 }
 
 fn shutting_down() -> std::io::Error {
