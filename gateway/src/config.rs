@@ -245,6 +245,12 @@ pub struct Args {
     /// threads (lower latency) at some cost in peak throughput.
     #[arg(long, env = "WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     pub worker_threads: Option<u16>,
+
+    /// Redis (`redis://` or `rediss://`) shared by several gateway instances:
+    /// the session directory, `MAX_SESSIONS` across them, and the relay that
+    /// lets any instance serve any session. Unset: one instance, state in memory.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<Secret>,
 }
 
 /// When the registered servers' tools are first listed.
@@ -317,6 +323,8 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// Async runtime threads; `None` for one per CPU.
     pub worker_threads: Option<usize>,
+    /// Shared state of several instances (REDIS_URL); `None` for one instance.
+    pub redis_url: Option<Secret>,
 }
 
 /// The warm pool's settings.
@@ -418,6 +426,12 @@ impl Args {
             && !matches!(url.scheme(), "http" | "https" | "ws" | "wss")
         {
             bail!("GATEWAY_URL must be an http(s) or ws(s) URL, got {url}");
+        }
+        if self.redis_url.is_some() && self.rendezvous_secret.is_none() {
+            bail!(
+                "REDIS_URL needs RENDEZVOUS_SECRET: every instance must verify the tokens the others give their \
+                 runners (set the same value of at least 32 characters on all of them)"
+            );
         }
         let rendezvous_secret = match self.rendezvous_secret {
             Some(secret) if secret.expose().len() < 32 => {
@@ -554,6 +568,7 @@ impl Args {
                 .filter(|o| !o.is_empty())
                 .collect(),
             worker_threads: self.worker_threads.map(usize::from),
+            redis_url: self.redis_url,
         })
     }
 }

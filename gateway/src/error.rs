@@ -52,6 +52,8 @@ pub enum McpError {
     ForbiddenHost(String),
     #[error("Forbidden: requests from origin {0:?} are not allowed (set ALLOWED_ORIGINS)")]
     ForbiddenOrigin(String),
+    #[error("Bad Gateway: the gateway instance that holds this session {0}")]
+    Relay(String),
     #[error("Service Unavailable: {message}")]
     Overloaded { message: String, retry_after_secs: u64 },
 }
@@ -66,6 +68,7 @@ impl McpError {
             McpError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             McpError::ForbiddenOrigin(_) | McpError::ForbiddenHost(_) => StatusCode::FORBIDDEN,
             McpError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            McpError::Relay(_) => StatusCode::BAD_GATEWAY,
             McpError::MissingSession
             | McpError::MissingSessionParameter
             | McpError::Parse(_)
@@ -82,6 +85,7 @@ impl McpError {
             McpError::Parse(_) => code::PARSE_ERROR,
             McpError::UnknownSession => code::SESSION_NOT_FOUND,
             McpError::Overloaded { .. } => code::OVERLOADED,
+            McpError::Relay(_) => code::INTERNAL_ERROR,
             // Not -32022: clients that probe with server/discover treat that code
             // as "modern server" and some then refuse to fall back to initialize.
             McpError::StatelessRevision { .. } => code::METHOD_NOT_FOUND,

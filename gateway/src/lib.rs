@@ -18,6 +18,9 @@
 //! - [`registry`]: the MCP servers offered (the default and the Procfile's
 //!   `mcp*` types) and their tools; [`agents`]: `/v1/agents/heroku`, an
 //!   agent loop whose tool calls each run on a runner of their own.
+//! - [`cluster`]: several instances sharing Redis (`REDIS_URL`): the
+//!   session directory, one `MAX_SESSIONS`, and the relay to each session's
+//!   owner.
 //! - [`metrics`]: what the gateway counts, at `GET /metrics`; [`status`]:
 //!   the status page at `GET /status`.
 //! - [`server`]: binding, serving and shutting down; [`listen`]: accepting
@@ -26,6 +29,7 @@
 
 pub mod agents;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod jsonrpc;
@@ -97,6 +101,8 @@ pub struct Shared {
     pub draining: CancellationToken,
     /// Cancelled when the drain is over: every session ends.
     pub shutdown: CancellationToken,
+    /// This instance's part in a cluster sharing Redis; `None` without `REDIS_URL`.
+    pub cluster: Option<Arc<cluster::Cluster>>,
     /// Every session task, so shutdown can wait for them.
     pub tracker: TaskTracker,
     /// When the gateway started serving.

@@ -17,6 +17,7 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 
 use crate::AppState;
+use crate::cluster::ClusterError;
 use crate::config::SERVED_REVISIONS;
 use crate::error::McpError;
 use crate::jsonrpc::{self, Kind, PeekError, RequestId};
@@ -133,7 +134,7 @@ async fn handle_post(
 
 /// A session for a new client of either transport: one from the warm pool
 /// when there is one, else a new one (see [`start_session`]).
-pub(crate) fn create_session(
+pub(crate) async fn create_session(
     state: &AppState,
     transport: Transport,
     launch: Launch,
@@ -147,13 +148,13 @@ pub(crate) fn create_session(
     {
         return Ok(handle);
     }
-    start_session(state, transport, false, launch)
+    start_session(state, transport, false, launch).await
 }
 
 /// Starts a session: reserves its place, mints its runner's token, and
 /// starts its task (which starts the runner). A `pooled` one waits in the
 /// warm pool, invisible to clients, until [`crate::pool::Pool::claim`].
-pub(crate) fn start_session(
+pub(crate) async fn start_session(
     state: &AppState,
     transport: Transport,
     pooled: bool,
@@ -167,14 +168,15 @@ pub(crate) fn start_session(
         .clone()
         .ok_or_else(|| McpError::Overloaded { message: crate::config::NO_PUBLIC_URL.into(), retry_after_secs: 60 })?;
     state.spawner.admit().map_err(|message| McpError::Overloaded { message, retry_after_secs: 60 })?;
-    let reservation = state.sessions.reserve().ok_or_else(|| McpError::Overloaded {
-        message: format!(
-            "the gateway already runs its maximum of {} sessions (MAX_SESSIONS); retry when one ends",
-            state.sessions.max()
-        ),
-        retry_after_secs: 10,
-    })?;
     let session_id = random_id();
+    let server = launch.server.as_ref().map(|s| s.name.clone());
+    let reservation = state.sessions.admit(&session_id, server.as_deref()).await.map_err(|refusal| {
+        let retry_after_secs = match refusal {
+            crate::sessions::Refusal::Full(_) | crate::sessions::Refusal::Shared(ClusterError::Full(_)) => 10,
+            crate::sessions::Refusal::Shared(ClusterError::Unavailable(_)) => 2,
+        };
+        McpError::Overloaded { message: refusal.to_string(), retry_after_secs }
+    })?;
     let minted = state.tokens.mint(&session_id);
     let (session, handle) = Session::new(SessionParams {
         id: session_id.clone(),
@@ -213,7 +215,7 @@ async fn initialize(
     body: Bytes,
     server: Option<ServerChoice>,
 ) -> Result<Response, McpError> {
-    let handle = create_session(&state, Transport::Streamable, Launch { server, size: None })?;
+    let handle = create_session(&state, Transport::Streamable, Launch { server, size: None }).await?;
     let stream = handle.streams().open(1);
     let call = Call::new(id, progress_token, body, "initialize", stream.clone());
     submit(&state, &handle, &stream, Command::Call(call)).await?;

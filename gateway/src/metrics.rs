@@ -22,6 +22,8 @@ pub const SESSIONS_STARTED: &str = "dynogate_sessions_started_total";
 pub const SESSIONS_ENDED: &str = "dynogate_sessions_ended_total";
 pub const RUNNER_START: &str = "dynogate_runner_start_seconds";
 pub const RUNNER_RECONNECTS: &str = "dynogate_runner_reconnects_total";
+pub const RELAYED: &str = "dynogate_relayed_requests_total";
+pub const TUNNELLED: &str = "dynogate_tunnelled_runner_connections_total";
 pub const FIRST_RESULT: &str = "dynogate_first_result_seconds";
 pub const REQUEST_DURATION: &str = "dynogate_request_duration_seconds";
 pub const JSONRPC_ERRORS: &str = "dynogate_jsonrpc_errors_total";
@@ -63,6 +65,14 @@ fn describe() {
     describe_counter!(SESSIONS_ENDED, "Sessions ended, by reason");
     describe_histogram!(RUNNER_START, Unit::Seconds, "From a runner's spawn to its dial-back");
     describe_counter!(RUNNER_RECONNECTS, "Runners that dialled back again after their socket dropped");
+    describe_counter!(
+        RELAYED,
+        "Client requests this instance relayed to the instance owning their session (REDIS_URL)"
+    );
+    describe_counter!(
+        TUNNELLED,
+        "Runner connections this instance carried to the instance owning their session (REDIS_URL)"
+    );
     describe_histogram!(FIRST_RESULT, Unit::Seconds, "From a session's start to the answer of its first tools/call");
     describe_histogram!(REQUEST_DURATION, Unit::Seconds, "From a request's arrival to its answer, by MCP method");
     describe_counter!(JSONRPC_ERRORS, "JSON-RPC errors sent to clients, by code");
@@ -109,6 +119,14 @@ pub fn runner_started(after: Duration) {
 
 pub fn runner_reconnected() {
     counter!(RUNNER_RECONNECTS).increment(1);
+}
+
+pub fn relayed() {
+    counter!(RELAYED).increment(1);
+}
+
+pub fn tunnelled() {
+    counter!(TUNNELLED).increment(1);
 }
 
 pub fn first_result(after: Duration) {

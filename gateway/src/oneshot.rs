@@ -71,6 +71,7 @@ pub async fn run_in_turn(
 ) -> Result<Bytes, RunError> {
     let (mut id, mut progress_token, mut method) = request_of(&request)?;
     let handle = crate::mcp::create_session(state, Transport::Streamable, launch)
+        .await
         .map_err(|e| RunError::Unavailable(e.to_string()))?;
     handle.mark_single_request();
     // Whatever happens from here, the session ends with this run.

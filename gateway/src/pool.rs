@@ -198,7 +198,7 @@ pub async fn refill(state: AppState) {
         }
         if now >= resume_at {
             while pool.len() < pool.settings.size {
-                match crate::mcp::start_session(&state, Transport::Streamable, true, Default::default()) {
+                match crate::mcp::start_session(&state, Transport::Streamable, true, Default::default()).await {
                     Ok(handle) => pool.push(handle),
                     // At the session cap, out of Platform API budget, or
                     // draining: try again later.

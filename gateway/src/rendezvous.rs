@@ -62,7 +62,7 @@ pub async fn accept(
         return refuse("token names another session", shown);
     }
     let Some(handle) = state.sessions.get_any(&session) else {
-        return refuse("token for a session that is not live", shown);
+        return elsewhere(&state, session, claims.jti, &headers, upgrade).await;
     };
     let span = tracing::info_span!("rendezvous", session = %shown);
     // The runner's own span (its start-up, or its redial) is the parent.
@@ -87,13 +87,47 @@ pub async fn accept(
     };
     drop(_enter);
     let wait = state.config.timeouts.request;
-    upgrade
-        .read_buffer_size(READ_BUFFER_BYTES)
-        .max_message_size(MAX_FRAME_BYTES)
-        .max_frame_size(MAX_FRAME_BYTES)
+    configured(upgrade)
         // If the upgrade fails, the callback (and the slot in it) is dropped,
         // which frees the slot for the next attempt.
         .on_upgrade(move |socket| handshake(socket, handle, slot, wait).instrument(span))
+}
+
+/// A dial for a session this instance does not hold: with instances sharing
+/// Redis, carried to the instance that owns it; else refused.
+async fn elsewhere(
+    state: &AppState,
+    session: String,
+    jti: String,
+    headers: &HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let shown = dynogate_shared::names::log_id(&session).to_owned();
+    let Some(cluster) = state.cluster.clone() else {
+        return refuse("token for a session that is not live", &shown);
+    };
+    let owner = match cluster.owner(&session).await {
+        Ok(Some(owner)) if owner != cluster.instance => owner,
+        Ok(_) => return refuse("token for a session that is not live", &shown),
+        Err(e) => {
+            warn!(session = %shown, "cannot find the instance of a runner's session: {e}");
+            return (axum::http::StatusCode::SERVICE_UNAVAILABLE, "Redis is unreachable").into_response();
+        }
+    };
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let traceparent = headers.get(dynogate_telemetry::TRACEPARENT).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let span = tracing::info_span!("rendezvous", session = %shown);
+    configured(upgrade).on_upgrade(move |socket| {
+        crate::cluster::tunnel::dial(cluster, owner, socket, session, jti, traceparent).instrument(span)
+    })
+}
+
+/// The upgrade with this endpoint's buffer and message bounds.
+fn configured(upgrade: WebSocketUpgrade) -> WebSocketUpgrade {
+    upgrade.read_buffer_size(READ_BUFFER_BYTES).max_message_size(MAX_FRAME_BYTES).max_frame_size(MAX_FRAME_BYTES)
 }
 
 /// Unauthenticated dials are anyone's to make: their warnings are rate
@@ -110,31 +144,17 @@ fn refuse(why: &str, session: &str) -> Response {
 
 /// Runs the hello/welcome exchange and gives the socket to the session.
 async fn handshake(mut socket: WebSocket, handle: SessionHandle, slot: RunnerSlot, wait: Duration) {
-    let hello = match tokio::time::timeout(HELLO_TIMEOUT, socket.recv()).await {
-        Ok(Some(Ok(Message::Binary(bytes)))) => Control::decode(&bytes).ok(),
-        _ => None,
-    };
-    let (refusal, received) = match hello {
-        Some(Control::Hello { protocol, runner_version, received }) if protocol == PROTOCOL_VERSION => {
-            info!(%runner_version, received, "runner connected");
-            (None, received)
-        }
-        Some(Control::Hello { protocol, .. }) => (Some((version_mismatch(PROTOCOL_VERSION, protocol), true)), 0),
-        _ => (Some((format!("no hello frame within {}s", HELLO_TIMEOUT.as_secs()), false)), 0),
-    };
-    if let Some((reason, fatal)) = refusal {
-        warn!("runner refused: {reason}");
-        let reject = Control::Reject { reason: reason.clone() };
-        let _ = socket.send(Message::Binary(reject.encode().into())).await;
-        let _ = socket.close().await;
+    let received = match hello(&mut socket).await {
+        Ok(received) => received,
         // A runner of another version will never do; a socket that failed
         // before saying hello may be a blip in a redial, which may try again
         // (dropping the slot frees it).
-        if fatal {
+        Err(Refusal { reason, fatal: true }) => {
             let _ = handle.send(Command::RunnerRefused { reason }, wait).await;
+            return;
         }
-        return;
-    }
+        Err(_) => return,
+    };
     // The session sends the welcome: it knows how much it has received.
     let (sink, stream) = socket.split();
     let incoming = stream.filter_map(|message| std::future::ready(incoming(message))).boxed();
@@ -143,6 +163,37 @@ async fn handshake(mut socket: WebSocket, handle: SessionHandle, slot: RunnerSlo
     // If the session ended meanwhile, the link is dropped here, its writer
     // stops, and the socket closes.
     let _ = handle.send(Command::Attach { link, slot, received }, wait).await;
+}
+
+/// Why a connected runner was turned away before its session heard of it.
+pub(crate) struct Refusal {
+    reason: String,
+    /// Whether it will never do (another protocol version).
+    fatal: bool,
+}
+
+/// Reads the runner's hello: its count of frames received from the gateway.
+/// A runner that fails it is sent a reject and the socket is closed.
+pub(crate) async fn hello(socket: &mut WebSocket) -> Result<u64, Refusal> {
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, socket.recv()).await {
+        Ok(Some(Ok(Message::Binary(bytes)))) => Control::decode(&bytes).ok(),
+        _ => None,
+    };
+    let refusal = match hello {
+        Some(Control::Hello { protocol, runner_version, received }) if protocol == PROTOCOL_VERSION => {
+            info!(%runner_version, received, "runner connected");
+            return Ok(received);
+        }
+        Some(Control::Hello { protocol, .. }) => {
+            Refusal { reason: version_mismatch(PROTOCOL_VERSION, protocol), fatal: true }
+        }
+        _ => Refusal { reason: format!("no hello frame within {}s", HELLO_TIMEOUT.as_secs()), fatal: false },
+    };
+    warn!("runner refused: {}", refusal.reason);
+    let reject = Control::Reject { reason: refusal.reason.clone() };
+    let _ = socket.send(Message::Binary(reject.encode().into())).await;
+    let _ = socket.close().await;
+    Err(refusal)
 }
 
 /// Maps one WebSocket message to a frame; `None` skips it.

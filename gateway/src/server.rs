@@ -49,6 +49,8 @@ pub fn app(state: AppState) -> Router {
         .route("/sse", get(sse::open))
         .route("/messages", messages.clone())
         .route("/messages/", messages)
+        // After the checks below: a relayed request was checked where it arrived.
+        .route_layer(middleware::from_fn_with_state(state.clone(), crate::cluster::relay::route))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::check_origin))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_api_key))
         .route(dynogate_shared::names::RENDEZVOUS_PATH, get(rendezvous::accept))
@@ -146,11 +148,16 @@ pub async fn start(config: Config, listener: TcpListener, drain: CancellationTok
     // plus slack; sessions hand their runner a fresh one well before expiry.
     let token_ttl = config.timeouts.dial_back.max(config.timeouts.reconnect_grace) + std::time::Duration::from_secs(60);
     let inference = config.inference.clone().map(crate::agents::inference::Upstream::new).transpose()?;
+    let cluster = match &config.redis_url {
+        Some(url) => Some(crate::cluster::Cluster::new(url, config.limits.max_sessions)?),
+        None => None,
+    };
     let state = AppState::new(crate::Shared {
         inference,
         runner_url: config.runner_base_url(bound).or(learned_url),
         api_key: config.api_key.as_ref().map(auth::ApiKey::new),
-        sessions: crate::sessions::Sessions::new(config.limits.max_sessions),
+        sessions: crate::sessions::Sessions::new(config.limits.max_sessions, cluster.clone()),
+        cluster,
         spawner,
         pool: crate::pool::Pool::new(config.pool.clone()),
         registry: crate::registry::Registry::new(config.runner_command.as_deref(), config.procfile.as_deref()),
@@ -169,6 +176,10 @@ pub async fn start(config: Config, listener: TcpListener, drain: CancellationTok
     let tracker = state.tracker.clone();
     if let Some(heroku) = &state.config.heroku {
         tracker.spawn(sweep(state.clone(), heroku.sweep_interval));
+    }
+    if let Some(cluster) = &state.cluster {
+        info!(instance = %cluster.instance, "sharing sessions with other instances through Redis");
+        tracker.spawn(crate::cluster::run(state.clone(), cluster.clone()));
     }
     tracker.spawn(crate::pool::refill(state.clone()));
     if state.config.discover_servers == crate::config::Discovery::Start {
@@ -322,11 +333,34 @@ fn build_spawner(config: &Config) -> anyhow::Result<Arc<dyn Spawner>> {
 /// Stops runners that outlived their sessions: once at start-up (a previous
 /// gateway may have died with dynos running), then every `interval`.
 async fn sweep(state: AppState, interval: std::time::Duration) {
-    let sessions = state.sessions.clone();
-    // The pool's runners are live too.
-    let live = move |id: &str| sessions.get_any(id).is_some();
+    let (sessions, cluster) = (state.sessions.clone(), state.cluster.clone());
+    // The pool's runners are live too; with instances sharing Redis, so are
+    // the sessions of the others, and an unanswered question means live.
+    let live = move |id: String| -> futures_util::future::BoxFuture<'static, bool> {
+        let (local, cluster) = (sessions.get_any(&id).is_some(), cluster.clone());
+        Box::pin(async move {
+            match cluster {
+                _ if local => true,
+                None => false,
+                Some(cluster) => cluster.knows(&id).await.unwrap_or(true),
+            }
+        })
+    };
     loop {
-        state.spawner.sweep(&live).await;
+        // One instance at a time sweeps: the one holding the lease.
+        let turn = match &state.cluster {
+            None => true,
+            Some(cluster) => match cluster.hold_lease(crate::cluster::keys::SWEEPER_LEASE, interval * 2).await {
+                Ok(held) => held,
+                Err(e) => {
+                    warn!("orphan sweep skipped: {e}");
+                    false
+                }
+            },
+        };
+        if turn {
+            state.spawner.sweep(&live).await;
+        }
         tokio::select! {
             () = tokio::time::sleep(interval) => {}
             () = state.shutdown.cancelled() => return,

@@ -6,13 +6,16 @@
 //! atomic so the `MAX_SESSIONS` cap is exact under concurrent `initialize`s.
 //! Sessions the warm pool started count too, but clients find only claimed
 //! ones ([`Sessions::get`]); their runners and the sweeper find all
-//! ([`Sessions::get_any`]).
+//! ([`Sessions::get_any`]). With instances sharing Redis, a place is also
+//! taken in the shared count ([`Sessions::admit`]) and given back with the
+//! local one.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 
+use crate::cluster::{Cluster, ClusterError};
 use crate::session::SessionHandle;
 
 /// Live sessions.
@@ -21,6 +24,7 @@ pub struct Sessions {
     map: Arc<DashMap<String, SessionHandle>>,
     count: Arc<AtomicUsize>,
     max: usize,
+    cluster: Option<Arc<Cluster>>,
 }
 
 /// A place in the table, reserved before a session exists so the cap holds.
@@ -28,27 +32,61 @@ pub struct Sessions {
 pub struct Reservation {
     count: Arc<AtomicUsize>,
     used: bool,
+    /// The place in the shared count, and the session it is for.
+    shared: Option<(Arc<Cluster>, String)>,
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        if !self.used {
-            self.count.fetch_sub(1, Ordering::AcqRel);
+        if self.used {
+            return;
+        }
+        self.count.fetch_sub(1, Ordering::AcqRel);
+        if let Some((cluster, id)) = self.shared.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            // Redis being down now costs nothing: the entry lapses by itself.
+            runtime.spawn(async move {
+                if let Err(e) = cluster.release(&id).await {
+                    tracing::debug!("session left the directory only by lapsing: {e}");
+                }
+            });
         }
     }
 }
 
+/// Why no place was given.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("the gateway already runs its maximum of {0} sessions (MAX_SESSIONS); retry when one ends")]
+    Full(usize),
+    #[error(transparent)]
+    Shared(#[from] ClusterError),
+}
+
 impl Sessions {
-    pub fn new(max: usize) -> Self {
-        Self { map: Arc::default(), count: Arc::default(), max }
+    pub fn new(max: usize, cluster: Option<Arc<Cluster>>) -> Self {
+        Self { map: Arc::default(), count: Arc::default(), max, cluster }
     }
 
-    /// Reserves room for one more session, or `None` at the cap.
+    /// Reserves room for one more session here, or `None` at the cap.
     pub fn reserve(&self) -> Option<Reservation> {
         self.count
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max).then_some(n + 1))
             .ok()
-            .map(|_| Reservation { count: self.count.clone(), used: false })
+            .map(|_| Reservation { count: self.count.clone(), used: false, shared: None })
+    }
+
+    /// Reserves room for session `id`: here, and with instances sharing
+    /// Redis, under the cap of them all (which also records this instance as
+    /// the session's owner).
+    pub async fn admit(&self, id: &str, server: Option<&str>) -> Result<Reservation, Refusal> {
+        let mut reservation = self.reserve().ok_or(Refusal::Full(self.max))?;
+        if let Some(cluster) = &self.cluster {
+            cluster.admit(id, server).await?;
+            reservation.shared = Some((cluster.clone(), id.to_owned()));
+        }
+        Ok(reservation)
     }
 
     /// Adds a session in a reserved place.
@@ -76,7 +114,8 @@ impl Sessions {
     /// count comes back when the returned reservation drops: after its
     /// runner is gone, so `MAX_SESSIONS` bounds runners (dynos) too.
     pub fn remove(&self, id: &str) -> Option<Reservation> {
-        self.map.remove(id).map(|_| Reservation { count: self.count.clone(), used: false })
+        let shared = self.cluster.clone().map(|cluster| (cluster, id.to_owned()));
+        self.map.remove(id).map(|_| Reservation { count: self.count.clone(), used: false, shared })
     }
 
     /// Requests waiting for an answer, across all sessions.
@@ -121,7 +160,7 @@ mod tests {
 
     #[test]
     fn reservations_respect_the_cap_and_come_back_when_dropped() {
-        let sessions = Sessions::new(2);
+        let sessions = Sessions::new(2, None);
         let a = sessions.reserve().unwrap();
         let _b = sessions.reserve().unwrap();
         assert!(sessions.reserve().is_none());

@@ -38,7 +38,7 @@ pub async fn open(State(state): State<AppState>, headers: HeaderMap) -> Response
     if !accepts(&headers, "text/event-stream") {
         return McpError::NotAcceptable("GET /sse must accept text/event-stream").into_response();
     }
-    let handle = match create_session(&state, Transport::LegacySse, Default::default()) {
+    let handle = match create_session(&state, Transport::LegacySse, Default::default()).await {
         Ok(handle) => handle,
         Err(e) => return e.into_response(),
     };

@@ -19,7 +19,7 @@ pub fn heroku(fake: &FakeHeroku) -> Options {
 
 /// The config vars a real gateway app would have, which every dyno of that
 /// app receives.
-fn config_vars() -> [(&'static str, &'static str); 4] {
+pub fn config_vars() -> [(&'static str, &'static str); 4] {
     [
         ("API_KEY", CLIENT_KEY),
         ("HEROKU_API_KEY", HEROKU_KEY),

@@ -9,6 +9,8 @@ mod browser;
 mod model;
 /// An OTLP/HTTP trace receiver.
 mod otlp;
+/// A real redis-server on a free loopback port.
+mod redis_server;
 /// `runner exec` on plain stdio, driven with raw JSON-RPC lines.
 mod stdio;
 /// Shared machinery: gateway processes, HTTP helpers, process inspection.
@@ -60,6 +62,8 @@ mod resilience;
 mod routing;
 /// The local sandbox tried as an attacker: secrets, other sessions, signals.
 mod sandbox;
+/// Several instances sharing a real Redis behind a router that spreads connections.
+mod scale_out;
 /// A session's limits on all of its processes, as root and as an unprivileged user.
 mod session_limits;
 /// One request on a runner of its own, through the in-process API.

@@ -248,6 +248,13 @@ impl Http {
         Http { client: reqwest::Client::new(), url, api_key }
     }
 
+    /// Like [`Http::new`], opening a new connection for every request, so a
+    /// proxy that spreads connections spreads requests.
+    pub fn new_connection_each_time(url: String, api_key: Option<String>) -> Self {
+        let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+        Http { client, url, api_key }
+    }
+
     pub fn request(&self, method: reqwest::Method) -> reqwest::RequestBuilder {
         let mut request = self.client.request(method, &self.url).timeout(PATIENCE);
         if let Some(key) = &self.api_key {

@@ -77,7 +77,7 @@ fn start(timeouts: Timeouts) -> Harness {
 }
 
 fn start_with(timeouts: Timeouts, spawner: FakeSpawner) -> Harness {
-    let sessions = Sessions::new(10);
+    let sessions = Sessions::new(10, None);
     let stops = spawner.stops.clone();
     let tokens = RunnerTokens::new(&dynogate_shared::Secret::new("k".repeat(32)), Duration::from_secs(120));
     let (session, handle) = Session::new(SessionParams {

@@ -74,6 +74,10 @@ pub enum SpawnError {
     Start(String),
 }
 
+/// Whether a session is live anywhere (answered `true` when unsure: a
+/// runner is never stopped on a guess).
+pub type Liveness = dyn Fn(String) -> BoxFuture<'static, bool> + Send + Sync;
+
 /// Starts runners.
 pub trait Spawner: Send + Sync + 'static {
     /// Gets ready to start runners, once, before the gateway serves: an
@@ -94,9 +98,10 @@ pub trait Spawner: Send + Sync + 'static {
     }
 
     /// Stops runners this spawner started whose session `live` does not know
-    /// (left behind by a crash or a failed stop). Spawners whose runners
-    /// cannot outlive the gateway do nothing.
-    fn sweep<'a>(&'a self, live: &'a (dyn Fn(&str) -> bool + Send + Sync)) -> BoxFuture<'a, ()> {
+    /// (left behind by a crash or a failed stop), asking only after listing
+    /// them, so a session registered meanwhile is known. Spawners whose
+    /// runners cannot outlive the gateway do nothing.
+    fn sweep<'a>(&'a self, live: &'a Liveness) -> BoxFuture<'a, ()> {
         let _ = live;
         Box::pin(std::future::ready(()))
     }

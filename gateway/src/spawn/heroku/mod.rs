@@ -228,7 +228,7 @@ impl Spawner for HerokuSpawner {
         .boxed()
     }
 
-    fn sweep<'a>(&'a self, live: &'a (dyn Fn(&str) -> bool + Send + Sync)) -> BoxFuture<'a, ()> {
+    fn sweep<'a>(&'a self, live: &'a super::Liveness) -> BoxFuture<'a, ()> {
         async move {
             let dynos = match self.api.list_dynos().await {
                 Ok(dynos) => dynos,
@@ -239,7 +239,7 @@ impl Spawner for HerokuSpawner {
             };
             for dyno in dynos {
                 let Some(session) = session_of(&dyno.command) else { continue };
-                if live(session) || matches!(dyno.state.as_str(), "down" | "crashed") {
+                if matches!(dyno.state.as_str(), "down" | "crashed") || live(session.to_owned()).await {
                     continue;
                 }
                 info!(dyno = %dyno.name, session, "stopping an orphaned runner dyno");

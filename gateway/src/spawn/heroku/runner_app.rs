@@ -11,7 +11,6 @@
 //! build the gateway runs. What a runner needs (its token, `GATEWAY_URL`,
 //! `RUNNER_COMMAND`) travels in its dyno's `env`, one session at a time.
 
-use anyhow::Context;
 use tracing::{info, warn};
 
 use super::api::{Api, ApiError, App};
@@ -39,14 +38,18 @@ pub async fn prepare(gateway: &Api, runner: &Api, own: &App) -> anyhow::Result<(
         Err(ApiError::Refused { status: 404, .. }) => {
             let stack = own.stack.as_ref().map(|s| s.name.as_str());
             let region = own.region.as_ref().map(|r| r.name.as_str());
-            runner.create_app(stack, region).await.with_context(|| {
-                format!(
-                    "cannot create the runner app {} (set HEROKU_RUNNER_APP to an app this key may create or \
-                     use; app names are global)",
-                    runner.app()
-                )
-            })?;
-            info!(app = runner.app(), ?stack, ?region, "created the app runner dynos run in");
+            match runner.create_app(stack, region).await {
+                Ok(_) => info!(app = runner.app(), ?stack, ?region, "created the app runner dynos run in"),
+                // Another gateway instance starting beside this one made it first.
+                Err(_) if runner.app_info().await.is_ok() => {}
+                Err(e) => {
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "cannot create the runner app {} (set HEROKU_RUNNER_APP to an app this key may create or \
+                         use; app names are global)",
+                        runner.app()
+                    )));
+                }
+            }
         }
         Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot read the runner app {}", runner.app()))),
     }

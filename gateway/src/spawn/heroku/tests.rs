@@ -264,7 +264,7 @@ async fn the_sweeper_stops_only_marked_dynos_whose_session_is_gone() {
         .await;
     Mock::given(method("POST")).respond_with(ResponseTemplate::new(202).set_body_json(json!({}))).mount(&server).await;
 
-    spawner(&server).sweep(&|session: &str| session == "live-session").await;
+    spawner(&server).sweep(&|session: String| Box::pin(async move { session == "live-session" })).await;
     let stopped: Vec<String> = requests(&server)
         .await
         .into_iter()

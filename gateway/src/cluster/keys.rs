@@ -1,0 +1,38 @@
+//! What the instances keep in Redis, under which keys, for how long. Every
+//! key name is written here and nowhere else.
+//!
+//! - `dg:instance:{iid}`: a live instance (string `1`, expires after
+//!   [`INSTANCE_TTL`] unless its heartbeat renews it).
+//! - `dg:session:{sid}`: a hash for each session: `owner` (instance id),
+//!   `state`, `runner`, `server`, `created` and `last` (Unix ms). Expires
+//!   [`SESSION_TTL`] after its owner last renewed it.
+//! - `dg:live`: a sorted set of live session ids scored by when each lapses
+//!   (Redis time, ms): its size is the count `MAX_SESSIONS` bounds.
+//! - `dg:inbox:{iid}`: the pub/sub channel an instance listens on for
+//!   relayed requests, their answers and tunnelled runner frames.
+//! - `dg:lease:sweeper`: who runs the orphan sweeper now.
+
+use std::time::Duration;
+
+/// How often an instance renews its own key and its sessions'.
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
+/// An instance that missed this many heartbeats is gone.
+pub const INSTANCE_TTL: Duration = Duration::from_secs(15);
+/// A session whose owner stopped renewing it lapses after this long, and
+/// leaves the `MAX_SESSIONS` count.
+pub const SESSION_TTL: Duration = Duration::from_secs(30);
+
+pub const LIVE: &str = "dg:live";
+pub const SWEEPER_LEASE: &str = "dg:lease:sweeper";
+
+pub fn instance(iid: &str) -> String {
+    format!("dg:instance:{iid}")
+}
+
+pub fn session(sid: &str) -> String {
+    format!("dg:session:{sid}")
+}
+
+pub fn inbox(iid: &str) -> String {
+    format!("dg:inbox:{iid}")
+}

@@ -1,0 +1,399 @@
+//! Several gateway instances sharing one real Redis, behind a router that
+//! sends every new connection (clients' and runners' alike) to a random
+//! instance, as Heroku's router does with web dynos.
+
+use std::hash::{BuildHasher, Hasher};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::redis_server::RedisServer;
+use crate::support::*;
+
+/// A TCP router that sends each new connection to a random instance.
+pub struct Spread {
+    pub addr: SocketAddr,
+    targets: Arc<Mutex<Vec<SocketAddr>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Spread {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let targets: Arc<Mutex<Vec<SocketAddr>>> = Arc::default();
+        let accept = tokio::spawn({
+            let targets = targets.clone();
+            async move {
+                let random = std::collections::hash_map::RandomState::new();
+                let mut count = 0u64;
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    count += 1;
+                    let pick = {
+                        let targets = targets.lock().unwrap();
+                        if targets.is_empty() {
+                            continue;
+                        }
+                        let mut hasher = random.build_hasher();
+                        hasher.write_u64(count);
+                        targets[(hasher.finish() % targets.len() as u64) as usize]
+                    };
+                    tokio::spawn(async move {
+                        if let Ok(mut outbound) = tokio::net::TcpStream::connect(pick).await {
+                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                }
+            }
+        });
+        Spread { addr, targets, accept }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set_targets(&self, gateways: &[&Gateway]) {
+        *self.targets.lock().unwrap() = gateways.iter().map(|g| g.addr()).collect();
+    }
+}
+
+impl Drop for Spread {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Redis, the router, and instances of one app behind it.
+pub struct Fleet {
+    // Fields drop in order: the instances end before Redis does.
+    pub gateways: Vec<Gateway>,
+    pub router: Spread,
+    pub redis: RedisServer,
+}
+
+impl Fleet {
+    /// `count` instances started with `options` (plus Redis and the router's URL).
+    pub async fn start(count: usize, options: impl Fn() -> Options) -> Self {
+        let redis = RedisServer::start();
+        let router = Spread::start().await;
+        let gateways: Vec<Gateway> = (0..count)
+            .map(|_| Gateway::with(options().env("REDIS_URL", redis.url()).env("GATEWAY_URL", router.url())))
+            .collect();
+        router.set_targets(&gateways.iter().collect::<Vec<_>>());
+        Fleet { gateways, router, redis }
+    }
+
+    /// Raw HTTP through the router, a new connection (so a random instance) each request.
+    pub fn http(&self) -> Http {
+        Http::new_connection_each_time(format!("{}/mcp", self.router.url()), self.gateways[0].api_key.clone())
+    }
+
+    /// A counter summed over every instance.
+    pub async fn total(&self, metric_name: &str) -> f64 {
+        let mut sum = 0.0;
+        for gateway in &self.gateways {
+            let (_, _, scrape) = scrape_metrics(gateway, gateway.api_key.as_deref()).await;
+            sum += metric(&scrape, metric_name, &[]);
+        }
+        sum
+    }
+}
+
+fn text(reply: &Reply) -> &str {
+    reply.json["result"]["content"][0]["text"].as_str().unwrap_or_default()
+}
+
+/// Reads SSE events from a streaming response until one satisfies `done`.
+async fn read_until(response: &mut reqwest::Response, done: impl Fn(&Value) -> bool) -> Vec<Value> {
+    let mut text = String::new();
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            if sse_events(&text).iter().any(&done) {
+                return;
+            }
+            let chunk = response.chunk().await.unwrap().expect("the stream stays open");
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the awaited event did not arrive; got: {text}"));
+    sse_events(&text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_and_runner_may_land_on_any_instance() {
+    let fleet = Fleet::start(3, || Options::default().echo()).await;
+    let http = fleet.http();
+    let mut sessions = Vec::new();
+    for _ in 0..4 {
+        sessions.push(http.initialize().await.0);
+    }
+    // State lives in each session's one server, whichever instance each call reaches.
+    for (n, session) in sessions.iter().enumerate() {
+        for i in 0..6 {
+            let reply = http.call(session, i, "echo", json!({"text": format!("{n}/{i}"), "tag": "t"})).await;
+            assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+            assert_eq!(text(&reply), format!("{n}/{i}"), "{}", reply.text);
+        }
+        let seen = http.call(session, 100, "seen", json!({"tag": "t"})).await;
+        assert_eq!(text(&seen), "6", "one server per session saw every call: {}", seen.text);
+    }
+    let session = &sessions[0];
+
+    // Progress rides on its request's stream, relayed or not.
+    let progress = http
+        .post(
+            Some(session),
+            &json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+                    "params": {"name": "progress", "arguments": {"steps": 3, "delay_ms": 50}, "_meta": {"progressToken": "p"}}}),
+        )
+        .await;
+    let events = progress.events();
+    let steps: Vec<_> = events.iter().filter_map(|e| e["params"]["progress"].as_u64()).collect();
+    assert_eq!(steps, [1, 2, 3], "{}", progress.text);
+    assert_eq!(text(&progress), "3 steps");
+
+    // A request from the server to the client, and the client's answer,
+    // each possibly through another instance.
+    let mut call = http
+        .request(reqwest::Method::POST)
+        .header("accept", ACCEPT_BOTH)
+        .header("content-type", "application/json")
+        .header("mcp-session-id", session)
+        .body(
+            json!({"jsonrpc": "2.0", "id": 8, "method": "tools/call", "params": {"name": "ask", "arguments": {}}})
+                .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(call.status(), StatusCode::OK);
+    let asked = read_until(&mut call, |e| e["method"] == "roots/list").await;
+    let ask_id = asked.iter().find(|e| e["method"] == "roots/list").unwrap()["id"].clone();
+    let answer = http
+        .post(
+            Some(session),
+            &json!({"jsonrpc": "2.0", "id": ask_id, "result": {"roots": [{"uri": "file:///relayed"}]}}),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.text);
+    let answered = read_until(&mut call, |e| e["id"] == 8).await;
+    let result = answered.iter().find(|e| e["id"] == 8).unwrap();
+    assert!(result.to_string().contains("file:///relayed"), "{result}");
+
+    // The GET stream carries what the server says unprompted.
+    let mut stream = http
+        .request(reqwest::Method::GET)
+        .header("accept", "text/event-stream")
+        .header("mcp-session-id", session)
+        .timeout(Duration::from_secs(3600))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), StatusCode::OK);
+    // The GET may reach the owner after the notification: repeat until one arrives.
+    let notified = tokio::time::timeout(PATIENCE, async {
+        let mut text = String::new();
+        for i in 0.. {
+            let reply = http.call(session, 200 + i, "notify", json!({"text": format!("hello {i}")})).await;
+            assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+            if let Ok(Ok(Some(chunk))) = tokio::time::timeout(Duration::from_millis(500), stream.chunk()).await {
+                text.push_str(&String::from_utf8_lossy(&chunk));
+                if sse_events(&text).iter().any(|e| e["method"] == "notifications/message") {
+                    return text;
+                }
+            }
+        }
+        unreachable!()
+    })
+    .await
+    .expect("a notification reached the GET stream");
+    assert!(notified.contains("hello"), "{notified}");
+    drop(stream);
+
+    // Every error answers as it would from one instance, wherever it lands.
+    for i in 0..6 {
+        let unknown = http.call("0123456789abcdef0123456789abcdef", i, "echo", json!({})).await;
+        assert_eq!(unknown.status, StatusCode::NOT_FOUND, "{}", unknown.text);
+        assert_eq!(unknown.error_code(), -32001);
+        let malformed = http.post_raw(Some(session), "{not json", &[]).await;
+        assert_eq!(malformed.status, StatusCode::BAD_REQUEST, "{}", malformed.text);
+        assert_eq!(malformed.error_code(), -32700);
+        let version = http
+            .post_raw(
+                Some(session),
+                r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#,
+                &[("mcp-protocol-version", "1999-01-01")],
+            )
+            .await;
+        assert_eq!(version.status, StatusCode::BAD_REQUEST, "{}", version.text);
+    }
+
+    // DELETE from anywhere ends the session everywhere.
+    for session in &sessions {
+        assert_eq!(http.delete(session).await, StatusCode::NO_CONTENT);
+        for i in 0..3 {
+            let after = http.call(session, 300 + i, "echo", json!({"text": "late"})).await;
+            assert_eq!(after.status, StatusCode::NOT_FOUND, "{}", after.text);
+        }
+    }
+    assert!(fleet.total("dynogate_relayed_requests_total").await > 0.0, "some requests went to another instance");
+    assert!(
+        fleet.total("dynogate_tunnelled_runner_connections_total").await > 0.0,
+        "some runners dialed another instance"
+    );
+}
+
+const INITIALIZE: &str = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+
+/// Polls `attempt` until it returns true, failing after [`PATIENCE`].
+async fn until<F: std::future::Future<Output = bool>>(what: &str, mut attempt: impl FnMut() -> F) {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !attempt().await {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_sessions_is_one_cap_for_all_instances() {
+    let fleet = Fleet::start(3, || Options::default().echo().env("MAX_SESSIONS", "2")).await;
+    let http = fleet.http();
+    let (first, _) = http.initialize().await;
+    let (second, _) = http.initialize().await;
+    for _ in 0..6 {
+        let refused = http.post_raw(None, INITIALIZE, &[]).await;
+        assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE, "{}", refused.text);
+        assert!(refused.headers.contains_key("retry-after"));
+        assert_eq!(refused.error_code(), -32005);
+        assert!(refused.text.contains("MAX_SESSIONS"), "{}", refused.text);
+    }
+    assert_eq!(fleet.redis.cli(&["ZCARD", "dg:live"]), "2");
+    // One ends: its place comes back once its runner is gone, on any instance.
+    assert_eq!(http.delete(&first).await, StatusCode::NO_CONTENT);
+    until("a new session is admitted", || async {
+        http.post_raw(None, INITIALIZE, &[]).await.status == StatusCode::OK
+    })
+    .await;
+    let still = http.call(&second, 1, "echo", json!({"text": "still here"})).await;
+    assert_eq!(text(&still), "still here", "{}", still.text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_is_a_clear_error_and_service_resumes_after_it() {
+    let mut fleet = Fleet::start(2, || Options::default().echo()).await;
+    let http = fleet.http();
+    let (session, _) = http.initialize().await;
+    fleet.redis.stop();
+
+    for _ in 0..4 {
+        let refused = http.post_raw(None, INITIALIZE, &[]).await;
+        assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE, "{}", refused.text);
+        assert!(refused.headers.contains_key("retry-after"));
+        assert!(refused.text.contains("Redis"), "the error names the cause: {}", refused.text);
+    }
+    // Where the session lives it is served; elsewhere the relay fails, saying why.
+    let (mut served, mut refused) = (0, 0);
+    for i in 0..16 {
+        let reply = http.call(&session, i, "echo", json!({"text": "during"})).await;
+        match reply.status {
+            StatusCode::OK => {
+                assert_eq!(text(&reply), "during", "{}", reply.text);
+                served += 1;
+            }
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert!(reply.text.contains("Redis"), "{}", reply.text);
+                refused += 1;
+            }
+            other => panic!("{other}: {}", reply.text),
+        }
+    }
+    assert!(served > 0 && refused > 0, "served {served}, refused {refused}");
+
+    fleet.redis.restart();
+    until("new sessions start again", || async { http.post_raw(None, INITIALIZE, &[]).await.status == StatusCode::OK })
+        .await;
+    // The instances register their sessions again, so every instance finds it.
+    let mut next = 100;
+    until("the session answers on every instance", || {
+        next += 10;
+        let (http, session, base) = (&http, &session, next);
+        async move {
+            for i in 0..8 {
+                if http.call(session, base + i, "echo", json!({"text": "after"})).await.status != StatusCode::OK {
+                    return false;
+                }
+            }
+            true
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rmcp_client_and_the_python_sdk_run_code_through_three_instances() {
+    let fleet = Fleet::start(3, Options::default).await;
+    let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let config = rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig::with_uri(format!(
+        "{}/mcp",
+        fleet.router.url()
+    ));
+    let transport = rmcp::transport::StreamableHttpClientTransport::with_client(client, config);
+    let rmcp = rmcp::ServiceExt::serve((), transport).await.expect("the rmcp client connects through the router");
+    for n in 0..3 {
+        let code = format!("import os\nopen('state', 'a').write('x')\nprint({n}, len(open('state').read()))");
+        let result = rmcp.call_tool(tool_call("code_exec_python", json!({"code": code}))).await.unwrap();
+        assert_eq!(exec_result_of(&result)["stdout"], format!("{n} {}", n + 1), "the session's files stay put");
+    }
+    rmcp.cancel().await.unwrap();
+
+    for mode in ["http", "sse"] {
+        let url =
+            if mode == "sse" { format!("{}/sse", fleet.router.url()) } else { format!("{}/mcp", fleet.router.url()) };
+        let report = crate::transports::run_python_sdk("py-sdk-1", &[mode, &url], None).await;
+        assert_eq!(report["result"], json!({"returncode": 0, "stdout": "4", "stderr": ""}), "{mode}: {report}");
+    }
+    assert!(fleet.total("dynogate_relayed_requests_total").await > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynos_of_every_instance_serve_their_sessions_and_one_sweeper_spares_them() {
+    use crate::fake_heroku::FakeHeroku;
+    use crate::heroku::{HEROKU_KEY, config_vars, heroku};
+    let fake = FakeHeroku::start(HEROKU_KEY, &config_vars()).await;
+    let (orphan, _) = fake.launch("sleep 600 # --spawned-by dynogate --session stale0000");
+    let fleet = Fleet::start(3, || heroku(&fake).env("SWEEP_INTERVAL", "1s")).await;
+    let http = fleet.http();
+    let mut sessions = Vec::new();
+    for n in 0..3 {
+        let (session, _) = http.initialize().await;
+        let reply = http.call(&session, 1, "code_exec_python", json!({"code": format!("print({n})")})).await;
+        assert_eq!(exec_result(&reply.json)["stdout"], n.to_string(), "{}", reply.text);
+        sessions.push(session);
+    }
+    eventually("the orphan is stopped", || fake.stops().contains(&orphan)).await;
+    // Several sweeps later, nothing but the orphan was stopped.
+    let lists = || fake.calls().iter().filter(|c| matches!(c, crate::fake_heroku::Call::List)).count();
+    let seen = lists();
+    eventually("three more sweeps ran", || lists() >= seen + 3).await;
+    assert_eq!(fake.stops(), std::slice::from_ref(&orphan), "a sweeper stopped another instance's dyno");
+    for (n, session) in sessions.iter().enumerate() {
+        let reply = http.call(session, 2, "code_exec_python", json!({"code": format!("print({n} * 2)")})).await;
+        assert_eq!(exec_result(&reply.json)["stdout"], (n * 2).to_string(), "{}", reply.text);
+    }
+    for session in &sessions {
+        assert_eq!(http.delete(session).await, StatusCode::NO_CONTENT);
+    }
+    let unique = || {
+        let mut stops = fake.stops();
+        stops.sort();
+        stops.dedup();
+        stops.len()
+    };
+    eventually("every session's dyno is stopped", || unique() == 1 + sessions.len()).await;
+    assert_eq!(fake.stops().len(), 1 + sessions.len(), "no dyno was stopped twice: {:?}", fake.stops());
+}
