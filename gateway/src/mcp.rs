@@ -197,6 +197,8 @@ pub(crate) async fn start_session(
         budget: state.budget.clone(),
         shutdown: state.shutdown.clone(),
         key_fingerprint: state.api_key.as_ref().map(crate::auth::ApiKey::fingerprint),
+        cluster: state.cluster.clone(),
+        adopted: None,
     });
     crate::metrics::session_started(pooled);
     // In the table before the task starts, so its runner can find it and its

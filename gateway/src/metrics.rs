@@ -24,6 +24,7 @@ pub const RUNNER_START: &str = "dynogate_runner_start_seconds";
 pub const RUNNER_RECONNECTS: &str = "dynogate_runner_reconnects_total";
 pub const RELAYED: &str = "dynogate_relayed_requests_total";
 pub const TUNNELLED: &str = "dynogate_tunnelled_runner_connections_total";
+pub const TAKEN_OVER: &str = "dynogate_sessions_taken_over_total";
 pub const FIRST_RESULT: &str = "dynogate_first_result_seconds";
 pub const REQUEST_DURATION: &str = "dynogate_request_duration_seconds";
 pub const JSONRPC_ERRORS: &str = "dynogate_jsonrpc_errors_total";
@@ -68,6 +69,10 @@ fn describe() {
     describe_counter!(
         RELAYED,
         "Client requests this instance relayed to the instance owning their session (REDIS_URL)"
+    );
+    describe_counter!(
+        TAKEN_OVER,
+        "Sessions this instance took over from another, by why: handed_over (it stopped) or owner_died"
     );
     describe_counter!(
         TUNNELLED,
@@ -123,6 +128,10 @@ pub fn runner_reconnected() {
 
 pub fn relayed() {
     counter!(RELAYED).increment(1);
+}
+
+pub fn taken_over(why: &'static str) {
+    counter!(TAKEN_OVER, "why" => why).increment(1);
 }
 
 pub fn tunnelled() {

@@ -61,16 +61,29 @@ pub async fn accept(
     if claims.sid != session {
         return refuse("token names another session", shown);
     }
-    let Some(handle) = state.sessions.get_any(&session) else {
-        return elsewhere(&state, session, claims.jti, &headers, upgrade).await;
-    };
+    match state.sessions.get_any(&session).filter(|handle| !handle.is_handing_over()) {
+        Some(handle) => attach_here(&state, handle, &claims.jti, &headers, upgrade, shown),
+        None => elsewhere(&state, session, claims.jti, &headers, upgrade).await,
+    }
+}
+
+/// A dial for a session this instance holds: the token must be one it
+/// accepts and no runner connected; then the handshake.
+fn attach_here(
+    state: &AppState,
+    handle: SessionHandle,
+    jti: &str,
+    headers: &HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    shown: &str,
+) -> Response {
     let span = tracing::info_span!("rendezvous", session = %shown);
     // The runner's own span (its start-up, or its redial) is the parent.
     if let Some(parent) = headers.get(dynogate_telemetry::TRACEPARENT).and_then(|v| v.to_str().ok()) {
         dynogate_telemetry::set_parent(&span, parent);
     }
     let _enter = span.enter();
-    if !handle.accepts_token(&claims.jti) {
+    if !handle.accepts_token(jti) {
         warn!("token is not one this session issued, or it was superseded");
         return unauthorized();
     }
@@ -106,12 +119,19 @@ async fn elsewhere(
     let Some(cluster) = state.cluster.clone() else {
         return refuse("token for a session that is not live", &shown);
     };
-    let owner = match cluster.owner(&session).await {
-        Ok(Some(owner)) if owner != cluster.instance => owner,
-        Ok(_) => return refuse("token for a session that is not live", &shown),
+    let owner = match crate::cluster::adopt::find(state, &cluster, &session).await {
+        Ok(crate::cluster::adopt::Whereabouts::At(owner)) => owner,
+        // Taken over here just now: the runner is served as if it had dialed its owner.
+        Ok(crate::cluster::adopt::Whereabouts::Here(handle)) => {
+            return attach_here(state, handle, &jti, headers, upgrade, &shown);
+        }
+        Ok(crate::cluster::adopt::Whereabouts::Unknown) => {
+            return refuse("token for a session that is not live", &shown);
+        }
         Err(e) => {
             warn!(session = %shown, "cannot find the instance of a runner's session: {e}");
-            return (axum::http::StatusCode::SERVICE_UNAVAILABLE, "Redis is unreachable").into_response();
+            return (axum::http::StatusCode::SERVICE_UNAVAILABLE, "the session's instance cannot be found now")
+                .into_response();
         }
     };
     let upgrade = match upgrade {
@@ -144,8 +164,8 @@ fn refuse(why: &str, session: &str) -> Response {
 
 /// Runs the hello/welcome exchange and gives the socket to the session.
 async fn handshake(mut socket: WebSocket, handle: SessionHandle, slot: RunnerSlot, wait: Duration) {
-    let received = match hello(&mut socket).await {
-        Ok(received) => received,
+    let (received, acked) = match hello(&mut socket).await {
+        Ok(counts) => counts,
         // A runner of another version will never do; a socket that failed
         // before saying hello may be a blip in a redial, which may try again
         // (dropping the slot frees it).
@@ -162,7 +182,7 @@ async fn handshake(mut socket: WebSocket, handle: SessionHandle, slot: RunnerSlo
     link.set_writer(tokio::spawn(write(sink, outbox).in_current_span()).abort_handle());
     // If the session ended meanwhile, the link is dropped here, its writer
     // stops, and the socket closes.
-    let _ = handle.send(Command::Attach { link, slot, received }, wait).await;
+    let _ = handle.send(Command::Attach { link, slot, received, acked }, wait).await;
 }
 
 /// Why a connected runner was turned away before its session heard of it.
@@ -172,17 +192,18 @@ pub(crate) struct Refusal {
     fatal: bool,
 }
 
-/// Reads the runner's hello: its count of frames received from the gateway.
-/// A runner that fails it is sent a reject and the socket is closed.
-pub(crate) async fn hello(socket: &mut WebSocket) -> Result<u64, Refusal> {
+/// Reads the runner's hello: its counts of frames received from the gateway
+/// and of its own the gateway acknowledged. A runner that fails it is sent a
+/// reject and the socket is closed.
+pub(crate) async fn hello(socket: &mut WebSocket) -> Result<(u64, u64), Refusal> {
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, socket.recv()).await {
         Ok(Some(Ok(Message::Binary(bytes)))) => Control::decode(&bytes).ok(),
         _ => None,
     };
     let refusal = match hello {
-        Some(Control::Hello { protocol, runner_version, received }) if protocol == PROTOCOL_VERSION => {
-            info!(%runner_version, received, "runner connected");
-            return Ok(received);
+        Some(Control::Hello { protocol, runner_version, received, acked }) if protocol == PROTOCOL_VERSION => {
+            info!(%runner_version, received, acked, "runner connected");
+            return Ok((received, acked));
         }
         Some(Control::Hello { protocol, .. }) => {
             Refusal { reason: version_mismatch(PROTOCOL_VERSION, protocol), fatal: true }

@@ -70,6 +70,7 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
         "sessions": state.sessions.claimed(),
         "in_flight": state.sessions.in_flight(),
         "pool": state.pool.status(),
+        "instance": state.cluster.as_ref().map(|cluster| cluster.instance.clone()),
     }))
 }
 
@@ -201,7 +202,7 @@ pub async fn start(config: Config, listener: TcpListener, drain: CancellationTok
         None => None,
     };
     let server = tokio::spawn(listen::serve(listener, app(state.clone()), settings, drain.clone()));
-    let done = tokio::spawn(wind_down(server, sessions, timeouts, tracker, shutdown, drain));
+    let done = tokio::spawn(wind_down(server, sessions, state.cluster.clone(), timeouts, tracker, shutdown, drain));
     Ok(Running { state, metrics, done })
 }
 
@@ -229,12 +230,16 @@ async fn serve_metrics(state: &AppState, addr: SocketAddr) -> anyhow::Result<Soc
 async fn wind_down(
     server: tokio::task::JoinHandle<()>,
     sessions: crate::sessions::Sessions,
+    cluster: Option<Arc<crate::cluster::Cluster>>,
     timeouts: crate::config::Timeouts,
     tracker: TaskTracker,
     shutdown: CancellationToken,
     drain: CancellationToken,
 ) -> anyhow::Result<()> {
     drain.cancelled().await;
+    if let Some(cluster) = cluster {
+        hand_over(&sessions, &cluster, &timeouts).await;
+    }
     let waiting = sessions.in_flight();
     info!(sessions = sessions.len(), requests = waiting, "draining: letting requests in flight finish");
     let drained = tokio::time::timeout(timeouts.drain, async {
@@ -264,6 +269,29 @@ async fn wind_down(
             warn!("sessions still ending after {:?}; exiting", timeouts.teardown);
             Ok(())
         }
+    }
+}
+
+/// With instances sharing Redis: hands every session to another instance
+/// (each goes once nothing of it is in flight, or at the drain deadline) and
+/// waits, as long, for the requests this instance relays elsewhere.
+async fn hand_over(
+    sessions: &crate::sessions::Sessions,
+    cluster: &crate::cluster::Cluster,
+    timeouts: &crate::config::Timeouts,
+) {
+    info!(sessions = sessions.len(), relays = cluster.relays(), "handing sessions over to other instances");
+    for handle in sessions.handles() {
+        handle.hand_over();
+    }
+    let handed = tokio::time::timeout(timeouts.drain + std::time::Duration::from_secs(2), async {
+        while !sessions.is_empty() || cluster.relays() > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    if handed.is_err() {
+        warn!(sessions = sessions.len(), relays = cluster.relays(), "not every session was handed over in time");
     }
 }
 
@@ -326,7 +354,12 @@ fn build_spawner(config: &Config) -> anyhow::Result<Arc<dyn Spawner>> {
             };
             Arc::new(HerokuSpawner::new(runners, api, settings))
         }
-        _ => Arc::new(LocalSpawner::new(config.runner_bin.clone(), config.runner_command.clone(), config.sandbox)),
+        _ => Arc::new(LocalSpawner::new(
+            config.runner_bin.clone(),
+            config.runner_command.clone(),
+            config.sandbox,
+            config.redis_url.is_some(),
+        )),
     })
 }
 

@@ -55,6 +55,14 @@ impl Drop for Reservation {
     }
 }
 
+impl Reservation {
+    /// Gives back only the place here: the session goes on at another
+    /// instance, which holds the shared place from now on.
+    pub fn keep_shared_place(&mut self) {
+        self.shared = None;
+    }
+}
+
 /// Why no place was given.
 #[derive(Debug, thiserror::Error)]
 pub enum Refusal {
@@ -87,6 +95,14 @@ impl Sessions {
             reservation.shared = Some((cluster.clone(), id.to_owned()));
         }
         Ok(reservation)
+    }
+
+    /// Reserves room here for session `id`, taken over from another
+    /// instance: its place in the shared count is already held.
+    pub fn reserve_for_adopted(&self, id: &str) -> Option<Reservation> {
+        let mut reservation = self.reserve()?;
+        reservation.shared = self.cluster.clone().map(|cluster| (cluster, id.to_owned()));
+        Some(reservation)
     }
 
     /// Adds a session in a reserved place.

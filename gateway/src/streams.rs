@@ -417,6 +417,27 @@ impl Streams {
         }
     }
 
+    /// The streams of a session taken over from another instance: stream ids
+    /// go on from `next_id`, and the GET stream's event numbers from
+    /// `standalone_next`, so ids a client saw before are never reused and
+    /// resuming after one of them loses nothing.
+    pub fn resumed(budget: Budget, next_id: u64, standalone_next: u64) -> Self {
+        let streams = Self::new(budget);
+        streams.next_id.store(next_id.max(1), Ordering::Relaxed);
+        {
+            let mut state = streams.standalone.state.lock().expect("stream lock");
+            state.next = standalone_next.max(1);
+            state.handed = state.next - 1;
+        }
+        streams
+    }
+
+    /// Where numbering stands: the next stream id, and the GET stream's next
+    /// event number.
+    pub fn position(&self) -> (u64, u64) {
+        (self.next_id.load(Ordering::Relaxed), self.standalone.state.lock().expect("stream lock").next)
+    }
+
     /// The GET stream.
     pub fn standalone(&self) -> &Arc<EventStream> {
         &self.standalone

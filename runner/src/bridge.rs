@@ -48,7 +48,8 @@ pub async fn run(dial: Dial) -> anyhow::Result<i32> {
             Ok(workdir) => start_server(&dial, workdir.path()),
             Err(e) => Err((anyhow::anyhow!("{e:#}"), "cannot create the session's directory".to_owned())),
         };
-        let joined = dial::connect(&dial, &dial.token, 0, first_dial_deadline(&dial.token), false).await;
+        let joined =
+            dial::connect(&dial, &dial.token, Default::default(), first_dial_deadline(&dial.token), false).await;
         let (socket, welcome) = match joined {
             Ok(joined) => joined,
             Err(e) => {
@@ -142,10 +143,10 @@ fn start_server(dial: &Dial, workdir: &std::path::Path) -> Result<child::Server,
 /// dial, but a refusal is retried until the deadline (the gateway may not
 /// have noticed yet that the old socket is dead).
 fn redialer(dial: Dial) -> Redialer {
-    Box::new(move |token, received, deadline| {
+    Box::new(move |token, position, deadline| {
         let dial = dial.clone();
         async move {
-            let (socket, welcome) = dial::connect(&dial, &token, received, deadline, true).await?;
+            let (socket, welcome) = dial::connect(&dial, &token, position, deadline, true).await?;
             Ok((Link::open(socket), welcome))
         }
         .boxed()

@@ -45,6 +45,12 @@ pub struct DialArgs {
     #[arg(long)]
     pub local: bool,
 
+    /// With `--local`: keep running when the gateway that started it exits
+    /// and dial again like a dyno would (its session is taken over by
+    /// another gateway instance sharing Redis).
+    #[arg(long)]
+    pub outlive_gateway: bool,
+
     /// Who started this runner; the Heroku spawner's sweeper looks for it
     /// (`--spawned-by dynogate`) to recognise its dynos.
     #[arg(long)]
@@ -163,6 +169,8 @@ fn on_off(value: &str) -> Result<bool, String> {
 /// Everything the bridge needs, checked.
 #[derive(Debug, Clone)]
 pub struct Dial {
+    /// Ends with the gateway process that started it (`--local`, unless
+    /// `--outlive-gateway`).
     pub local: bool,
     pub rendezvous: Url,
     /// Where the session's directory goes, when the spawner chose.
@@ -212,7 +220,7 @@ impl DialArgs {
         Ok(Dial {
             sandbox,
             server_env: self.server_env.into_iter().map(|n| n.trim().to_owned()).filter(|n| !n.is_empty()).collect(),
-            local: self.local,
+            local: self.local && !self.outlive_gateway,
             rendezvous: rendezvous_url(&gateway, &session)?,
             session_dir: self.session_dir,
             session,

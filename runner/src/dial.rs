@@ -53,19 +53,28 @@ pub enum DialError {
     Unreachable(String),
 }
 
+/// Where this runner is in the session, as its hello tells the gateway.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Position {
+    /// Text frames received from the gateway.
+    pub received: u64,
+    /// Text frames of ours the gateway has acknowledged.
+    pub acked: u64,
+}
+
 /// Dials until connected or `deadline`. Refusals end the attempts at once
 /// unless `retry_refusals` (a redial may be refused while the gateway still
 /// holds the old socket).
 pub async fn connect(
     dial: &Dial,
     token: &Secret,
-    received: u64,
+    position: Position,
     deadline: Instant,
     retry_refusals: bool,
 ) -> Result<(Socket, Welcome), DialError> {
     let mut backoff = Duration::from_millis(50);
     loop {
-        let attempt = tokio::time::timeout(ATTEMPT_TIMEOUT, connect_once(dial, token, received)).await;
+        let attempt = tokio::time::timeout(ATTEMPT_TIMEOUT, connect_once(dial, token, position)).await;
         let error = match attempt {
             Ok(Ok(connected)) => return Ok(connected),
             Ok(Err(error)) => error,
@@ -82,7 +91,7 @@ pub async fn connect(
 }
 
 /// One attempt: upgrade, hello, welcome.
-async fn connect_once(dial: &Dial, token: &Secret, received: u64) -> Result<(Socket, Welcome), DialError> {
+async fn connect_once(dial: &Dial, token: &Secret, position: Position) -> Result<(Socket, Welcome), DialError> {
     let mut request = dial
         .rendezvous
         .as_str()
@@ -120,8 +129,12 @@ async fn connect_once(dial: &Dial, token: &Secret, received: u64) -> Result<(Soc
         }
         Err(e) => return Err(DialError::Unreachable(e.to_string())),
     };
-    let hello =
-        Control::Hello { protocol: PROTOCOL_VERSION, runner_version: env!("CARGO_PKG_VERSION").into(), received };
+    let hello = Control::Hello {
+        protocol: PROTOCOL_VERSION,
+        runner_version: env!("CARGO_PKG_VERSION").into(),
+        received: position.received,
+        acked: position.acked,
+    };
     socket.send(Message::Binary(hello.encode().into())).await.map_err(|e| DialError::Unreachable(e.to_string()))?;
     let answer = tokio::time::timeout(WELCOME_TIMEOUT, async {
         while let Some(message) = socket.next().await {

@@ -63,7 +63,7 @@ pub type Redial = BoxFuture<'static, Result<(Link, Welcome), DialError>>;
 
 /// Starts a [`Redial`] once the socket is lost, given the latest token, how
 /// many messages the relay has received, and when to give up.
-pub type Redialer = Box<dyn FnMut(Secret, u64, Instant) -> Redial + Send>;
+pub type Redialer = Box<dyn FnMut(Secret, crate::dial::Position, Instant) -> Redial + Send>;
 
 /// The relay's state across sockets.
 pub struct Relay {
@@ -251,7 +251,8 @@ impl Relay {
         warn!(why, ?window, "connection to the gateway lost; dialing again");
         let give_up_at = Instant::now() + window;
         self.give_up_at = Some(give_up_at);
-        self.redial = Some((self.redialer)(self.token.clone(), self.clock.received(), give_up_at));
+        let position = crate::dial::Position { received: self.clock.received(), acked: self.window.acked() };
+        self.redial = Some((self.redialer)(self.token.clone(), position, give_up_at));
     }
 
     fn on_redial(&mut self, result: Result<(Link, Welcome), DialError>) -> Option<End> {

@@ -46,6 +46,11 @@ pub enum Control {
         /// Text frames received from the gateway so far in this session
         /// (0 on the first dial).
         received: u64,
+        /// Text frames the gateway has acknowledged so far: where a gateway
+        /// that takes the session over without its predecessor's counts
+        /// starts counting. Absent from older runners.
+        #[serde(default)]
+        acked: u64,
     },
     /// Gateway → runner: the handshake succeeded.
     Welcome {
@@ -96,8 +101,8 @@ impl Control {
 impl std::fmt::Display for Control {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Control::Hello { protocol, runner_version, received } => {
-                write!(f, "hello (protocol {protocol}, runner {runner_version}, received {received})")
+            Control::Hello { protocol, runner_version, received, acked } => {
+                write!(f, "hello (protocol {protocol}, runner {runner_version}, received {received}, acked {acked})")
             }
             Control::Welcome { protocol, received, .. } => {
                 write!(f, "welcome (protocol {protocol}, received {received})")
@@ -139,7 +144,7 @@ mod tests {
     #[test]
     fn control_round_trips_through_its_encoding() {
         let all = [
-            Control::Hello { protocol: 1, runner_version: "0.1.0".into(), received: 7 },
+            Control::Hello { protocol: 1, runner_version: "0.1.0".into(), received: 7, acked: 4 },
             Control::Welcome { protocol: 1, received: 3, token: Secret::new("t") },
             Control::Ack { received: 9 },
             Control::Token { token: Secret::new("t2") },

@@ -133,6 +133,12 @@ pub struct AckClock {
 }
 
 impl AckClock {
+    /// A clock that has received (and acknowledged) `received` frames: a
+    /// session taken over from another gateway.
+    pub fn resumed(received: u64) -> Self {
+        Self { received, ack_sent: received }
+    }
+
     /// Counts one received text frame; returns its number.
     pub fn receive(&mut self) -> u64 {
         self.received += 1;

@@ -107,7 +107,8 @@ async fn a_runner_speaking_another_protocol_version_is_refused_by_name() {
     let pid: i32 = read_when_written(dir.path(), "pid").unwrap().parse().unwrap();
 
     let mut socket = dial(&gateway, &session, Some(&token)).await.expect("a valid token upgrades");
-    let hello = Control::Hello { protocol: PROTOCOL_VERSION + 41, runner_version: "0.0.0-old".into(), received: 0 };
+    let hello =
+        Control::Hello { protocol: PROTOCOL_VERSION + 41, runner_version: "0.0.0-old".into(), received: 0, acked: 0 };
     socket.send(Message::Binary(hello.encode().into())).await.unwrap();
     let answer = loop {
         match socket.next().await.expect("an answer").unwrap() {

@@ -73,6 +73,7 @@ pub struct Fleet {
     pub gateways: Vec<Gateway>,
     pub router: Spread,
     pub redis: RedisServer,
+    options: Options,
 }
 
 impl Fleet {
@@ -80,11 +81,27 @@ impl Fleet {
     pub async fn start(count: usize, options: impl Fn() -> Options) -> Self {
         let redis = RedisServer::start();
         let router = Spread::start().await;
-        let gateways: Vec<Gateway> = (0..count)
-            .map(|_| Gateway::with(options().env("REDIS_URL", redis.url()).env("GATEWAY_URL", router.url())))
-            .collect();
+        let options = options().env("REDIS_URL", redis.url()).env("GATEWAY_URL", router.url());
+        let gateways: Vec<Gateway> = (0..count).map(|_| Gateway::with(options.clone())).collect();
         router.set_targets(&gateways.iter().collect::<Vec<_>>());
-        Fleet { gateways, router, redis }
+        Fleet { gateways, router, redis, options }
+    }
+
+    /// One more instance of the same app, behind the router.
+    pub fn add_instance(&mut self) {
+        self.gateways.push(Gateway::with(self.options.clone()));
+        self.route_to_all();
+    }
+
+    /// Takes instance `i` out of the router and out of the fleet.
+    pub fn take_out(&mut self, i: usize) -> Gateway {
+        let gateway = self.gateways.remove(i);
+        self.route_to_all();
+        gateway
+    }
+
+    fn route_to_all(&self) {
+        self.router.set_targets(&self.gateways.iter().collect::<Vec<_>>());
     }
 
     /// Raw HTTP through the router, a new connection (so a random instance) each request.
@@ -100,6 +117,21 @@ impl Fleet {
             sum += metric(&scrape, metric_name, &[]);
         }
         sum
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        // The last instance to stop has nobody to hand its sessions to and
+        // leaves their runners for a successor, as a lone dyno restarting
+        // would: end them, as they are this test's.
+        self.gateways.clear();
+        let router = self.router.url();
+        for (pid, argv) in processes() {
+            if argv.iter().any(|a| a == "--outlive-gateway") && argv.iter().any(|a| a.starts_with(&router)) {
+                let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
     }
 }
 
@@ -396,4 +428,158 @@ async fn dynos_of_every_instance_serve_their_sessions_and_one_sweeper_spares_the
     };
     eventually("every session's dyno is stopped", || unique() == 1 + sessions.len()).await;
     assert_eq!(fake.stops().len(), 1 + sessions.len(), "no dyno was stopped twice: {:?}", fake.stops());
+}
+
+/// Calls `echo` on `session` until `stop`, each with a tag of its own;
+/// returns the tags of the calls answered, and every failure.
+async fn keep_calling(
+    http: Http,
+    session: String,
+    stop: tokio_util::sync::CancellationToken,
+) -> (Vec<String>, Vec<String>) {
+    let (mut answered, mut failed) = (Vec::new(), Vec::new());
+    for i in 0i64.. {
+        if stop.is_cancelled() {
+            break;
+        }
+        let tag = format!("{session}-{i}");
+        // Every fourth call takes a while, so calls are in flight at any moment.
+        let (tool, arguments) = if i % 4 == 0 {
+            ("sleep", json!({"ms": 300, "tag": tag}))
+        } else {
+            ("echo", json!({"text": tag, "tag": tag}))
+        };
+        let reply = http.call(&session, i, tool, arguments).await;
+        if reply.status == StatusCode::OK && reply.json["result"].is_object() {
+            answered.push(tag);
+        } else {
+            failed.push(format!("{tool} {tag}: {} {}", reply.status, reply.text));
+        }
+    }
+    (answered, failed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_under_load_fails_no_call_and_loses_no_session() {
+    let mut fleet = Fleet::start(3, || Options::default().echo().env("DRAIN_TIMEOUT", "10s")).await;
+    let http = fleet.http();
+    let mut sessions = Vec::new();
+    for _ in 0..6 {
+        sessions.push(http.initialize().await.0);
+    }
+    let stop = tokio_util::sync::CancellationToken::new();
+    let load: Vec<_> =
+        sessions.iter().map(|s| tokio::spawn(keep_calling(http.clone(), s.clone(), stop.clone()))).collect();
+
+    // Each old instance in turn: a replacement starts, the router stops
+    // sending it new connections, and it gets SIGTERM, as in a deploy.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        fleet.add_instance();
+        let mut old = fleet.take_out(0);
+        let status = tokio::task::spawn_blocking(move || old.terminate()).await.unwrap();
+        assert!(status.is_some_and(|s| s.success()), "an instance did not stop cleanly: {status:?}");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.cancel();
+
+    let mut calls = 0;
+    for (session, task) in sessions.iter().zip(load) {
+        let (answered, failed) = task.await.unwrap();
+        assert!(failed.is_empty(), "calls failed during the restart: {failed:#?}");
+        calls += answered.len();
+        // Every call ran exactly once, in the session's one server.
+        for (i, tag) in answered.iter().enumerate() {
+            let seen = http.call(session, 10_000 + i as i64, "seen", json!({"tag": tag})).await;
+            assert_eq!(text(&seen), "1", "{tag} ran {} times", seen.text);
+        }
+    }
+    assert!(calls > 60, "only {calls} calls were made during the restart");
+    let taken = fleet.total("dynogate_sessions_taken_over_total").await;
+    assert!(taken >= 1.0, "sessions moved to new instances ({taken})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_killed_outright_leaves_its_sessions_working_and_runs_no_call_twice() {
+    let mut fleet = Fleet::start(3, || Options::default().echo().env("RUNNER_RECONNECT_GRACE", "60s")).await;
+    let http = fleet.http();
+    let mut sessions = Vec::new();
+    for _ in 0..10 {
+        sessions.push(http.initialize().await.0);
+    }
+    // 50 calls in flight over the 10 sessions when the instance dies.
+    let calls: Vec<_> = (0..50)
+        .map(|i| {
+            let (http, session) = (http.clone(), sessions[i % 10].clone());
+            tokio::spawn(async move {
+                let tag = format!("kill-{i}");
+                let call = json!({"jsonrpc": "2.0", "id": i, "method": "tools/call",
+                                  "params": {"name": "sleep", "arguments": {"ms": 1500, "tag": tag}}});
+                let sent = http
+                    .request(reqwest::Method::POST)
+                    .header("accept", ACCEPT_BOTH)
+                    .header("content-type", "application/json")
+                    .header("mcp-session-id", &session)
+                    .body(call.to_string())
+                    .send()
+                    .await;
+                // A connection through the dead instance is cut: no answer.
+                let reply = match sent {
+                    Ok(response) => Some(read(response).await),
+                    Err(_) => None,
+                };
+                (session, tag, reply)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The instance that holds the first session dies.
+    let owner = fleet.redis.cli(&["HGET", &format!("dg:session:{}", sessions[0]), "owner"]);
+    let mut victim = None;
+    for (i, gateway) in fleet.gateways.iter().enumerate() {
+        let health: Value = reqwest::get(format!("{}/healthz", gateway.url)).await.unwrap().json().await.unwrap();
+        if health["instance"] == owner.as_str() {
+            victim = Some(i);
+        }
+    }
+    let killed = fleet.take_out(victim.expect("the first session's owner is one of the instances"));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(killed.pid()), nix::sys::signal::Signal::SIGKILL).unwrap();
+
+    let mut answered = 0;
+    let mut outcomes = Vec::new();
+    for call in calls {
+        let (session, tag, reply) = call.await.unwrap();
+        if reply.is_some_and(|r| r.status == StatusCode::OK && r.json["result"].is_object()) {
+            answered += 1;
+        }
+        outcomes.push((session, tag));
+    }
+    assert!(answered > 0, "calls on the surviving instances are answered");
+
+    // Every session keeps working, whichever instance held it.
+    for session in &sessions {
+        let mut id = 1000;
+        until("the session answers again", || {
+            id += 1;
+            let (http, session, id) = (&http, session, id);
+            async move { http.call(session, id, "echo", json!({"text": "after"})).await.status == StatusCode::OK }
+        })
+        .await;
+    }
+    // No call ran twice (a call the dead instance held may not have run).
+    for (i, (session, tag)) in outcomes.iter().enumerate() {
+        let seen = http.call(session, 5000 + i as i64, "seen", json!({"tag": tag})).await;
+        let times: u32 = text(&seen).parse().unwrap_or(99);
+        assert!(times <= 1, "{tag} ran {times} times");
+    }
+    let taken = fleet.total("dynogate_sessions_taken_over_total").await;
+    assert!(taken >= 1.0, "the dead instance's sessions were taken over ({taken})");
+    // Ended sessions leave nothing running.
+    for session in &sessions {
+        assert_eq!(http.delete(session).await, StatusCode::NO_CONTENT);
+    }
+    for session in &sessions {
+        eventually("the session's runner is gone", || runner_pids(session).is_empty()).await;
+    }
+    drop(killed);
 }

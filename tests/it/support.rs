@@ -372,7 +372,7 @@ pub fn only_session(gateway: &Gateway) -> String {
     argv[at + 1].clone()
 }
 
-fn processes() -> Vec<(i32, Vec<String>)> {
+pub fn processes() -> Vec<(i32, Vec<String>)> {
     std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())

@@ -31,28 +31,117 @@ return 1
     )
 });
 
-/// Renews an instance and every session it owns.
-/// KEYS: live set, instance key. ARGV: owner, session ttl ms, instance ttl
-/// ms, session key prefix, then (sid, state, runner, server) for each.
+/// Renews every session this instance owns; returns those another
+/// instance has taken over meanwhile. A session handed off (owner empty) is
+/// left alone. KEYS: live set. ARGV: owner, session ttl ms, session key
+/// prefix, then (sid, state, runner, server, snapshot) for each.
 static RENEW: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[2])
-redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
-for i = 5, #ARGV, 4 do
-  local key = ARGV[4] .. ARGV[i]
-  redis.call('ZADD', KEYS[1], now + ttl, ARGV[i])
-  redis.call('HSET', key, 'owner', ARGV[1], 'state', ARGV[i + 1], 'runner', ARGV[i + 2], 'server', ARGV[i + 3],
-    'last', now)
-  if redis.call('HEXISTS', key, 'created') == 0 then redis.call('HSET', key, 'created', now) end
-  redis.call('PEXPIRE', key, ttl)
+local lost = {}
+for i = 4, #ARGV, 5 do
+  local key = ARGV[3] .. ARGV[i]
+  local owner = redis.call('HGET', key, 'owner')
+  if owner and owner ~= ARGV[1] then
+    if owner ~= '' then table.insert(lost, ARGV[i]) end
+  else
+    redis.call('ZADD', KEYS[1], now + ttl, ARGV[i])
+    redis.call('HSET', key, 'owner', ARGV[1], 'state', ARGV[i + 1], 'runner', ARGV[i + 2], 'server', ARGV[i + 3],
+      'snapshot', ARGV[i + 4], 'last', now)
+    if redis.call('HEXISTS', key, 'created') == 0 then redis.call('HSET', key, 'created', now) end
+    redis.call('PEXPIRE', key, ttl)
+  end
 end
+return lost
+",
+    )
+});
+
+/// Renews an instance's liveness. KEYS: instance key, instances set. ARGV:
+/// iid, ttl ms, whether it takes sessions over (1/0).
+static BEAT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if ARGV[3] == '1' then redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
+else redis.call('ZREM', KEYS[2], ARGV[1]) end
+return redis.call('ZRANGE', KEYS[2], 0, -1)
+",
+    )
+});
+
+/// Gives up a session for another instance to take over, leaving its
+/// snapshot. KEYS: session hash. ARGV: owner, snapshot, ttl ms.
+static HAND_OFF: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'owner', '', 'state', 'handed over', 'snapshot', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 ",
     )
 });
+
+/// Records a session's snapshot while this instance owns it. KEYS: session
+/// hash. ARGV: owner, snapshot.
+static NOTE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'snapshot', ARGV[2])
+return 1
+",
+    )
+});
+
+/// Where a session is. KEYS: session hash. ARGV: instance key prefix.
+/// Returns {} (unknown), {''} (handed off), or {owner, alive 1/0}.
+static LOCATE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if not owner then return {} end
+if owner == '' then return {''} end
+return {owner, redis.call('EXISTS', ARGV[1] .. owner)}
+",
+    )
+});
+
+/// Takes a session over if its owner is still `expected` (empty: handed
+/// off; else an instance found dead, and still dead). KEYS: session hash.
+/// ARGV: new owner, expected owner, ttl ms, instance key prefix. Returns its
+/// snapshot, or false.
+static TAKE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then return false end
+if ARGV[2] ~= '' and redis.call('EXISTS', ARGV[4] .. ARGV[2]) == 1 then return false end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'state', 'taken over')
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return redis.call('HGET', KEYS[1], 'snapshot') or ''
+",
+    )
+});
+
+/// Where the directory says a session is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// Not in the directory: never was, or ended.
+    Unknown,
+    /// Handed off by its owner; the first instance to take it has it.
+    Released,
+    /// Owned by a live instance.
+    Owned(String),
+    /// Owned by an instance that is gone (killed, or cut off from Redis).
+    Orphaned(String),
+}
 
 /// What the renewal says of one local session.
 #[derive(Debug, Clone)]
@@ -61,6 +150,8 @@ pub struct Entry {
     pub state: &'static str,
     pub runner: String,
     pub server: String,
+    /// [`crate::session::Snapshot`], encoded.
+    pub snapshot: String,
 }
 
 impl Cluster {
@@ -106,21 +197,97 @@ impl Cluster {
         Ok(self.owner(id).await?.is_some())
     }
 
-    /// Renews this instance and its sessions (see [`RENEW`]).
-    pub async fn renew(&self, sessions: &[Entry]) -> Result<(), ClusterError> {
+    /// Renews this instance's sessions (see [`RENEW`]); returns the ids of
+    /// those another instance took over.
+    pub async fn renew(&self, sessions: &[Entry]) -> Result<Vec<String>, ClusterError> {
         let mut invocation = RENEW.prepare_invoke();
-        invocation
-            .key(keys::LIVE)
-            .key(keys::instance(&self.instance))
-            .arg(&self.instance)
-            .arg(keys::SESSION_TTL.as_millis() as u64)
-            .arg(keys::INSTANCE_TTL.as_millis() as u64)
-            .arg(keys::session(""));
+        invocation.key(keys::LIVE).arg(&self.instance).arg(keys::SESSION_TTL.as_millis() as u64).arg(keys::session(""));
         for entry in sessions {
-            invocation.arg(&entry.id).arg(entry.state).arg(&entry.runner).arg(&entry.server);
+            invocation.arg(&entry.id).arg(entry.state).arg(&entry.runner).arg(&entry.server).arg(&entry.snapshot);
         }
-        let _: i64 = invocation.invoke_async(&mut self.commands()).await?;
+        Ok(invocation.invoke_async(&mut self.commands()).await?)
+    }
+
+    /// Renews this instance's liveness; `available` says whether it takes
+    /// sessions over. Returns the instances that do.
+    pub async fn beat(&self, available: bool) -> Result<Vec<String>, ClusterError> {
+        Ok(BEAT
+            .key(keys::instance(&self.instance))
+            .key(keys::INSTANCES)
+            .arg(&self.instance)
+            .arg(keys::INSTANCE_TTL.as_millis() as u64)
+            .arg(if available { "1" } else { "0" })
+            .invoke_async(&mut self.commands())
+            .await?)
+    }
+
+    /// Leaves the cluster for good (the process is exiting).
+    pub async fn leave(&self) -> Result<(), ClusterError> {
+        let _: () = redis::pipe()
+            .zrem(keys::INSTANCES, &self.instance)
+            .ignore()
+            .del(keys::instance(&self.instance))
+            .ignore()
+            .query_async(&mut self.commands())
+            .await?;
         Ok(())
+    }
+
+    /// Gives session `id` up for another instance to take over.
+    pub async fn hand_off(&self, id: &str, snapshot: &crate::session::Snapshot) -> Result<(), ClusterError> {
+        let done: i64 = HAND_OFF
+            .key(keys::session(id))
+            .arg(&self.instance)
+            .arg(snapshot.encode())
+            .arg(keys::SESSION_TTL.as_millis() as u64)
+            .invoke_async(&mut self.commands())
+            .await?;
+        if done == 1 { Ok(()) } else { Err(ClusterError::Unavailable("this instance no longer owns it".into())) }
+    }
+
+    /// Records session `id`'s snapshot now (its runner started, its protocol
+    /// agreed) rather than at the next renewal.
+    pub async fn note(&self, id: &str, snapshot: &crate::session::Snapshot) -> Result<(), ClusterError> {
+        let _: i64 = NOTE
+            .key(keys::session(id))
+            .arg(&self.instance)
+            .arg(snapshot.encode())
+            .invoke_async(&mut self.commands())
+            .await?;
+        Ok(())
+    }
+
+    /// Where session `id` is.
+    pub async fn locate(&self, id: &str) -> Result<Location, ClusterError> {
+        let found: Vec<redis::Value> =
+            LOCATE.key(keys::session(id)).arg(keys::instance("")).invoke_async(&mut self.commands()).await?;
+        let text = |value: &redis::Value| redis::from_redis_value_ref::<String>(value).unwrap_or_default();
+        Ok(match found.as_slice() {
+            [] => Location::Unknown,
+            [owner] if text(owner).is_empty() => Location::Released,
+            [owner, alive] => {
+                let owner = text(owner);
+                if redis::from_redis_value_ref::<i64>(alive).unwrap_or(0) == 1 {
+                    Location::Owned(owner)
+                } else {
+                    Location::Orphaned(owner)
+                }
+            }
+            _ => Location::Unknown,
+        })
+    }
+
+    /// Takes session `id` over if its owner is still `expected` (empty for
+    /// one handed off); returns its snapshot, `None` if another got it first.
+    pub async fn take(&self, id: &str, expected: &str) -> Result<Option<String>, ClusterError> {
+        Ok(TAKE
+            .key(keys::session(id))
+            .arg(&self.instance)
+            .arg(expected)
+            .arg(keys::SESSION_TTL.as_millis() as u64)
+            .arg(keys::instance(""))
+            .invoke_async(&mut self.commands())
+            .await?)
     }
 
     /// Whether instance `iid` is alive (renewed its key lately).

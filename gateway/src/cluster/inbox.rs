@@ -125,7 +125,7 @@ async fn listen_once(state: &AppState, cluster: &Arc<Cluster>, router: &axum::Ro
                 }
             }
             _ = ping.tick() => {
-                let pong: Result<redis::RedisResult<String>, _> = tokio::time::timeout(PING_TIMEOUT, sink.ping()).await;
+                let pong: Result<redis::RedisResult<redis::Value>, _> = tokio::time::timeout(PING_TIMEOUT, sink.ping()).await;
                 match pong {
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => return Err(e),
@@ -149,6 +149,14 @@ fn dispatch(state: &AppState, cluster: &Arc<Cluster>, router: &axum::Router, mes
             // Registered now: the runner's first frames may be right behind.
             let up = cluster.inbox.expect(conn, super::tunnel::QUEUE);
             state.tracker.spawn(super::tunnel::accept(state.clone(), cluster.clone(), message, up));
+        }
+        Header::Adopt { session } => {
+            let (state, cluster, session) = (state.clone(), cluster.clone(), session.clone());
+            state.tracker.clone().spawn(async move {
+                if let Err(e) = super::adopt::find(&state, &cluster, &session).await {
+                    warn!(session = %dynogate_shared::names::log_id(&session), "cannot take a session over: {e}");
+                }
+            });
         }
         _ => cluster.inbox.deliver(message),
     }

@@ -3,9 +3,14 @@
 //!
 //! - `dg:instance:{iid}`: a live instance (string `1`, expires after
 //!   [`INSTANCE_TTL`] unless its heartbeat renews it).
-//! - `dg:session:{sid}`: a hash for each session: `owner` (instance id),
-//!   `state`, `runner`, `server`, `created` and `last` (Unix ms). Expires
-//!   [`SESSION_TTL`] after its owner last renewed it.
+//! - `dg:instances`: a sorted set of the instances that take sessions over,
+//!   scored by when each lapses (a stopping instance leaves it at once).
+//! - `dg:session:{sid}`: a hash for each session: `owner` (instance id; empty
+//!   while the session is handed from one instance to another), `state`,
+//!   `runner`, `server`, `created` and `last` (Unix ms), and `snapshot` (what
+//!   another instance needs to take it over, see
+//!   [`crate::session::Snapshot`]). Expires [`SESSION_TTL`] after its owner
+//!   last renewed it.
 //! - `dg:live`: a sorted set of live session ids scored by when each lapses
 //!   (Redis time, ms): its size is the count `MAX_SESSIONS` bounds.
 //! - `dg:inbox:{iid}`: the pub/sub channel an instance listens on for
@@ -14,15 +19,20 @@
 
 use std::time::Duration;
 
-/// How often an instance renews its own key and its sessions'.
+/// How often an instance renews its own key.
+pub const BEAT: Duration = Duration::from_secs(1);
+/// An instance not heard of for this long is gone: its sessions may be
+/// taken over. Short, since a dead instance's runners wait meanwhile; long
+/// enough that a pause of a few seconds is not taken for death.
+pub const INSTANCE_TTL: Duration = Duration::from_secs(5);
+/// How often an instance renews its sessions.
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
-/// An instance that missed this many heartbeats is gone.
-pub const INSTANCE_TTL: Duration = Duration::from_secs(15);
 /// A session whose owner stopped renewing it lapses after this long, and
 /// leaves the `MAX_SESSIONS` count.
 pub const SESSION_TTL: Duration = Duration::from_secs(30);
 
 pub const LIVE: &str = "dg:live";
+pub const INSTANCES: &str = "dg:instances";
 pub const SWEEPER_LEASE: &str = "dg:lease:sweeper";
 
 pub fn instance(iid: &str) -> String {

@@ -1,9 +1,10 @@
 //! Several gateway instances sharing one Redis (`REDIS_URL`).
 //!
 //! Each instance has a random id ([`Cluster::instance`]) and listens on its
-//! own pub/sub inbox ([`inbox`]). The instance that starts a session owns it
-//! for its whole life: the session's task, replay window and streams live
-//! there. Redis holds the directory that says who owns what ([`directory`]),
+//! own pub/sub inbox ([`inbox`]). The instance that starts a session owns
+//! it: the session's task, replay window and streams live there, until the
+//! instance stops (it hands the session over) or dies (another takes it
+//! over); see [`adopt`]. Redis holds the directory that says who owns what ([`directory`]),
 //! and admits sessions against one `MAX_SESSIONS` for all instances. Any
 //! other instance that gets a client's request for the session relays it to
 //! the owner and streams the answer back ([`relay`]); one that gets the
@@ -13,6 +14,7 @@
 //! Without `REDIS_URL` none of this exists and nothing on the request path
 //! looks for it beyond one `Option` check.
 
+pub mod adopt;
 pub mod directory;
 pub mod inbox;
 pub mod keys;
@@ -20,7 +22,8 @@ pub mod relay;
 pub mod tunnel;
 pub mod wire;
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -57,6 +60,13 @@ pub struct Cluster {
     commands: ConnectionManager,
     pub(crate) inbox: Inbox,
     max_sessions: usize,
+    /// Held while taking a session over (see [`adopt`]).
+    pub(crate) adopting: tokio::sync::Mutex<()>,
+    /// Requests this instance relayed and is still answering: a stopping
+    /// instance waits for them as for its own.
+    relays: AtomicUsize,
+    /// The instances that take sessions over, as of the last beat.
+    available: Mutex<Vec<String>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -85,12 +95,49 @@ impl Cluster {
             commands,
             inbox: Inbox::default(),
             max_sessions,
+            adopting: tokio::sync::Mutex::new(()),
+            relays: AtomicUsize::new(0),
+            available: Mutex::new(Vec::new()),
         }))
     }
 
     /// The one multiplexed command connection (clones share it).
     pub(crate) fn commands(&self) -> ConnectionManager {
         self.commands.clone()
+    }
+
+    /// Relayed requests still being answered.
+    pub fn relays(&self) -> usize {
+        self.relays.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn relay_started(&self) {
+        self.relays.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn relay_ended(&self) {
+        self.relays.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Another instance that takes sessions over, if any is known.
+    pub fn successor(&self) -> Option<String> {
+        let available = self.available.lock().expect("available lock");
+        let others: Vec<&String> = available.iter().filter(|iid| **iid != self.instance).collect();
+        if others.is_empty() {
+            return None;
+        }
+        let mut pick = [0u8; 8];
+        getrandom::fill(&mut pick).ok()?;
+        Some(others[(u64::from_le_bytes(pick) % others.len() as u64) as usize].clone())
+    }
+
+    /// Asks another instance to take session `id` over now, rather than
+    /// when its runner or a client next reaches one.
+    pub async fn nudge(&self, id: &str) {
+        if let Some(next) = self.successor() {
+            let adopt = Message::bare(wire::Header::Adopt { session: id.to_owned() });
+            let _ = self.send(&next, &adopt).await;
+        }
     }
 
     /// Sends `message` to `instance`'s inbox. Returns whether the instance
@@ -105,38 +152,32 @@ impl Cluster {
     }
 }
 
-/// Runs this instance's part until shutdown: listens on its inbox, and
-/// renews its own key and its sessions' every [`keys::HEARTBEAT`].
+/// Runs this instance's part until shutdown: listens on its inbox, beats
+/// every [`keys::BEAT`] (taking sessions over only while not draining), and
+/// renews its sessions every [`keys::HEARTBEAT`]; a session found taken over
+/// by another instance (this one was thought dead) is let go here.
 pub async fn run(state: crate::AppState, cluster: Arc<Cluster>) {
     let router = crate::server::app(state.clone());
     state.tracker.spawn(inbox::listen(state.clone(), cluster.clone(), router));
-    let mut tick = tokio::time::interval(keys::HEARTBEAT);
+    let mut tick = tokio::time::interval(keys::BEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let renew_every = (keys::HEARTBEAT.as_millis() / keys::BEAT.as_millis()).max(1) as u64;
     let mut failing = false;
-    loop {
+    for beat in 0u64.. {
         tokio::select! {
             _ = tick.tick() => {}
-            () = state.shutdown.cancelled() => return,
+            () = state.shutdown.cancelled() => break,
         }
-        let entries: Vec<directory::Entry> = state
-            .sessions
-            .handles()
-            .into_iter()
-            .filter(|handle| !handle.is_finished())
-            .map(|handle| directory::Entry {
-                id: handle.id().to_owned(),
-                state: handle.state(),
-                runner: handle.runner().unwrap_or_default().to_owned(),
-                server: handle.server().unwrap_or_default().to_owned(),
-            })
-            .collect();
-        match cluster.renew(&entries).await {
+        let mut result = cluster.beat(!state.draining.is_cancelled()).await.map(|available| {
+            *cluster.available.lock().expect("available lock") = available;
+        });
+        if result.is_ok() && beat % renew_every == 0 {
+            result = renew(&state, &cluster).await;
+        }
+        match result {
             Ok(()) if failing => {
                 failing = false;
-                tracing::info!(
-                    sessions = entries.len(),
-                    "Redis is back; this instance's sessions are registered again"
-                );
+                tracing::info!("Redis is back; this instance and its sessions are registered again");
             }
             Ok(()) => {}
             Err(e) if !failing => {
@@ -146,6 +187,31 @@ pub async fn run(state: crate::AppState, cluster: Arc<Cluster>) {
             Err(e) => tracing::debug!("still cannot renew this instance in Redis: {e}"),
         }
     }
+    if let Err(e) = cluster.leave().await {
+        tracing::debug!("left Redis only by lapsing: {e}");
+    }
+}
+
+async fn renew(state: &crate::AppState, cluster: &Cluster) -> Result<(), ClusterError> {
+    let handles: Vec<_> =
+        state.sessions.handles().into_iter().filter(|h| !h.is_finished() && !h.is_handing_over()).collect();
+    let entries: Vec<directory::Entry> = handles
+        .iter()
+        .map(|handle| directory::Entry {
+            id: handle.id().to_owned(),
+            state: handle.state(),
+            runner: handle.runner().unwrap_or_default().to_owned(),
+            server: handle.server().unwrap_or_default().to_owned(),
+            snapshot: handle.snapshot().encode(),
+        })
+        .collect();
+    for lost in cluster.renew(&entries).await? {
+        if let Some(handle) = handles.iter().find(|h| h.id() == lost) {
+            tracing::warn!(session = %dynogate_shared::names::log_id(&lost), "another instance took this session over");
+            handle.end(crate::session::EndReason::TakenOver);
+        }
+    }
+    Ok(())
 }
 
 /// Heroku's Key-Value Store serves TLS with a self-signed certificate, which

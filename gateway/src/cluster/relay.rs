@@ -24,7 +24,7 @@ use tower::ServiceExt;
 use tracing::{debug, warn};
 
 use super::wire::{Header, Message};
-use super::{Cluster, ClusterError, keys};
+use super::{Cluster, ClusterError};
 use crate::AppState;
 use crate::error::McpError;
 
@@ -38,24 +38,34 @@ const HOP_BY_HOP: [HeaderName; 4] =
 #[derive(Debug, Clone, Copy)]
 pub struct Relayed;
 
-/// Middleware on the session routes: serves here what is here or unknown,
-/// and relays to its owner what another instance holds.
+/// Middleware on the session routes: serves here what is here (or taken
+/// over here) or unknown, and relays to its owner what another instance
+/// holds. A request for a session moving away waits until it has moved,
+/// then follows it. A relayed request is served here or answered 404,
+/// never relayed on, unless its session moved meanwhile.
 pub async fn route(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let Some(cluster) = state.cluster.clone() else { return next.run(request).await };
-    if request.extensions().get::<Relayed>().is_some() {
-        return next.run(request).await;
-    }
     let Some(id) = session_of(&request) else { return next.run(request).await };
-    if state.sessions.get_any(&id).is_some() {
-        return next.run(request).await;
+    match state.sessions.get_any(&id) {
+        Some(handle) if handle.is_handing_over() => {
+            let bound = state.config.timeouts.drain + Duration::from_secs(5);
+            if tokio::time::timeout(bound, handle.finished()).await.is_err() {
+                let moving = ClusterError::Unavailable("the session is moving to another instance".into());
+                return unavailable(&moving).into_response();
+            }
+        }
+        Some(_) => return next.run(request).await,
+        None if request.extensions().get::<Relayed>().is_some() => return next.run(request).await,
+        None => {}
     }
-    let owner = match cluster.owner(&id).await {
-        Ok(Some(owner)) if owner != cluster.instance => owner,
-        // Unknown, or ours and already gone: answered here, as a 404.
-        Ok(_) => return next.run(request).await,
-        Err(e) => return unavailable(&e).into_response(),
-    };
-    forward(&state, &cluster, &owner, request).await.unwrap_or_else(IntoResponse::into_response)
+    match super::adopt::find(&state, &cluster, &id).await {
+        Ok(super::adopt::Whereabouts::At(owner)) => {
+            forward(&state, &cluster, &owner, request).await.unwrap_or_else(IntoResponse::into_response)
+        }
+        // Here (perhaps just taken over), or unknown: answered here.
+        Ok(_) => next.run(request).await,
+        Err(e) => unavailable(&e).into_response(),
+    }
 }
 
 /// The session a request names: `Mcp-Session-Id`, or the older
@@ -82,10 +92,25 @@ struct Pending {
     owner: String,
     rid: String,
     done: bool,
+    counted: bool,
+}
+
+impl Pending {
+    /// `counted`: a request that ends by itself (not a GET stream, which a
+    /// stopping instance does not wait for).
+    fn new(cluster: &Arc<Cluster>, owner: &str, rid: &str, counted: bool) -> Self {
+        if counted {
+            cluster.relay_started();
+        }
+        Pending { cluster: cluster.clone(), owner: owner.to_owned(), rid: rid.to_owned(), done: false, counted }
+    }
 }
 
 impl Drop for Pending {
     fn drop(&mut self) {
+        if self.counted {
+            self.cluster.relay_ended();
+        }
         self.cluster.inbox.forget(&self.rid);
         if !self.done {
             let (cluster, owner) = (self.cluster.clone(), std::mem::take(&mut self.owner));
@@ -108,7 +133,7 @@ async fn forward(
     let body = crate::mcp::read_body(body, &parts.headers, state.config.limits.max_body_bytes).await?;
     let rid = crate::sessions::random_id();
     let mut replies = cluster.inbox.expect(&rid, QUEUE);
-    let mut pending = Pending { cluster: cluster.clone(), owner: owner.to_owned(), rid: rid.clone(), done: false };
+    let mut pending = Pending::new(cluster, owner, &rid, parts.method != axum::http::Method::GET);
     let message = Message::new(
         Header::Request {
             rid,
@@ -126,10 +151,12 @@ async fn forward(
     match cluster.send(owner, &message).await {
         Ok(true) => {}
         Ok(false) => {
-            // Its owner is gone, and the session with it.
+            // Its owner stopped listening: gone, or cut off from Redis. Once
+            // it is known dead, another instance takes the session over.
             pending.done = true;
-            debug!(owner = %dynogate_shared::names::log_id(owner), "the session's instance is gone");
-            return Err(McpError::UnknownSession);
+            debug!(owner = %dynogate_shared::names::log_id(owner), "the session's instance does not listen");
+            let silent = ClusterError::Unavailable("the instance holding the session is not answering".into());
+            return Err(unavailable(&silent));
         }
         Err(e) => {
             pending.done = true;
@@ -143,19 +170,19 @@ async fn forward(
     let body = futures_util::stream::unfold(Some((replies, pending)), move |exchange| async move {
         let (mut replies, mut pending) = exchange?;
         let cut = |why: String| Some((Err(std::io::Error::other(why)), None));
-        match tokio::time::timeout(idle, replies.recv()).await {
-            Ok(Some(Message { header: Header::Data { .. }, payload })) => Some((Ok(payload), Some((replies, pending)))),
-            Ok(Some(Message { header: Header::End { error: None, .. }, .. })) => {
+        let (cluster, owner) = (pending.cluster.clone(), pending.owner.clone());
+        match next_reply(&cluster, &owner, &mut replies, idle).await {
+            Ok(Message { header: Header::Data { .. }, payload }) => Some((Ok(payload), Some((replies, pending)))),
+            Ok(Message { header: Header::End { error: None, .. }, .. }) => {
                 pending.done = true;
                 None
             }
-            Ok(Some(Message { header: Header::End { error: Some(why), .. }, .. })) => {
+            Ok(Message { header: Header::End { error: Some(why), .. }, .. }) => {
                 pending.done = true;
-                cut(format!("the session's instance cut the answer: {why}"))
+                cut(format!("the gateway instance that holds this session cut its answer: {why}"))
             }
-            Ok(Some(_)) => cut("the session's instance sent something out of order".into()),
-            Ok(None) => cut("the relay from the session's instance was lost".into()),
-            Err(_) => cut(format!("nothing from the session's instance for {}s", idle.as_secs())),
+            Ok(_) => cut("the gateway instance that holds this session sent something out of order".into()),
+            Err(silence) => cut(format!("the gateway instance that holds this session {silence}")),
         }
     });
     let mut response = Response::new(Body::from_stream(body));
@@ -164,36 +191,62 @@ async fn forward(
     Ok(response)
 }
 
-/// Waits for the answer's status and headers, checking every heartbeat that
-/// the owner is still alive.
+/// Why an exchange got no next message.
+#[derive(Debug, thiserror::Error)]
+enum Silence {
+    #[error("could not be reached (the relay was lost)")]
+    Lost,
+    #[error("stopped while the request was in flight")]
+    Stopped,
+    #[error("sent nothing for {}s", .0.as_secs())]
+    Quiet(Duration),
+    #[error(transparent)]
+    Redis(#[from] ClusterError),
+}
+
+/// How often a relay waiting on an owner checks that it is still alive.
+const LIVENESS_ROUND: Duration = Duration::from_secs(2);
+
+/// The next message from `owner`, within `bound`, checking every
+/// [`LIVENESS_ROUND`] that the owner still lives (a killed instance never
+/// says goodbye).
+async fn next_reply(
+    cluster: &Cluster,
+    owner: &str,
+    replies: &mut mpsc::Receiver<Message>,
+    bound: Duration,
+) -> Result<Message, Silence> {
+    let deadline = tokio::time::Instant::now() + bound;
+    loop {
+        let round = (tokio::time::Instant::now() + LIVENESS_ROUND).min(deadline);
+        match tokio::time::timeout_at(round, replies.recv()).await {
+            Ok(Some(message)) => return Ok(message),
+            Ok(None) => return Err(Silence::Lost),
+            Err(_) if tokio::time::Instant::now() >= deadline => return Err(Silence::Quiet(bound)),
+            Err(_) if !cluster.is_alive(owner).await? => return Err(Silence::Stopped),
+            Err(_) => {}
+        }
+    }
+}
+
+/// Waits for the answer's status and headers.
 async fn head(
     cluster: &Cluster,
     owner: &str,
     replies: &mut mpsc::Receiver<Message>,
     bound: Duration,
 ) -> Result<(StatusCode, HeaderMap), McpError> {
-    let deadline = tokio::time::Instant::now() + bound;
-    loop {
-        let round = (tokio::time::Instant::now() + keys::HEARTBEAT).min(deadline);
-        match tokio::time::timeout_at(round, replies.recv()).await {
-            Ok(Some(Message { header: Header::Head { status, headers, .. }, .. })) => {
-                let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
-                return Ok((status, from_pairs(headers)));
-            }
-            Ok(Some(Message { header: Header::End { error, .. }, .. })) => {
-                return Err(McpError::Relay(error.unwrap_or_else(|| "it answered nothing".into())));
-            }
-            Ok(Some(_)) => return Err(McpError::Relay("it sent something out of order".into())),
-            Ok(None) => return Err(McpError::Relay("the relay was lost while waiting for its answer".into())),
-            Err(_) if tokio::time::Instant::now() >= deadline => {
-                return Err(McpError::Relay(format!("it did not answer within {}s", bound.as_secs())));
-            }
-            Err(_) => match cluster.is_alive(owner).await {
-                Ok(true) => {}
-                Ok(false) => return Err(McpError::Relay("it stopped while the request was in flight".into())),
-                Err(e) => return Err(unavailable(&e)),
-            },
+    match next_reply(cluster, owner, replies, bound).await {
+        Ok(Message { header: Header::Head { status, headers, .. }, .. }) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+            Ok((status, from_pairs(headers)))
         }
+        Ok(Message { header: Header::End { error, .. }, .. }) => {
+            Err(McpError::Relay(error.map_or_else(|| "answered nothing".into(), |e| format!("failed: {e}"))))
+        }
+        Ok(_) => Err(McpError::Relay("sent something out of order".into())),
+        Err(Silence::Redis(e)) => Err(unavailable(&e)),
+        Err(silence) => Err(McpError::Relay(silence.to_string())),
     }
 }
 

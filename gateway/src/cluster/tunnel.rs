@@ -38,13 +38,14 @@ pub async fn dial(
     jti: String,
     traceparent: Option<String>,
 ) {
-    let received = match crate::rendezvous::hello(&mut socket).await {
-        Ok(received) => received,
+    let (received, acked) = match crate::rendezvous::hello(&mut socket).await {
+        Ok(counts) => counts,
         Err(_) => return,
     };
     let conn = crate::sessions::random_id();
     let mut down = cluster.inbox.expect(&conn, QUEUE);
-    let dial = Header::Dial { conn: conn.clone(), from: cluster.instance.clone(), session, jti, received, traceparent };
+    let dial =
+        Header::Dial { conn: conn.clone(), from: cluster.instance.clone(), session, jti, received, acked, traceparent };
     if !matches!(cluster.send(&owner, &Message::bare(dial)).await, Ok(true)) {
         warn!("the session's instance is gone; closing the runner's connection");
         cluster.inbox.forget(&conn);
@@ -103,7 +104,7 @@ pub async fn dial(
 /// sessions. `up` receives its frames (registered before this task ran, so
 /// none are missed).
 pub async fn accept(state: AppState, cluster: Arc<Cluster>, message: Message, up: mpsc::Receiver<Message>) {
-    let Header::Dial { conn, from, session, jti, received, traceparent } = message.header else { return };
+    let Header::Dial { conn, from, session, jti, received, acked, traceparent } = message.header else { return };
     let span = tracing::info_span!("rendezvous", session = %dynogate_shared::names::log_id(&session), via = %dynogate_shared::names::log_id(&from));
     if let Some(parent) = &traceparent {
         dynogate_telemetry::set_parent(&span, parent);
@@ -131,7 +132,7 @@ pub async fn accept(state: AppState, cluster: Arc<Cluster>, message: Message, up
         };
         info!(received, "runner connected through another instance");
         let link = link(cluster.clone(), from.clone(), conn.clone(), up);
-        let _ = handle.send(Command::Attach { link, slot, received }, state.config.timeouts.request).await;
+        let _ = handle.send(Command::Attach { link, slot, received, acked }, state.config.timeouts.request).await;
     }
     .instrument(span)
     .await

@@ -28,11 +28,21 @@ pub enum Header {
     Cancel { rid: String },
     /// A runner dialed the sender for a session the receiver owns, and said
     /// hello; `received` is its count of frames from the gateway.
-    Dial { conn: String, from: String, session: String, jti: String, received: u64, traceparent: Option<String> },
+    Dial {
+        conn: String,
+        from: String,
+        session: String,
+        jti: String,
+        received: u64,
+        acked: u64,
+        traceparent: Option<String>,
+    },
     /// A frame from the runner, dialer → owner.
     Up { conn: String, frame: Frame },
     /// A frame for the runner, owner → dialer.
     Down { conn: String, frame: Frame },
+    /// The sender let `session` go: take it over (keyed by the session id).
+    Adopt { session: String },
 }
 
 /// A WebSocket message carried in an `up` or `down`; its bytes are the payload.
@@ -59,6 +69,7 @@ impl Header {
             | Header::End { rid, .. }
             | Header::Cancel { rid } => rid,
             Header::Dial { conn, .. } | Header::Up { conn, .. } | Header::Down { conn, .. } => conn,
+            Header::Adopt { session } => session,
         }
     }
 }

@@ -21,6 +21,12 @@ pub enum EndReason {
     /// A single-request run is over.
     Completed,
     Shutdown,
+    /// This instance is stopping and another takes the session over (the
+    /// session itself goes on).
+    HandedOver,
+    /// Another instance took the session over while this one still held it
+    /// (this one was thought dead).
+    TakenOver,
 }
 
 impl EndReason {
@@ -39,6 +45,8 @@ impl EndReason {
             EndReason::Recycled => "recycled",
             EndReason::Completed => "completed",
             EndReason::Shutdown => "shutdown",
+            EndReason::HandedOver => "handed_over",
+            EndReason::TakenOver => "taken_over",
         }
     }
 
@@ -73,6 +81,16 @@ impl EndReason {
             EndReason::Recycled => (code::RUNNER_LOST, "the warm runner was recycled unclaimed".into()),
             EndReason::Completed => (code::RUNNER_LOST, "the single-request run is over".into()),
             EndReason::Shutdown => (code::RUNNER_LOST, "the gateway is shutting down; the session has ended".into()),
+            EndReason::HandedOver => (
+                code::RUNNER_LOST,
+                "the gateway instance holding the session stopped before this request was answered; the session \
+                 goes on at another instance"
+                    .into(),
+            ),
+            EndReason::TakenOver => (
+                code::RUNNER_LOST,
+                "another gateway instance took the session over before this request was answered".into(),
+            ),
         }
     }
 }

@@ -15,7 +15,12 @@
 //!    stay in flight and new ones queue, for up to the reconnect grace; when
 //!    the runner dials again, both sides resend what the other has not
 //!    acknowledged (see `dynogate_shared::frame`), so nothing is lost.
-//! 4. **Ending** (DELETE, idle timeout, runner or MCP server gone, dial-back
+//! 4. **Handed over** (instances sharing Redis, this one stopping): once
+//!    nothing is in flight, write a [`Snapshot`] with the replay window's
+//!    counts, let the runner's socket close without a goodbye, and leave;
+//!    the runner dials again and whichever instance it reaches takes the
+//!    session over ([`Session::new`] with [`Adopted`]).
+//! 5. **Ending** (DELETE, idle timeout, runner or MCP server gone, dial-back
 //!    timeout, no reconnect in time, gateway shutdown): leave the session
 //!    table first so the id answers 404, answer every waiting request with a
 //!    JSON-RPC error naming the cause ([`end`]), tell the runner to shut
@@ -28,6 +33,7 @@
 
 mod audit;
 mod end;
+mod handover;
 mod in_flight;
 
 use std::collections::VecDeque;
@@ -46,12 +52,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, warn};
 
 pub use self::end::EndReason;
+pub use self::handover::{Counts, Snapshot};
 use self::in_flight::InFlight;
 use crate::config::Timeouts;
 use crate::jsonrpc::{self, Kind, RequestId, code, error_body};
 use crate::link::{Incoming, Link, LinkError, Outgoing};
 use crate::sessions::Sessions;
-use crate::spawn::{RunnerSpec, Spawner};
+use crate::spawn::{RunnerProcess, RunnerSpec, Spawner};
 use crate::streams::{Budget, EventStream, Streams};
 use crate::token::RunnerTokens;
 
@@ -133,11 +140,12 @@ pub enum Command {
         cancelled: Option<RequestId>,
     },
     /// The runner connected and said hello; `received` is its count of
-    /// frames from us.
+    /// frames from us, `acked` its count of ours we acknowledged.
     Attach {
         link: Link,
         slot: RunnerSlot,
         received: u64,
+        acked: u64,
     },
     /// A runner connected but failed the handshake.
     RunnerRefused {
@@ -232,6 +240,14 @@ struct Shared {
     attached_once: AtomicBool,
     /// Started by the single-request API rather than for a client.
     single_request: AtomicBool,
+    /// What another instance needs to take the runner over.
+    runner_handle: OnceLock<String>,
+    /// Cancelled to hand the session to another instance.
+    hand_over: CancellationToken,
+    /// Taken over from another instance and not yet reached by its runner,
+    /// whose newest token this instance may never have seen: any valid
+    /// token for the session will do, once.
+    trusting: AtomicBool,
 }
 
 /// The cheap, cloneable side of a session.
@@ -284,7 +300,43 @@ impl SessionHandle {
 
     /// Whether `jti` names a runner token this session still accepts.
     pub fn accepts_token(&self, jti: &str) -> bool {
-        self.shared.tokens.lock().expect("tokens lock").iter().any(|t| t == jti)
+        self.shared.trusting.load(Ordering::Acquire)
+            || self.shared.tokens.lock().expect("tokens lock").iter().any(|t| t == jti)
+    }
+
+    /// Asks the session to move to another instance (this one is
+    /// stopping). Sessions no client has end instead.
+    pub fn hand_over(&self) {
+        if self.is_claimed() {
+            self.shared.hand_over.cancel();
+        } else {
+            self.end(EndReason::Shutdown);
+        }
+    }
+
+    /// Whether the session is moving to another instance: requests for it
+    /// wait until it has, then follow it.
+    pub fn is_handing_over(&self) -> bool {
+        self.shared.hand_over.is_cancelled()
+    }
+
+    /// What another instance would need to take the session over now, but
+    /// for the replay window's counts (which only the session's task has).
+    pub fn snapshot(&self) -> Snapshot {
+        let (next_stream, standalone_next) = self.shared.streams.position();
+        Snapshot {
+            server: self.shared.server.as_deref().map(str::to_owned),
+            transport: self.shared.transport.load(Ordering::Acquire),
+            claimed: self.is_claimed(),
+            single_request: self.shared.single_request.load(Ordering::Acquire),
+            protocol_version: self.protocol_version().map(str::to_owned),
+            runner: self.runner().unwrap_or_default().to_owned(),
+            handle: self.shared.runner_handle.get().cloned().unwrap_or_default(),
+            calls: self.calls(),
+            next_stream,
+            standalone_next,
+            counts: None,
+        }
     }
 
     /// The protocol revision the MCP server agreed to in `initialize`.
@@ -403,6 +455,19 @@ pub struct SessionParams {
     pub shutdown: CancellationToken,
     /// A fingerprint of the API key clients use, for the audit trail.
     pub key_fingerprint: Option<String>,
+    /// The instances sharing Redis, when they do: where a handed-over
+    /// session's snapshot goes.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Set when the session is taken over from another instance rather
+    /// than started here.
+    pub adopted: Option<Adopted>,
+}
+
+/// A session taken over from another instance: its runner, already
+/// running, and the snapshot its last owner left.
+pub struct Adopted {
+    pub runner: Box<dyn RunnerProcess>,
+    pub snapshot: Snapshot,
 }
 
 /// The session task's state.
@@ -430,6 +495,13 @@ pub struct Session {
     key_fingerprint: Option<String>,
     /// When a client got the session (its start, or its claim from the pool).
     began: Instant,
+    cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// The runner of a session taken over, until [`Session::run`] takes it
+    /// (in a mutex only so the task's future is `Sync`).
+    adopted: Mutex<Option<Box<dyn RunnerProcess>>>,
+    /// Taken over from an owner that left no counts: the replay window
+    /// starts from the runner's hello.
+    blind: bool,
 }
 
 impl Session {
@@ -438,6 +510,11 @@ impl Session {
     pub fn new(params: SessionParams) -> (Self, SessionHandle) {
         let (tx, rx) = mpsc::channel(64);
         let (runner_tx, runner_rx) = mpsc::channel(8);
+        let snapshot = params.adopted.as_ref().map(|adopted| adopted.snapshot.clone());
+        let streams = match &snapshot {
+            Some(s) => Streams::resumed(params.budget.clone(), s.next_stream, s.standalone_next),
+            None => Streams::new(params.budget),
+        };
         let shared = Arc::new(Shared {
             id: params.id,
             server: params.spec.launch.server.as_ref().map(|s| s.name.clone()),
@@ -448,7 +525,7 @@ impl Session {
             runner_attached: AtomicBool::new(false),
             protocol_version: OnceLock::new(),
             tokens: Mutex::new(VecDeque::from([params.token_id])),
-            streams: Streams::new(params.budget),
+            streams,
             in_flight: AtomicUsize::new(0),
             ending: params.shutdown.child_token(),
             end_reason: Mutex::new(None),
@@ -456,9 +533,33 @@ impl Session {
             created: Instant::now(),
             calls: AtomicU64::new(0),
             runner: OnceLock::new(),
-            attached_once: AtomicBool::new(false),
-            single_request: AtomicBool::new(false),
+            attached_once: AtomicBool::new(snapshot.is_some()),
+            single_request: AtomicBool::new(snapshot.as_ref().is_some_and(|s| s.single_request)),
+            runner_handle: OnceLock::new(),
+            hand_over: CancellationToken::new(),
+            trusting: AtomicBool::new(snapshot.is_some()),
         });
+        let (mut window, mut clock, mut blind) = (SendWindow::default(), AckClock::default(), false);
+        if let Some(snapshot) = &snapshot {
+            shared.transport.store(snapshot.transport, Ordering::Release);
+            shared.claimed.store(snapshot.claimed, Ordering::Release);
+            if let Some(version) = &snapshot.protocol_version {
+                let _ = shared.protocol_version.set(version.clone());
+            }
+            let _ = shared.runner.set(snapshot.runner.clone());
+            let _ = shared.runner_handle.set(snapshot.handle.clone());
+            shared.calls.store(snapshot.calls, Ordering::Relaxed);
+            match &snapshot.counts {
+                Some(counts) => {
+                    window = SendWindow::starting_at(counts.acked);
+                    for frame in &counts.unacked {
+                        window.push(Bytes::from(frame.clone()));
+                    }
+                    clock = AckClock::resumed(counts.received);
+                }
+                None => blind = true,
+            }
+        }
         let now = Instant::now();
         let session = Session {
             shared: shared.clone(),
@@ -470,9 +571,10 @@ impl Session {
             sessions: params.sessions,
             timeouts: params.timeouts,
             link: None,
-            detached_since: None,
-            window: SendWindow::default(),
-            clock: AckClock::default(),
+            // A session taken over waits for its runner as for a redial.
+            detached_since: snapshot.is_some().then_some(now),
+            window,
+            clock,
             in_flight: InFlight::default(),
             last_request: now,
             last_heard: now,
@@ -480,6 +582,9 @@ impl Session {
             probe: None,
             key_fingerprint: params.key_fingerprint,
             began: now,
+            cluster: params.cluster,
+            adopted: Mutex::new(params.adopted.map(|adopted| adopted.runner)),
+            blind,
         };
         (session, SessionHandle { shared })
     }
@@ -492,19 +597,31 @@ impl Session {
 
     async fn run(mut self) {
         let started = Instant::now();
-        let spawn_span = tracing::info_span!("spawn");
-        let spec = RunnerSpec { traceparent: dynogate_telemetry::traceparent(&spawn_span), ..self.spec.clone() };
-        let spawn = self.spawner.spawn(spec).instrument(spawn_span);
-        let spawned = tokio::select! {
-            result = spawn => result.map_err(|e| EndReason::SpawnFailed(e.to_string())),
-            () = self.shared.ending.cancelled() => Err(self.requested_end()),
-            () = tokio::time::sleep(self.timeouts.dial_back) => Err(EndReason::DialBackTimeout(self.timeouts.dial_back)),
+        let adopted = self.adopted.get_mut().expect("adopted lock").take();
+        let spawned = match adopted {
+            Some(runner) => {
+                info!(runner = %runner.describe(), "session taken over from another instance");
+                Ok(runner)
+            }
+            None => {
+                let spawn_span = tracing::info_span!("spawn");
+                let spec =
+                    RunnerSpec { traceparent: dynogate_telemetry::traceparent(&spawn_span), ..self.spec.clone() };
+                let spawn = self.spawner.spawn(spec).instrument(spawn_span);
+                tokio::select! {
+                    result = spawn => result.map_err(|e| EndReason::SpawnFailed(e.to_string())),
+                    () = self.shared.ending.cancelled() => Err(self.requested_end()),
+                    () = tokio::time::sleep(self.timeouts.dial_back) => Err(EndReason::DialBackTimeout(self.timeouts.dial_back)),
+                }
+            }
         };
         let (reason, runner) = match spawned {
             Ok(mut runner) => {
                 let described = runner.describe();
                 info!(runner = %described, "runner started");
                 let _ = self.shared.runner.set(described);
+                let _ = self.shared.runner_handle.set(runner.handle());
+                self.note_snapshot();
                 let follow = runner.follow_after_connect();
                 let reason = {
                     let mut exited = runner.exited();
@@ -514,6 +631,24 @@ impl Session {
             }
             Err(reason) => (reason, None),
         };
+        let handing_off = (reason == EndReason::HandedOver).then(|| runner.as_ref().map(|r| r.handle())).flatten();
+        let reason = match handing_off {
+            Some(runner_handle) => match self.hand_off(runner_handle).await {
+                Ok(()) => EndReason::HandedOver,
+                Err(e) => {
+                    warn!("cannot hand the session over ({e}); ending it");
+                    EndReason::Shutdown
+                }
+            },
+            None if reason == EndReason::HandedOver => EndReason::Shutdown,
+            None => reason,
+        };
+        if matches!(reason, EndReason::HandedOver | EndReason::TakenOver)
+            && let Some(runner) = runner
+        {
+            self.let_go(&reason, runner);
+            return;
+        }
         let lifetime_ms = started.elapsed().as_millis() as u64;
         info!(%reason, lifetime_ms, "session ending");
         crate::metrics::session_ended(reason.label());
@@ -534,6 +669,70 @@ impl Session {
         drop(place);
         self.shared.finished.cancel();
         debug!("session ended");
+    }
+
+    /// With instances sharing Redis, records what another would need to take
+    /// the session over, without waiting for it.
+    fn note_snapshot(&self) {
+        if let Some(cluster) = self.cluster.clone() {
+            let (id, snapshot) = (self.shared.id.clone(), SessionHandle { shared: self.shared.clone() }.snapshot());
+            tokio::spawn(async move {
+                if let Err(e) = cluster.note(&id, &snapshot).await {
+                    debug!("the session's snapshot waits for the next renewal: {e}");
+                }
+            });
+        }
+    }
+
+    /// Writes the session's last snapshot, counts and all, and gives up its
+    /// ownership in the directory, for another instance to take.
+    async fn hand_off(&mut self, runner_handle: String) -> Result<(), crate::cluster::ClusterError> {
+        let Some(cluster) = self.cluster.clone() else {
+            return Err(crate::cluster::ClusterError::Unavailable("no Redis is configured".into()));
+        };
+        let mut snapshot = SessionHandle { shared: self.shared.clone() }.snapshot();
+        snapshot.handle = runner_handle;
+        let acked = self.window.acked();
+        let unacked = match self.window.resume(acked) {
+            Ok(frames) => frames.map(|frame| String::from_utf8_lossy(frame).into_owned()).collect(),
+            Err(_) => Vec::new(),
+        };
+        snapshot.counts = Some(Counts { acked, unacked, received: self.clock.received() });
+        cluster.hand_off(&self.shared.id, &snapshot).await?;
+        cluster.nudge(&self.shared.id).await;
+        Ok(())
+    }
+
+    /// Lets the session go on at another instance: leaves this instance's
+    /// table (keeping its place in the shared count), answers whatever still
+    /// waits here, closes the runner's socket without a goodbye so that it
+    /// dials again, and leaves the runner running.
+    fn let_go(&mut self, reason: &EndReason, runner: Box<dyn RunnerProcess>) {
+        info!(reason = reason.label(), "session moves to another instance");
+        crate::metrics::session_ended(reason.label());
+        let place = self.sessions.remove(&self.shared.id).map(|mut place| {
+            place.keep_shared_place();
+            place
+        });
+        self.commands.close();
+        self.runner_commands.close();
+        let (code, message) = reason.client_error();
+        for call in self.in_flight.drain() {
+            self.fail(&call, code, &message);
+        }
+        while let Ok(command) = self.commands.try_recv() {
+            if let Command::Call(call) = command {
+                self.fail(&call, code, &message);
+            }
+        }
+        self.shared.in_flight.store(0, Ordering::Release);
+        self.shared.streams.close_all();
+        if let Some((link, _slot)) = self.link.take() {
+            link.send(Outgoing::Close);
+        }
+        runner.release();
+        drop(place);
+        self.shared.finished.cancel();
     }
 
     /// Whether a runner has connected at least once.
@@ -563,6 +762,11 @@ impl Session {
         let ending = self.shared.ending.clone();
         let cancelled = ending.cancelled();
         tokio::pin!(cancelled);
+        let hand_over = self.shared.hand_over.clone();
+        let asked_to_hand_over = hand_over.cancelled();
+        tokio::pin!(asked_to_hand_over);
+        // Set once asked: the session goes when nothing is in flight, or at this deadline.
+        let mut hand_over_by: Option<Instant> = None;
 
         loop {
             let accepting = self.window.has_room();
@@ -571,6 +775,13 @@ impl Session {
             // Unbiased: neither the client's messages nor the runner's may starve the other.
             tokio::select! {
                 () = &mut cancelled => return self.requested_end(),
+                () = &mut asked_to_hand_over, if hand_over_by.is_none() => {
+                    hand_over_by = Some(Instant::now() + self.timeouts.drain);
+                }
+                () = sleep_until_opt(hand_over_by) => {
+                    warn!(in_flight = self.in_flight.len(), "handing the session over with requests still in flight");
+                    return EndReason::HandedOver;
+                }
                 status = &mut *exited, if follow || !self.ever_attached() => {
                     return EndReason::RunnerLost(format!("runner process ended: {status}"));
                 }
@@ -640,6 +851,9 @@ impl Session {
             }
             if self.clock.due(self.clock.received()) {
                 self.send_ack();
+            }
+            if hand_over_by.is_some() && self.in_flight.is_empty() && self.commands.is_empty() {
+                return EndReason::HandedOver;
             }
         }
     }
@@ -723,6 +937,7 @@ impl Session {
                         end = Some(EndReason::InitializeFailed);
                     } else if let Some(version) = jsonrpc::negotiated_version(&json) {
                         let _ = self.shared.protocol_version.set(version);
+                        self.note_snapshot();
                     }
                 }
                 self.answer(&call, json);
@@ -849,7 +1064,7 @@ impl Session {
                 }
                 self.send_message(payload);
             }
-            Command::Attach { link, slot, received } => return self.attach(link, slot, received),
+            Command::Attach { link, slot, received, acked } => return self.attach(link, slot, received, acked),
             Command::RunnerRefused { reason } => return Some(EndReason::RunnerRefused(reason)),
             Command::Probe => {
                 if self.link.is_some() && self.probe.is_none() {
@@ -873,7 +1088,21 @@ impl Session {
     }
 
     /// Takes a runner's new socket: welcome it, then resend what it lacks.
-    fn attach(&mut self, link: Link, slot: RunnerSlot, received: u64) -> Option<EndReason> {
+    fn attach(&mut self, link: Link, slot: RunnerSlot, received: u64, acked: u64) -> Option<EndReason> {
+        if std::mem::take(&mut self.blind) {
+            // Taken over from an owner that died: what it had sent and the
+            // runner never got is lost; from here on nothing is.
+            // Messages queued meanwhile go first after what it received.
+            info!(received, acked, "counting from the runner's hello");
+            let queued: Vec<Bytes> =
+                self.window.resume(self.window.acked()).map(|frames| frames.cloned().collect()).unwrap_or_default();
+            self.window = SendWindow::starting_at(received);
+            for frame in queued {
+                self.window.push(frame);
+            }
+            self.clock = AckClock::resumed(acked);
+        }
+        self.shared.trusting.store(false, Ordering::Release);
         let token = self.mint_token();
         let resend = match self.window.resume(received) {
             Ok(resend) => resend,

@@ -8,10 +8,18 @@
 //! session's cgroups, once the runner has exited, however it ended: a runner
 //! killed outright cannot remove them. Runners are told whether to sandbox
 //! their session (`SANDBOX`, as [`super::sandbox`] decided).
+//!
+//! With instances sharing Redis, runners are started to outlive their
+//! gateway, as dynos do (`--outlive-gateway`): a gateway that hands its
+//! sessions over on SIGTERM, or dies, leaves them running, and the instance
+//! that takes a session over adopts its runner by process group
+//! ([`AdoptedRunner`]).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use dynogate_shared::names::{RUNNER_SESSION_DIR_ENV, SANDBOX_ENV, SECRET_ENV, TOKEN_ENV};
@@ -36,11 +44,13 @@ pub struct LocalSpawner {
     runner_command: Option<String>,
     /// What [`super::sandbox::decide`] decided; runners are told.
     sandbox: Mode,
+    /// Runners go on when this gateway exits (instances share Redis).
+    outlive: bool,
 }
 
 impl LocalSpawner {
-    pub fn new(runner_bin: PathBuf, runner_command: Option<String>, sandbox: Mode) -> Self {
-        Self { runner_bin, runner_command, sandbox }
+    pub fn new(runner_bin: PathBuf, runner_command: Option<String>, sandbox: Mode, outlive: bool) -> Self {
+        Self { runner_bin, runner_command, sandbox, outlive }
     }
 }
 
@@ -53,6 +63,9 @@ impl Spawner for LocalSpawner {
                 .tempdir()
                 .map_err(|e| SpawnError::Start(format!("cannot create the session directory: {e}")))?;
             let mut command = Command::new(&self.runner_bin);
+            if self.outlive {
+                command.arg("--outlive-gateway");
+            }
             command
                 .arg("--local")
                 .arg("--gateway-url")
@@ -81,39 +94,140 @@ impl Spawner for LocalSpawner {
                 .stdout(Stdio::null())
                 .stderr(Stdio::inherit())
                 .process_group(0)
-                .kill_on_drop(true);
+                .kill_on_drop(!self.outlive);
             // On failure the directory is dropped, which removes it.
             let mut child =
                 command.spawn().map_err(|e| SpawnError::Start(format!("{}: {e}", self.runner_bin.display())))?;
             let pid = child.id().ok_or_else(|| SpawnError::Start("runner exited at once".into()))?;
             let pid = Pid::from_raw(i32::try_from(pid).expect("pids fit in i32"));
+            // A runner that outlives this gateway keeps its directory when
+            // the gateway exits; whoever sees it end removes it.
+            let dir = workdir.path().to_owned();
+            let workdir = if self.outlive { Workdir::Kept(workdir.keep()) } else { Workdir::Temp(Some(workdir)) };
             tracing::debug!(%pid, "local runner started");
             // A task owns the child and waits for it, so the session's loop
             // never polls `waitpid` itself.
             let (tx, exit) = watch::channel(None);
+            let released = Arc::new(AtomicBool::new(false));
+            let forgotten = released.clone();
             tokio::spawn(async move {
                 let how = match child.wait().await {
                     Ok(status) => describe_status(status),
                     Err(e) => format!("cannot wait for it: {e}"),
                 };
                 let _ = tx.send(Some(how));
-                // Usually the runner removed them already; removing a tree can
-                // take a while, so it happens off the runtime's threads.
-                let raw_pid = pid.as_raw().unsigned_abs();
-                let removed = tokio::task::spawn_blocking(move || {
-                    super::sandbox::remove_cgroups(raw_pid);
-                    workdir.close()
-                })
-                .await;
-                if let Ok(Err(e)) = removed
-                    && e.kind() != std::io::ErrorKind::NotFound
-                {
-                    tracing::warn!(%pid, "cannot remove the session directory: {e}");
+                if forgotten.load(Ordering::Acquire) {
+                    // Another instance owns it now, and cleans up after it.
+                    workdir.forget();
+                    return;
                 }
+                clean_up(pid, workdir).await;
             });
-            Ok(Box::new(LocalRunner { pgid: pid, exit }) as Box<dyn RunnerProcess>)
+            Ok(Box::new(LocalRunner { pgid: pid, exit, dir, released }) as Box<dyn RunnerProcess>)
         }
         .boxed()
+    }
+
+    fn adopt(&self, handle: &str) -> Option<Box<dyn RunnerProcess>> {
+        let (pgid, dir) = handle.strip_prefix("local:")?.split_once(':')?;
+        let pgid = Pid::from_raw(pgid.parse().ok()?);
+        Some(Box::new(AdoptedRunner { pgid, dir: PathBuf::from(dir) }))
+    }
+}
+
+/// A runner another instance started on this machine, taken over with its
+/// session. Not this process's child: its exit is seen by polling.
+struct AdoptedRunner {
+    pgid: Pid,
+    dir: PathBuf,
+}
+
+impl AdoptedRunner {
+    fn alive(&self) -> bool {
+        kill(self.pgid, None).is_ok()
+    }
+
+    async fn gone_within(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.alive() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        true
+    }
+}
+
+impl RunnerProcess for AdoptedRunner {
+    fn describe(&self) -> String {
+        format!("pid {} (taken over)", self.pgid)
+    }
+
+    fn handle(&self) -> String {
+        format!("local:{}:{}", self.pgid, self.dir.display())
+    }
+
+    fn exited(&mut self) -> BoxFuture<'_, String> {
+        async move {
+            while self.alive() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            "runner process ended".to_owned()
+        }
+        .boxed()
+    }
+
+    fn stop(self: Box<Self>, grace: Duration) -> BoxFuture<'static, ()> {
+        async move {
+            if !self.gone_within(grace).await {
+                let _ = kill(self.pgid, Signal::SIGTERM);
+                self.gone_within(TERM_GRACE).await;
+            }
+            let _ = killpg(self.pgid, Signal::SIGKILL);
+            self.gone_within(Duration::from_secs(5)).await;
+            clean_up(self.pgid, Workdir::Kept(self.dir)).await;
+        }
+        .boxed()
+    }
+}
+
+/// Removes what a runner that ended left: its cgroups and its directory.
+/// Usually the runner removed them already; removing a tree can take a
+/// while, so it happens off the runtime's threads.
+async fn clean_up(pid: Pid, workdir: Workdir) {
+    let raw_pid = pid.as_raw().unsigned_abs();
+    let removed = tokio::task::spawn_blocking(move || {
+        super::sandbox::remove_cgroups(raw_pid);
+        workdir.close()
+    })
+    .await;
+    if let Ok(Err(e)) = removed
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(%pid, "cannot remove the session directory: {e}");
+    }
+}
+
+/// A session directory: removed on drop, unless kept, which leaves it for
+/// an explicit [`Workdir::close`].
+enum Workdir {
+    Temp(Option<tempfile::TempDir>),
+    Kept(PathBuf),
+}
+
+impl Workdir {
+    fn close(self) -> std::io::Result<()> {
+        match self {
+            Workdir::Temp(mut dir) => dir.take().map_or(Ok(()), tempfile::TempDir::close),
+            Workdir::Kept(path) => std::fs::remove_dir_all(path),
+        }
+    }
+
+    fn forget(self) {
+        if let Workdir::Temp(Some(dir)) = self {
+            let _ = dir.keep();
+        }
     }
 }
 
@@ -122,6 +236,10 @@ struct LocalRunner {
     pgid: Pid,
     /// How the runner ended, once it has.
     exit: watch::Receiver<Option<String>>,
+    /// Its session directory.
+    dir: PathBuf,
+    /// Handed to another instance: neither killed nor cleaned up here.
+    released: Arc<AtomicBool>,
 }
 
 impl LocalRunner {
@@ -149,6 +267,14 @@ impl RunnerProcess for LocalRunner {
         format!("pid {}", self.pgid)
     }
 
+    fn handle(&self) -> String {
+        format!("local:{}:{}", self.pgid, self.dir.display())
+    }
+
+    fn release(self: Box<Self>) {
+        self.released.store(true, Ordering::Release);
+    }
+
     fn exited(&mut self) -> BoxFuture<'_, String> {
         self.wait().boxed()
     }
@@ -173,7 +299,7 @@ impl RunnerProcess for LocalRunner {
 
 impl Drop for LocalRunner {
     fn drop(&mut self) {
-        if self.exit.borrow().is_none() {
+        if self.exit.borrow().is_none() && !self.released.load(Ordering::Acquire) {
             self.kill_group();
         }
     }

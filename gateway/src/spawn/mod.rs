@@ -109,6 +109,14 @@ pub trait Spawner: Send + Sync + 'static {
     /// Starts a runner for `spec`. Returns once the start has been requested;
     /// the runner dials back later (or never, which the session bounds).
     fn spawn(&self, spec: RunnerSpec) -> BoxFuture<'_, Result<Box<dyn RunnerProcess>, SpawnError>>;
+
+    /// The runner another gateway instance started, from what its
+    /// [`RunnerProcess::handle`] said, for a session taken over; `None` when
+    /// the handle is not one of this spawner's.
+    fn adopt(&self, handle: &str) -> Option<Box<dyn RunnerProcess>> {
+        let _ = handle;
+        None
+    }
 }
 
 /// A started runner, as its spawner sees it.
@@ -132,4 +140,12 @@ pub trait RunnerProcess: Send {
     /// Ends the runner: waits up to `grace` for it to leave on its own (it has
     /// been told to shut down), then forces it, and resolves when it is gone.
     fn stop(self: Box<Self>, grace: Duration) -> BoxFuture<'static, ()>;
+
+    /// What another gateway instance needs to take this runner over
+    /// ([`Spawner::adopt`]).
+    fn handle(&self) -> String;
+
+    /// Lets the runner go on without this gateway: its session was handed
+    /// to another instance, which will stop it in the end.
+    fn release(self: Box<Self>) {}
 }

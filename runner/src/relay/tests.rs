@@ -137,8 +137,9 @@ fn dial() -> Dial {
 fn start() -> Harness {
     let (link, gateway) = Gateway::open();
     let (calls, redials) = mpsc::unbounded_channel();
-    let redialer: Redialer = Box::new(move |token: Secret, received, deadline| {
+    let redialer: Redialer = Box::new(move |token: Secret, position: crate::dial::Position, deadline| {
         let (answer, answered) = oneshot::channel();
+        let received = position.received;
         let _ = calls.send(RedialCall { token: token.expose().to_owned(), received, deadline, answer });
         async move { answered.await.unwrap_or_else(|_| Err(DialError::Unreachable("the test dropped the dial".into()))) }
             .boxed()

@@ -228,6 +228,14 @@ impl Spawner for HerokuSpawner {
         .boxed()
     }
 
+    fn adopt(&self, handle: &str) -> Option<Box<dyn RunnerProcess>> {
+        let (id, name) = handle.strip_prefix("dyno:")?.split_once(':')?;
+        // Its socket, not the API, tells whether it lives from here on.
+        let runner =
+            DynoRunner { api: self.api.clone(), id: id.to_owned(), name: name.to_owned(), watch_until: Instant::now() };
+        Some(Box::new(runner))
+    }
+
     fn sweep<'a>(&'a self, live: &'a super::Liveness) -> BoxFuture<'a, ()> {
         async move {
             let dynos = match self.api.list_dynos().await {
@@ -267,6 +275,10 @@ struct DynoRunner {
 impl RunnerProcess for DynoRunner {
     fn describe(&self) -> String {
         format!("dyno {} ({})", self.name, self.id)
+    }
+
+    fn handle(&self) -> String {
+        format!("dyno:{}:{}", self.id, self.name)
     }
 
     fn follow_after_connect(&self) -> bool {
