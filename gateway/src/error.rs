@@ -11,6 +11,11 @@ use serde_json::json;
 use crate::config::SERVED_REVISIONS;
 use crate::jsonrpc::{RequestId, code, error_body};
 
+/// Marks a response that says the session is unknown here (the relay
+/// then looks for it elsewhere: it may have just moved).
+#[derive(Debug, Clone, Copy)]
+pub struct NoSuchSession;
+
 /// A request the MCP endpoint refuses before it reaches a runner.
 #[derive(Debug, thiserror::Error)]
 pub enum McpError {
@@ -140,6 +145,9 @@ impl IntoResponse for McpError {
             (self.status(), [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body)
                 .into_response();
         match self {
+            McpError::UnknownSession => {
+                response.extensions_mut().insert(NoSuchSession);
+            }
             McpError::Overloaded { retry_after_secs, .. } => {
                 response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
             }

@@ -46,18 +46,34 @@ pub struct Relayed;
 pub async fn route(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let Some(cluster) = state.cluster.clone() else { return next.run(request).await };
     let Some(id) = session_of(&request) else { return next.run(request).await };
-    match state.sessions.get_any(&id) {
+    let relayed = request.extensions().get::<Relayed>().is_some();
+    let request = match state.sessions.get_any(&id) {
         Some(handle) if handle.is_handing_over() => {
             let bound = state.config.timeouts.drain + Duration::from_secs(5);
             if tokio::time::timeout(bound, handle.finished()).await.is_err() {
                 let moving = ClusterError::Unavailable("the session is moving to another instance".into());
                 return unavailable(&moving).into_response();
             }
+            request
         }
-        Some(_) => return next.run(request).await,
-        None if request.extensions().get::<Relayed>().is_some() => return next.run(request).await,
-        None => {}
-    }
+        Some(_) => {
+            // Served here, unless the session moves away meanwhile: then the
+            // request follows it, so its body is kept.
+            let (parts, body) = request.into_parts();
+            let body = match crate::mcp::read_body(body, &parts.headers, state.config.limits.max_body_bytes).await {
+                Ok(body) => body,
+                Err(e) => return e.into_response(),
+            };
+            let again = rebuild(&parts, body.clone(), relayed);
+            let response = next.clone().run(Request::from_parts(parts, Body::from(body))).await;
+            if response.extensions().get::<crate::error::NoSuchSession>().is_none() {
+                return response;
+            }
+            again
+        }
+        None if relayed => return next.run(request).await,
+        None => request,
+    };
     match super::adopt::find(&state, &cluster, &id).await {
         Ok(super::adopt::Whereabouts::At(owner)) => {
             forward(&state, &cluster, &owner, request).await.unwrap_or_else(IntoResponse::into_response)
@@ -318,6 +334,19 @@ async fn answer(
             _ = cancelled.recv() => return Err("the client went away".into()),
         }
     }
+}
+
+/// The same request again, for a second try elsewhere.
+fn rebuild(parts: &axum::http::request::Parts, body: Bytes, relayed: bool) -> Request {
+    let mut request = Request::new(Body::from(body));
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = parts.uri.clone();
+    *request.version_mut() = parts.version;
+    *request.headers_mut() = parts.headers.clone();
+    if relayed {
+        request.extensions_mut().insert(Relayed);
+    }
+    request
 }
 
 fn to_pairs(headers: &HeaderMap) -> Vec<(String, String)> {

@@ -53,6 +53,12 @@ impl Session {
         Ok(session)
     }
 
+    /// The same session, its requests sent to another endpoint (another
+    /// instance of a gateway sharing its sessions).
+    pub fn via(&self, endpoint: &Arc<Endpoint>) -> Session {
+        Session { endpoint: endpoint.clone(), ..self.clone() }
+    }
+
     /// Calls `echo` with `text` and checks the answer. The request is
     /// formatted and the answer read without building JSON trees, so the
     /// load generator spends as little of the machine as it can.

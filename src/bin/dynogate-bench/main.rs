@@ -8,11 +8,13 @@
 //! - [`scenarios`]: `sessions`, `calls`, `payload`, `idle`, `first-result`
 //!   (a new session's first code result), and `http` (the HTTP stack alone).
 //! - [`stats`]: percentiles and the report; [`procs`]: memory from /proc.
+//! - [`spread`]: a router spreading connections over several instances.
 
 mod client;
 mod floor;
 mod procs;
 mod scenarios;
+mod spread;
 mod stats;
 mod wire;
 
@@ -78,6 +80,10 @@ enum Scenario {
         /// Bytes of text per echo.
         #[arg(long, default_value_t = 64)]
         size: usize,
+        /// Start sessions at --url but send every call to this MCP endpoint
+        /// (another instance sharing the sessions through Redis).
+        #[arg(long)]
+        via: Option<String>,
     },
     /// One large echo, repeated.
     Payload {
@@ -120,6 +126,19 @@ enum Scenario {
         /// The gateway's pid, to read its memory and find its runners.
         #[arg(long)]
         gateway_pid: Option<i32>,
+        /// Keep the sessions open this long after the report (to measure
+        /// what holds them elsewhere, such as Redis).
+        #[arg(long, default_value_t = 0)]
+        hold_secs: u64,
+    },
+    /// Route each new TCP connection to a random one of several instances.
+    Spread {
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+        /// The instances, as host:port,host:port,...
+        #[arg(long)]
+        to: String,
     },
 }
 
@@ -133,8 +152,8 @@ fn main() -> anyhow::Result<()> {
                 let (url, name) = at.url()?;
                 scenarios::sessions(&url, &name, count, concurrency).await
             }
-            Scenario::Calls { at, sessions, concurrency, calls, size } => {
-                scenarios::calls(&at.target()?, sessions, concurrency.max(1), calls, size).await
+            Scenario::Calls { at, sessions, concurrency, calls, size, via } => {
+                scenarios::calls(&at.target()?, sessions, concurrency.max(1), calls, size, via.as_deref()).await
             }
             Scenario::Payload { at, size, count } => scenarios::payload_echo(&at.target()?, count, size).await,
             Scenario::Http { url, count } => scenarios::http_round_trips(&url, count).await,
@@ -142,10 +161,11 @@ fn main() -> anyhow::Result<()> {
                 let (url, name) = at.url()?;
                 scenarios::first_result(&url, &name, count, later, std::time::Duration::from_millis(gap_ms)).await
             }
-            Scenario::Idle { at, count, gateway_pid } => {
+            Scenario::Idle { at, count, gateway_pid, hold_secs } => {
                 let (url, name) = at.url()?;
-                scenarios::idle(&url, &name, count, gateway_pid).await
+                scenarios::idle(&url, &name, count, gateway_pid, std::time::Duration::from_secs(hold_secs)).await
             }
+            Scenario::Spread { listen, to } => spread::run(&listen, &to).await,
         }
     })
 }

@@ -89,15 +89,26 @@ async fn callers(target: &Target, count: usize) -> anyhow::Result<Vec<Arc<Caller
 /// `calls`: `total` echo calls of `size` bytes over `sessions` sessions,
 /// `concurrency` in flight. On the floor each in-flight call gets its own
 /// server (a stdio pipe carries one call at a time here).
+/// With `via`, sessions start at the target but every call goes to `via`
+/// (another instance, which relays it to the session's owner).
 pub async fn calls(
     target: &Target,
     sessions: usize,
     concurrency: usize,
     total: u64,
     size: usize,
+    via: Option<&str>,
 ) -> anyhow::Result<()> {
     let sessions = if matches!(target, Target::Floor { .. }) { concurrency } else { sessions.max(1) };
-    let callers = callers(target, sessions).await?;
+    let mut callers = callers(target, sessions).await?;
+    if let Some(via) = via {
+        let other = endpoint(via)?;
+        let opened = std::mem::take(&mut callers);
+        for caller in opened {
+            let Caller::Http(session) = &*caller else { bail!("--via needs --url") };
+            callers.push(Arc::new(Caller::Http(session.via(&other))));
+        }
+    }
     let text = Arc::new(payload(size));
     // Warm-up: connections, pages, caches.
     for (i, caller) in callers.iter().enumerate() {
@@ -296,7 +307,7 @@ async fn bare_python(python: &str) -> anyhow::Result<Duration> {
 
 /// `idle`: holds `count` sessions open and reports memory: the gateway's
 /// growth per session, and each runner's RSS (its MCP server excluded).
-pub async fn idle(url: &str, name: &str, count: usize, gateway_pid: Option<i32>) -> anyhow::Result<()> {
+pub async fn idle(url: &str, name: &str, count: usize, gateway_pid: Option<i32>, hold: Duration) -> anyhow::Result<()> {
     use crate::procs::{children, rss};
     let endpoint = endpoint(url)?;
     Session::open(&endpoint).await?.close().await?;
@@ -345,6 +356,7 @@ pub async fn idle(url: &str, name: &str, count: usize, gateway_pid: Option<i32>)
         summary["runner_rss_max"] = json!(runners.iter().max());
     }
     report("idle", name, summary);
+    tokio::time::sleep(hold).await;
     let closing: Vec<_> = opened.into_iter().map(|s| tokio::spawn(async move { s.close().await })).collect();
     for close in closing {
         let _ = close.await;
