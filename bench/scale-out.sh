@@ -39,26 +39,28 @@ for _ in $(seq 100); do redis-cli -p "$redis_port" ping > /dev/null 2>&1 && brea
 redis() { redis-cli -p "$redis_port" --raw "$@"; }
 
 secret=bench-secret-bench-secret-bench-secret-01
-# Starts a gateway bridging mcp-echo; prints its base URL. Extra env first.
+# Starts a gateway bridging mcp-echo (extra env as arguments); sets $started
+# to its base URL.
 start_gateway() {
   local out; out=$(mktemp)
   env "$@" PORT=0 RUNNER_COMMAND="$PWD/$bin/mcp-echo" RENDEZVOUS_SECRET=$secret WARM_RUNNERS=0 \
     MAX_SESSIONS=$((idle + 100)) SANDBOX=off RUST_LOG=warn "$bin/gateway" > "$out" &
   pids+=($!)
   for _ in $(seq 100); do grep -q listening "$out" && break; sleep 0.1; done
-  awk '{print $NF}' "$out" | head -1
+  started=$(awk '{print $NF}' "$out" | head -1)
 }
 
 router_out=$(mktemp)
 router_port=$(free_port)
 router="http://127.0.0.1:$router_port"
-a=$(start_gateway REDIS_URL="redis://127.0.0.1:$redis_port" GATEWAY_URL="$router")
-b=$(start_gateway REDIS_URL="redis://127.0.0.1:$redis_port" GATEWAY_URL="$router")
-c=$(start_gateway REDIS_URL="redis://127.0.0.1:$redis_port" GATEWAY_URL="$router")
+shared=(REDIS_URL="redis://127.0.0.1:$redis_port" GATEWAY_URL="$router")
+start_gateway "${shared[@]}"; a=$started
+start_gateway "${shared[@]}"; b=$started
+start_gateway "${shared[@]}"; c=$started
 "$bin/dynogate-bench" spread --listen "127.0.0.1:$router_port" --to "${a#http://},${b#http://},${c#http://}" > "$router_out" &
 pids+=($!)
 for _ in $(seq 100); do grep -q spreading "$router_out" && break; sleep 0.1; done
-single=$(start_gateway)
+start_gateway; single=$started
 
 for round in $(seq "$rounds"); do
   # Sessions start at a (their runners dial through the router, so some are
@@ -77,7 +79,7 @@ for _ in $(seq 1200); do grep -q '"idle"' "$idle_out" && break; sleep 0.5; done
 cat "$idle_out"
 sleep 6 # one renewal of every session, snapshots included
 after=$(redis INFO memory | awk -F: '/^used_memory:/ {print $2}' | tr -d '\r')
-one=$(redis --scan --pattern 'dg:session:*' | head -1)
+one="dg:session:$(redis ZRANGE dg:live 0 0)"
 python3 - "$before" "$after" "$idle" "$(redis ZCARD dg:live)" "$(redis MEMORY USAGE "$one")" <<'PY'
 import json, sys
 before, after, wanted, live, one = (int(x) for x in sys.argv[1:])

@@ -109,6 +109,18 @@ impl Fleet {
         Http::new_connection_each_time(format!("{}/mcp", self.router.url()), self.gateways[0].api_key.clone())
     }
 
+    /// Which instance owns `session`, by the directory and each instance's `/healthz`.
+    pub async fn owner_of(&self, session: &str) -> usize {
+        let owner = self.redis.cli(&["HGET", &format!("dg:session:{session}"), "owner"]);
+        for (i, gateway) in self.gateways.iter().enumerate() {
+            let health: Value = reqwest::get(format!("{}/healthz", gateway.url)).await.unwrap().json().await.unwrap();
+            if health["instance"] == owner.as_str() {
+                return i;
+            }
+        }
+        panic!("session {session} is owned by {owner:?}, none of the instances");
+    }
+
     /// A counter summed over every instance.
     pub async fn total(&self, metric_name: &str) -> f64 {
         let mut sum = 0.0;
@@ -161,7 +173,8 @@ async fn every_request_and_runner_may_land_on_any_instance() {
     let fleet = Fleet::start(3, || Options::default().echo()).await;
     let http = fleet.http();
     let mut sessions = Vec::new();
-    for _ in 0..4 {
+    // Enough that some runners surely dial an instance other than their session's.
+    for _ in 0..8 {
         sessions.push(http.initialize().await.0);
     }
     // State lives in each session's one server, whichever instance each call reaches.
@@ -534,15 +547,8 @@ async fn an_instance_killed_outright_leaves_its_sessions_working_and_runs_no_cal
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
     // The instance that holds the first session dies.
-    let owner = fleet.redis.cli(&["HGET", &format!("dg:session:{}", sessions[0]), "owner"]);
-    let mut victim = None;
-    for (i, gateway) in fleet.gateways.iter().enumerate() {
-        let health: Value = reqwest::get(format!("{}/healthz", gateway.url)).await.unwrap().json().await.unwrap();
-        if health["instance"] == owner.as_str() {
-            victim = Some(i);
-        }
-    }
-    let killed = fleet.take_out(victim.expect("the first session's owner is one of the instances"));
+    let victim = fleet.owner_of(&sessions[0]).await;
+    let killed = fleet.take_out(victim);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(killed.pid()), nix::sys::signal::Signal::SIGKILL).unwrap();
 
     let mut answered = 0;
@@ -582,4 +588,32 @@ async fn an_instance_killed_outright_leaves_its_sessions_working_and_runs_no_cal
         eventually("the session's runner is gone", || runner_pids(session).is_empty()).await;
     }
     drop(killed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_on_a_dyno_moves_with_its_files_when_its_instance_restarts() {
+    use crate::fake_heroku::FakeHeroku;
+    use crate::heroku::{HEROKU_KEY, config_vars, heroku};
+    let fake = FakeHeroku::start(HEROKU_KEY, &config_vars()).await;
+    let mut fleet = Fleet::start(2, || heroku(&fake)).await;
+    let http = fleet.http();
+    let (session, _) = http.initialize().await;
+    let write = json!({"code": "open('kept.txt', 'w').write('still here')\nprint('written')"});
+    let reply = http.call(&session, 1, "code_exec_python", write).await;
+    assert_eq!(exec_result(&reply.json)["stdout"], "written", "{}", reply.text);
+
+    // A deploy: a new instance starts, the session's instance gets SIGTERM.
+    let owner = fleet.owner_of(&session).await;
+    fleet.add_instance();
+    let mut old = fleet.take_out(owner);
+    let status = tokio::task::spawn_blocking(move || old.terminate()).await.unwrap();
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+
+    // The same dyno goes on serving the session, files and all.
+    let read = json!({"code": "print(open('kept.txt').read())"});
+    let reply = http.call(&session, 2, "code_exec_python", read).await;
+    assert_eq!(exec_result(&reply.json)["stdout"], "still here", "{}", reply.text);
+    assert!(fake.stops().is_empty(), "the session's dyno was stopped: {:?}", fake.stops());
+    assert_eq!(http.delete(&session).await, StatusCode::NO_CONTENT);
+    eventually("the session's dyno is stopped", || fake.stops().len() == 1).await;
 }

@@ -35,6 +35,10 @@ use self::wire::Message;
 
 /// How long one Redis command may take before it counts as Redis being down.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a session's owner is remembered without asking Redis again.
+const OWNER_MEMORY: Duration = Duration::from_secs(10);
+/// Owners remembered at most.
+const OWNERS_KEPT: usize = 100_000;
 
 /// Why something that needs Redis could not be done.
 #[derive(Debug, thiserror::Error)]
@@ -62,11 +66,14 @@ pub struct Cluster {
     max_sessions: usize,
     /// Held while taking a session over (see [`adopt`]).
     pub(crate) adopting: tokio::sync::Mutex<()>,
-    /// Requests this instance relayed and is still answering: a stopping
-    /// instance waits for them as for its own.
+    /// Relayed requests still being answered, this instance's to others and
+    /// others' to this one: a stopping instance waits for them as for its own.
     relays: AtomicUsize,
     /// The instances that take sessions over, as of the last beat.
     available: Mutex<Vec<String>>,
+    /// Where sessions this instance relayed to were, lately: a relay goes
+    /// straight there, and looks again when told the session is not there.
+    owners: dashmap::DashMap<String, (String, std::time::Instant)>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -98,12 +105,34 @@ impl Cluster {
             adopting: tokio::sync::Mutex::new(()),
             relays: AtomicUsize::new(0),
             available: Mutex::new(Vec::new()),
+            owners: dashmap::DashMap::new(),
         }))
     }
 
     /// The one multiplexed command connection (clones share it).
     pub(crate) fn commands(&self) -> ConnectionManager {
         self.commands.clone()
+    }
+
+    /// The instance session `id` was at when last relayed to, if lately.
+    pub fn owner_seen(&self, id: &str) -> Option<String> {
+        let entry = self.owners.get(id)?;
+        let (owner, seen) = entry.value();
+        (seen.elapsed() < OWNER_MEMORY).then(|| owner.clone())
+    }
+
+    pub fn saw_owner(&self, id: &str, owner: &str) {
+        // Bounded: an entry is dropped once stale, when the map grows.
+        if self.owners.len() >= OWNERS_KEPT {
+            self.owners.retain(|_, (_, seen)| seen.elapsed() < OWNER_MEMORY);
+        }
+        if self.owners.len() < OWNERS_KEPT {
+            self.owners.insert(id.to_owned(), (owner.to_owned(), std::time::Instant::now()));
+        }
+    }
+
+    pub fn forget_owner(&self, id: &str) {
+        self.owners.remove(id);
     }
 
     /// Relayed requests still being answered.

@@ -18,7 +18,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use tower::ServiceExt;
 use tracing::{debug, warn};
@@ -30,6 +30,8 @@ use crate::error::McpError;
 
 /// Messages of one answer that may wait for its client before it is cut.
 const QUEUE: usize = 256;
+/// Most bytes of an answer's body sent with its head.
+const READY_BYTES: usize = 1024 * 1024;
 /// Headers that describe one hop's connection, not the message.
 const HOP_BY_HOP: [HeaderName; 4] =
     [header::CONNECTION, header::TRANSFER_ENCODING, header::CONTENT_LENGTH, HeaderName::from_static("keep-alive")];
@@ -47,39 +49,58 @@ pub async fn route(State(state): State<AppState>, request: Request, next: Next) 
     let Some(cluster) = state.cluster.clone() else { return next.run(request).await };
     let Some(id) = session_of(&request) else { return next.run(request).await };
     let relayed = request.extensions().get::<Relayed>().is_some();
-    let request = match state.sessions.get_any(&id) {
+    let local = state.sessions.get_any(&id);
+    if local.is_none() && relayed {
+        return next.run(request).await;
+    }
+    // Whatever happens next, the request may have to go elsewhere: keep its body.
+    let (parts, body) = request.into_parts();
+    let body = match crate::mcp::read_body(body, &parts.headers, state.config.limits.max_body_bytes).await {
+        Ok(body) => body,
+        Err(e) => return e.into_response(),
+    };
+    match local {
         Some(handle) if handle.is_handing_over() => {
             let bound = state.config.timeouts.drain + Duration::from_secs(5);
             if tokio::time::timeout(bound, handle.finished()).await.is_err() {
                 let moving = ClusterError::Unavailable("the session is moving to another instance".into());
                 return unavailable(&moving).into_response();
             }
-            request
         }
         Some(_) => {
-            // Served here, unless the session moves away meanwhile: then the
-            // request follows it, so its body is kept.
-            let (parts, body) = request.into_parts();
-            let body = match crate::mcp::read_body(body, &parts.headers, state.config.limits.max_body_bytes).await {
-                Ok(body) => body,
-                Err(e) => return e.into_response(),
-            };
-            let again = rebuild(&parts, body.clone(), relayed);
-            let response = next.clone().run(Request::from_parts(parts, Body::from(body))).await;
+            // Served here, unless the session moved away meanwhile.
+            let response = next.clone().run(rebuild(&parts, body.clone(), relayed)).await;
             if response.extensions().get::<crate::error::NoSuchSession>().is_none() {
                 return response;
             }
-            again
         }
-        None if relayed => return next.run(request).await,
-        None => request,
-    };
+        None => {
+            // Where it was a moment ago, most likely.
+            if let Some(owner) = cluster.owner_seen(&id) {
+                match forward(&state, &cluster, &owner, &parts, body.clone()).await {
+                    Ok(response) => return response,
+                    Err(Forwarded::Failed(e)) => return e.into_response(),
+                    Err(Forwarded::Missing | Forwarded::Silent) => cluster.forget_owner(&id),
+                }
+            }
+        }
+    }
     match super::adopt::find(&state, &cluster, &id).await {
-        Ok(super::adopt::Whereabouts::At(owner)) => {
-            forward(&state, &cluster, &owner, request).await.unwrap_or_else(IntoResponse::into_response)
-        }
+        Ok(super::adopt::Whereabouts::At(owner)) => match forward(&state, &cluster, &owner, &parts, body).await {
+            Ok(response) => {
+                cluster.saw_owner(&id, &owner);
+                response
+            }
+            // The directory named it, and it has no such session: it just ended.
+            Err(Forwarded::Missing) => McpError::UnknownSession.into_response(),
+            Err(Forwarded::Silent) => {
+                let silent = ClusterError::Unavailable("the instance holding the session is not answering".into());
+                unavailable(&silent).into_response()
+            }
+            Err(Forwarded::Failed(e)) => e.into_response(),
+        },
         // Here (perhaps just taken over), or unknown: answered here.
-        Ok(_) => next.run(request).await,
+        Ok(_) => next.run(rebuild(&parts, body, relayed)).await,
         Err(e) => unavailable(&e).into_response(),
     }
 }
@@ -138,15 +159,28 @@ impl Drop for Pending {
     }
 }
 
-/// Sends `request` to `owner` and answers with what it answers.
+/// Why a request was not answered by the instance it was sent to.
+enum Forwarded {
+    /// That instance does not hold the session.
+    Missing,
+    /// Nobody listens at that instance's inbox.
+    Silent,
+    /// The answer to give the client.
+    Failed(McpError),
+}
+
+/// Sends a request (its head and body) to `owner` and answers with what it answers.
 async fn forward(
     state: &AppState,
     cluster: &Arc<Cluster>,
     owner: &str,
-    request: Request,
-) -> Result<Response, McpError> {
-    let (parts, body) = request.into_parts();
-    let body = crate::mcp::read_body(body, &parts.headers, state.config.limits.max_body_bytes).await?;
+    parts: &axum::http::request::Parts,
+    body: Bytes,
+) -> Result<Response, Forwarded> {
+    if !cluster.inbox.is_listening() {
+        let reconnecting = ClusterError::Unavailable("this instance's subscriber is reconnecting".into());
+        return Err(Forwarded::Failed(unavailable(&reconnecting)));
+    }
     let rid = crate::sessions::random_id();
     let mut replies = cluster.inbox.expect(&rid, QUEUE);
     let mut pending = Pending::new(cluster, owner, &rid, parts.method != axum::http::Method::GET);
@@ -160,10 +194,6 @@ async fn forward(
         },
         body,
     );
-    if !cluster.inbox.is_listening() {
-        pending.done = true;
-        return Err(unavailable(&ClusterError::Unavailable("this instance's subscriber is reconnecting".into())));
-    }
     match cluster.send(owner, &message).await {
         Ok(true) => {}
         Ok(false) => {
@@ -171,19 +201,54 @@ async fn forward(
             // it is known dead, another instance takes the session over.
             pending.done = true;
             debug!(owner = %dynogate_shared::names::log_id(owner), "the session's instance does not listen");
-            let silent = ClusterError::Unavailable("the instance holding the session is not answering".into());
-            return Err(unavailable(&silent));
+            return Err(Forwarded::Silent);
         }
         Err(e) => {
             pending.done = true;
-            return Err(unavailable(&e));
+            return Err(Forwarded::Failed(unavailable(&e)));
         }
     }
     crate::metrics::relayed();
     let bound = state.config.timeouts.request + Duration::from_secs(30);
-    let (status, headers) = head(cluster, owner, &mut replies, bound).await?;
-    let idle = state.config.timeouts.heartbeat * 3;
-    let body = futures_util::stream::unfold(Some((replies, pending)), move |exchange| async move {
+    let (status, headers, first, whole) = match next_reply(cluster, owner, &mut replies, bound).await {
+        Ok(Message { header: Header::Head { status, headers, whole, .. }, payload }) => {
+            (StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY), from_pairs(headers), payload, whole)
+        }
+        Ok(Message { header: Header::Missing { .. }, .. }) => {
+            pending.done = true;
+            return Err(Forwarded::Missing);
+        }
+        Ok(Message { header: Header::End { error, .. }, .. }) => {
+            pending.done = true;
+            let why = error.map_or_else(|| "answered nothing".into(), |e| format!("failed: {e}"));
+            return Err(Forwarded::Failed(McpError::Relay(why)));
+        }
+        Ok(_) => return Err(Forwarded::Failed(McpError::Relay("sent something out of order".into()))),
+        Err(Silence::Redis(e)) => return Err(Forwarded::Failed(unavailable(&e))),
+        Err(silence) => return Err(Forwarded::Failed(McpError::Relay(silence.to_string()))),
+    };
+    let body = if whole {
+        pending.done = true;
+        Body::from(first)
+    } else {
+        Body::from_stream(rest(first, replies, pending, state.config.timeouts.heartbeat * 3))
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    Ok(response)
+}
+
+/// The body of an answer that did not come whole: `first`, then each
+/// `data` until `end`, each wait bounded by `idle`.
+fn rest(
+    first: Bytes,
+    replies: mpsc::Receiver<Message>,
+    pending: Pending,
+    idle: Duration,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
+    let first = futures_util::stream::iter((!first.is_empty()).then_some(Ok(first)));
+    let later = futures_util::stream::unfold(Some((replies, pending)), move |exchange| async move {
         let (mut replies, mut pending) = exchange?;
         let cut = |why: String| Some((Err(std::io::Error::other(why)), None));
         let (cluster, owner) = (pending.cluster.clone(), pending.owner.clone());
@@ -201,10 +266,7 @@ async fn forward(
             Err(silence) => cut(format!("the gateway instance that holds this session {silence}")),
         }
     });
-    let mut response = Response::new(Body::from_stream(body));
-    *response.status_mut() = status;
-    *response.headers_mut() = headers;
-    Ok(response)
+    first.chain(later)
 }
 
 /// Why an exchange got no next message.
@@ -245,34 +307,22 @@ async fn next_reply(
     }
 }
 
-/// Waits for the answer's status and headers.
-async fn head(
-    cluster: &Cluster,
-    owner: &str,
-    replies: &mut mpsc::Receiver<Message>,
-    bound: Duration,
-) -> Result<(StatusCode, HeaderMap), McpError> {
-    match next_reply(cluster, owner, replies, bound).await {
-        Ok(Message { header: Header::Head { status, headers, .. }, .. }) => {
-            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
-            Ok((status, from_pairs(headers)))
-        }
-        Ok(Message { header: Header::End { error, .. }, .. }) => {
-            Err(McpError::Relay(error.map_or_else(|| "answered nothing".into(), |e| format!("failed: {e}"))))
-        }
-        Ok(_) => Err(McpError::Relay("sent something out of order".into())),
-        Err(Silence::Redis(e)) => Err(unavailable(&e)),
-        Err(silence) => Err(McpError::Relay(silence.to_string())),
-    }
-}
-
 /// Runs a relayed request through this instance's router and streams the
 /// answer back to the instance that asked.
 pub async fn serve(cluster: Arc<Cluster>, router: axum::Router, message: Message) {
     let Header::Request { rid, from, method, uri, headers } = message.header else { return };
+    // A stopping instance finishes what it answers for others before it
+    // leaves (but for GET streams, which never end by themselves).
+    let counted = method != "GET";
+    if counted {
+        cluster.relay_started();
+    }
     let mut cancelled = cluster.inbox.expect(&rid, 4);
     let answered = answer(&cluster, router, &rid, &from, method, uri, headers, message.payload, &mut cancelled).await;
     cluster.inbox.forget(&rid);
+    if counted {
+        cluster.relay_ended();
+    }
     if let Err(why) = answered {
         debug!(rid = %dynogate_shared::names::log_id(&rid), "relayed answer stopped: {why}");
     }
@@ -314,13 +364,39 @@ async fn answer(
         response = router.oneshot(request) => match response { Ok(response) => response, Err(never) => match never {} },
         _ = cancelled.recv() => return Err("the client went away".into()),
     };
+    if response.extensions().get::<crate::error::NoSuchSession>().is_some() {
+        // Not here (any more): the asker looks again.
+        return send(Header::Missing { rid: rid.to_owned() }, Bytes::new()).await;
+    }
     let (parts, body) = response.into_parts();
-    send(
-        Header::Head { rid: rid.to_owned(), status: parts.status.as_u16(), headers: to_pairs(&parts.headers) },
-        Bytes::new(),
-    )
-    .await?;
     let mut body = body.into_data_stream();
+    // What of the body is ready now goes with the head: all of it, for an
+    // answer already complete (a JSON reply), in one message.
+    let mut ready = bytes::BytesMut::new();
+    let mut ended: Option<Option<String>> = None;
+    while ready.len() < READY_BYTES {
+        match body.next().now_or_never() {
+            Some(Some(Ok(chunk))) => ready.extend_from_slice(&chunk),
+            Some(Some(Err(e))) => {
+                ended = Some(Some(e.to_string()));
+                break;
+            }
+            Some(None) => {
+                ended = Some(None);
+                break;
+            }
+            None => break,
+        }
+    }
+    let whole = ended == Some(None);
+    let head =
+        Header::Head { rid: rid.to_owned(), status: parts.status.as_u16(), headers: to_pairs(&parts.headers), whole };
+    send(head, ready.freeze()).await?;
+    match ended {
+        Some(None) => return Ok(()),
+        Some(error) => return send(Header::End { rid: rid.to_owned(), error }, Bytes::new()).await,
+        None => {}
+    }
     loop {
         tokio::select! {
             chunk = body.next() => match chunk {

@@ -4,7 +4,10 @@
 //! escaping.
 //!
 //! A relayed HTTP exchange is `request` → `head` → `data`* → `end`, keyed by
-//! a request id (`rid`); the requester sends `cancel` when its client leaves.
+//! a request id (`rid`), or `request` → `head` with the whole body when the
+//! answer was complete at once, or `request` → `missing` when the receiver
+//! does not hold the session; the requester sends `cancel` when its client
+//! leaves.
 //! A tunnelled runner connection is `dial`, then `up` (runner → owner) and
 //! `down` (owner → runner) frames keyed by a connection id (`conn`), ended
 //! by a `close` frame either way.
@@ -18,8 +21,11 @@ use serde::{Deserialize, Serialize};
 pub enum Header {
     /// An HTTP request for a session the receiver owns; the payload is its body.
     Request { rid: String, from: String, method: String, uri: String, headers: Vec<(String, String)> },
-    /// The status and headers of the answer.
-    Head { rid: String, status: u16, headers: Vec<(String, String)> },
+    /// The status and headers of the answer; the payload is the start of
+    /// its body, or all of it when `whole`.
+    Head { rid: String, status: u16, headers: Vec<(String, String)>, whole: bool },
+    /// The receiver does not hold the session the request names.
+    Missing { rid: String },
     /// A piece of the answer's body: the payload.
     Data { rid: String },
     /// The answer is complete, or was cut (`error`).
@@ -65,6 +71,7 @@ impl Header {
         match self {
             Header::Request { rid, .. }
             | Header::Head { rid, .. }
+            | Header::Missing { rid }
             | Header::Data { rid }
             | Header::End { rid, .. }
             | Header::Cancel { rid } => rid,
