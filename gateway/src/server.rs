@@ -33,7 +33,7 @@ use crate::{AppState, agents, auth, mcp, registry, rendezvous, sse};
 pub fn app(state: AppState) -> Router {
     let mcp_routes = axum::routing::post(mcp::post).get(mcp::get).delete(mcp::delete);
     let messages = axum::routing::post(sse::message);
-    Router::new()
+    let sessions = Router::new()
         .route("/mcp", mcp_routes.clone())
         .route("/mcp/", mcp_routes)
         .route("/mcp/{name}", axum::routing::post(mcp::post_on).get(mcp::get_on).delete(mcp::delete_on))
@@ -48,9 +48,14 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/sse", get(sse::open))
         .route("/messages", messages.clone())
-        .route("/messages/", messages)
-        // After the checks below: a relayed request was checked where it arrived.
-        .route_layer(middleware::from_fn_with_state(state.clone(), crate::cluster::relay::route))
+        .route("/messages/", messages);
+    // Only with instances sharing Redis, so one instance pays nothing for it.
+    // After the checks below: a relayed request was checked where it arrived.
+    let sessions = match state.cluster {
+        Some(_) => sessions.route_layer(middleware::from_fn_with_state(state.clone(), crate::cluster::relay::route)),
+        None => sessions,
+    };
+    sessions
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::check_origin))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_api_key))
         .route(dynogate_shared::names::RENDEZVOUS_PATH, get(rendezvous::accept))

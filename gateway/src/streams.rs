@@ -530,6 +530,23 @@ mod tests {
     const NOW: Duration = Duration::ZERO;
 
     #[tokio::test]
+    async fn streams_taken_over_go_on_numbering_where_their_last_owner_stopped() {
+        let before = Streams::default();
+        before.open(1);
+        before.standalone().push(b("n1"), false);
+        let (next_id, standalone_next) = before.position();
+        assert_eq!((next_id, standalone_next), (2, 2));
+        let after = Streams::resumed(Budget::unlimited(), next_id, standalone_next);
+        assert_eq!(after.open(1).id(), 2, "no stream id is used twice");
+        // A client that saw event 1 of the GET stream resumes after it, losing nothing.
+        assert!(after.standalone().can_resume_after(1));
+        after.standalone().push(b("n2"), false);
+        let mut reader = after.standalone().cursor(Some(1));
+        let Batch::Events(events) = after.standalone().read(&mut reader, NOW).await else { panic!() };
+        assert_eq!(events.iter().map(|e| e.n).collect::<Vec<_>>(), [2]);
+    }
+
+    #[tokio::test]
     async fn a_reply_stream_ends_after_its_last_response() {
         let streams = Streams::default();
         let stream = streams.open(1);

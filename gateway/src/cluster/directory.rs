@@ -184,17 +184,11 @@ impl Cluster {
         Ok(())
     }
 
-    /// The instance that owns session `id`, if the directory knows it.
-    pub async fn owner(&self, id: &str) -> Result<Option<String>, ClusterError> {
-        let owner: Option<String> =
-            redis::cmd("HGET").arg(keys::session(id)).arg("owner").query_async(&mut self.commands()).await?;
-        Ok(owner.filter(|o| !o.is_empty()))
-    }
-
-    /// Whether session `id` is in the directory (owned by a live instance
-    /// that renewed it lately).
+    /// Whether session `id` is in the directory: owned, or between owners
+    /// (its runner must then be left alone all the more).
     pub async fn knows(&self, id: &str) -> Result<bool, ClusterError> {
-        Ok(self.owner(id).await?.is_some())
+        let exists: i64 = redis::cmd("EXISTS").arg(keys::session(id)).query_async(&mut self.commands()).await?;
+        Ok(exists == 1)
     }
 
     /// Renews this instance's sessions (see [`RENEW`]); returns the ids of

@@ -52,3 +52,27 @@ impl Snapshot {
         serde_json::from_str(text).ok()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshots_survive_their_encoding_and_garbage_is_none() {
+        let snapshot = Snapshot {
+            server: Some("python".into()),
+            transport: 1,
+            claimed: true,
+            protocol_version: Some("2025-06-18".into()),
+            handle: "local:42:/tmp/x".into(),
+            next_stream: 9,
+            standalone_next: 3,
+            counts: Some(Counts { acked: 4, unacked: vec![r#"{"jsonrpc":"2.0"}"#.into()], received: 7 }),
+            ..Snapshot::default()
+        };
+        assert_eq!(Snapshot::decode(&snapshot.encode()), Some(snapshot));
+        assert_eq!(Snapshot::decode("{not json"), None);
+        // What an owner that died left: no counts.
+        assert_eq!(Snapshot::decode(&Snapshot::default().encode()).unwrap().counts, None);
+    }
+}

@@ -775,10 +775,10 @@ impl Session {
             // Unbiased: neither the client's messages nor the runner's may starve the other.
             tokio::select! {
                 () = &mut cancelled => return self.requested_end(),
-                () = &mut asked_to_hand_over, if hand_over_by.is_none() => {
+                () = &mut asked_to_hand_over, if hand_over_by.is_none() && self.cluster.is_some() => {
                     hand_over_by = Some(Instant::now() + self.timeouts.drain);
                 }
-                () = sleep_until_opt(hand_over_by) => {
+                () = sleep_until_opt(hand_over_by), if hand_over_by.is_some() => {
                     warn!(in_flight = self.in_flight.len(), "handing the session over with requests still in flight");
                     return EndReason::HandedOver;
                 }
