@@ -25,6 +25,14 @@ pub enum McpError {
     MissingSessionParameter,
     #[error("Session not found: it ended or never existed; send initialize without Mcp-Session-Id to start a new one")]
     UnknownSession,
+    /// The session ended while a batch was being handed to it: part of the
+    /// batch reached it. Answered like [`McpError::UnknownSession`], but
+    /// never retried at another instance.
+    #[error(
+        "Session not found: it ended while this batch was being delivered, after part of it; send initialize \
+         without Mcp-Session-Id to start a new one"
+    )]
+    SessionEndedMidway,
     #[error("Not Found: this gateway offers no MCP server named {0:?}; GET /v1/mcp/servers lists those it does")]
     UnknownServer(String),
     #[error("Not Acceptable: {0}")]
@@ -66,7 +74,9 @@ pub enum McpError {
 impl McpError {
     fn status(&self) -> StatusCode {
         match self {
-            McpError::UnknownSession | McpError::UnknownServer(_) => StatusCode::NOT_FOUND,
+            McpError::UnknownSession | McpError::SessionEndedMidway | McpError::UnknownServer(_) => {
+                StatusCode::NOT_FOUND
+            }
             McpError::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             McpError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             McpError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
@@ -88,7 +98,7 @@ impl McpError {
     fn code(&self) -> i64 {
         match self {
             McpError::Parse(_) => code::PARSE_ERROR,
-            McpError::UnknownSession => code::SESSION_NOT_FOUND,
+            McpError::UnknownSession | McpError::SessionEndedMidway => code::SESSION_NOT_FOUND,
             McpError::Overloaded { .. } => code::OVERLOADED,
             McpError::Relay(_) => code::INTERNAL_ERROR,
             // Not -32022: clients that probe with server/discover treat that code

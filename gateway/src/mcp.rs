@@ -260,7 +260,7 @@ async fn batch(
         refuse_while_draining(&state)?;
     }
     let stream = handle.streams().open(requests);
-    for (element, kind) in elements.into_iter().zip(kinds) {
+    for (i, (element, kind)) in elements.into_iter().zip(kinds).enumerate() {
         let payload = body.slice_ref(element.get().as_bytes());
         let command = match kind {
             Kind::Request { id, method, progress_token } => {
@@ -269,7 +269,12 @@ async fn batch(
             Kind::Notification { cancelled, .. } => Command::Notify { payload, cancelled },
             Kind::Response { .. } | Kind::OrphanError => Command::Notify { payload, cancelled: None },
         };
-        submit(&state, &handle, &stream, command).await?;
+        match submit(&state, &handle, &stream, command).await {
+            // Part of the batch reached the session: the rest must not be
+            // tried again elsewhere, as a wholly undelivered request may be.
+            Err(McpError::UnknownSession) if i > 0 => return Err(McpError::SessionEndedMidway),
+            other => other?,
+        }
     }
     if requests == 0 {
         handle.streams().forget(stream.id());

@@ -99,11 +99,11 @@ fn attach_here(
         return unauthorized();
     };
     drop(_enter);
-    let wait = state.config.timeouts.request;
+    let (wait, jti) = (state.config.timeouts.request, jti.to_owned());
     configured(upgrade)
         // If the upgrade fails, the callback (and the slot in it) is dropped,
         // which frees the slot for the next attempt.
-        .on_upgrade(move |socket| handshake(socket, handle, slot, wait).instrument(span))
+        .on_upgrade(move |socket| handshake(socket, handle, slot, jti, wait).instrument(span))
 }
 
 /// A dial for a session this instance does not hold: with instances sharing
@@ -163,7 +163,7 @@ fn refuse(why: &str, session: &str) -> Response {
 }
 
 /// Runs the hello/welcome exchange and gives the socket to the session.
-async fn handshake(mut socket: WebSocket, handle: SessionHandle, slot: RunnerSlot, wait: Duration) {
+async fn handshake(mut socket: WebSocket, handle: SessionHandle, slot: RunnerSlot, jti: String, wait: Duration) {
     let (received, acked) = match hello(&mut socket).await {
         Ok(counts) => counts,
         // A runner of another version will never do; a socket that failed
@@ -182,7 +182,7 @@ async fn handshake(mut socket: WebSocket, handle: SessionHandle, slot: RunnerSlo
     link.set_writer(tokio::spawn(write(sink, outbox).in_current_span()).abort_handle());
     // If the session ended meanwhile, the link is dropped here, its writer
     // stops, and the socket closes.
-    let _ = handle.send(Command::Attach { link, slot, received, acked }, wait).await;
+    let _ = handle.send(Command::Attach { link, slot, received, acked, jti }, wait).await;
 }
 
 /// Why a connected runner was turned away before its session heard of it.

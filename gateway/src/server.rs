@@ -185,6 +185,10 @@ pub async fn start(config: Config, listener: TcpListener, drain: CancellationTok
     }
     if let Some(cluster) = &state.cluster {
         info!(instance = %cluster.instance, "sharing sessions with other instances through Redis");
+        // Known alive before any session of ours is seen by the others.
+        if let Err(e) = cluster.beat(true).await {
+            warn!("Redis is unreachable at start-up ({e}); new sessions wait for it");
+        }
         tracker.spawn(crate::cluster::run(state.clone(), cluster.clone()));
     }
     tracker.spawn(crate::pool::refill(state.clone()));
@@ -286,11 +290,16 @@ async fn hand_over(
     timeouts: &crate::config::Timeouts,
 ) {
     info!(sessions = sessions.len(), relays = cluster.relays(), "handing sessions over to other instances");
-    for handle in sessions.handles() {
-        handle.hand_over();
-    }
-    let handed = tokio::time::timeout(timeouts.drain + std::time::Duration::from_secs(2), async {
+    // Within the drain; the teardown after it keeps all inside Heroku's 30 s.
+    let handed = tokio::time::timeout(timeouts.drain, async {
         while !sessions.is_empty() || cluster.relays() > 0 {
+            // Again each round: a session may have started, or been taken
+            // over, just as the drain began.
+            for handle in sessions.handles() {
+                if !handle.is_handing_over() {
+                    handle.hand_over();
+                }
+            }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     })

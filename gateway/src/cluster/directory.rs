@@ -77,13 +77,31 @@ return redis.call('ZRANGE', KEYS[2], 0, -1)
 });
 
 /// Gives up a session for another instance to take over, leaving its
-/// snapshot. KEYS: session hash. ARGV: owner, snapshot, ttl ms.
+/// snapshot, and keeps its place in the count as long. KEYS: session hash,
+/// live set. ARGV: owner, snapshot, ttl ms, sid.
 static HAND_OFF: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSET', KEYS[1], 'owner', '', 'state', 'handed over', 'snapshot', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[4])
+return 1
+",
+    )
+});
+
+/// Forgets a session this instance owns (or that nobody does any more).
+/// KEYS: live set, session hash. ARGV: sid, owner.
+static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local owner = redis.call('HGET', KEYS[2], 'owner')
+if owner and owner ~= ARGV[2] then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
 return 1
 ",
     )
@@ -171,15 +189,15 @@ impl Cluster {
         if admitted == 1 { Ok(()) } else { Err(ClusterError::Full(self.max_sessions)) }
     }
 
-    /// Forgets session `id`: out of the directory and the count.
+    /// Forgets session `id`: out of the directory and the count, unless
+    /// another instance has taken it over meanwhile.
     pub async fn release(&self, id: &str) -> Result<(), ClusterError> {
-        let _: () = redis::pipe()
-            .atomic()
-            .zrem(keys::LIVE, id)
-            .ignore()
-            .del(keys::session(id))
-            .ignore()
-            .query_async(&mut self.commands())
+        let _: i64 = RELEASE
+            .key(keys::LIVE)
+            .key(keys::session(id))
+            .arg(id)
+            .arg(&self.instance)
+            .invoke_async(&mut self.commands())
             .await?;
         Ok(())
     }
@@ -231,9 +249,11 @@ impl Cluster {
     pub async fn hand_off(&self, id: &str, snapshot: &crate::session::Snapshot) -> Result<(), ClusterError> {
         let done: i64 = HAND_OFF
             .key(keys::session(id))
+            .key(keys::LIVE)
             .arg(&self.instance)
             .arg(snapshot.encode())
             .arg(keys::SESSION_TTL.as_millis() as u64)
+            .arg(id)
             .invoke_async(&mut self.commands())
             .await?;
         if done == 1 { Ok(()) } else { Err(ClusterError::Unavailable("this instance no longer owns it".into())) }

@@ -222,8 +222,9 @@ pub async fn run(state: crate::AppState, cluster: Arc<Cluster>) {
 }
 
 async fn renew(state: &crate::AppState, cluster: &Cluster) -> Result<(), ClusterError> {
-    let handles: Vec<_> =
-        state.sessions.handles().into_iter().filter(|h| !h.is_finished() && !h.is_handing_over()).collect();
+    // Sessions waiting to hand over too: they must not lapse meanwhile (one
+    // already handed off is skipped by the script, its owner being empty).
+    let handles: Vec<_> = state.sessions.handles().into_iter().filter(|h| !h.is_finished()).collect();
     let entries: Vec<directory::Entry> = handles
         .iter()
         .map(|handle| directory::Entry {

@@ -49,9 +49,18 @@ pub async fn route(State(state): State<AppState>, request: Request, next: Next) 
     let Some(cluster) = state.cluster.clone() else { return next.run(request).await };
     let Some(id) = session_of(&request) else { return next.run(request).await };
     let relayed = request.extensions().get::<Relayed>().is_some();
-    let local = state.sessions.get_any(&id);
+    let mut local = state.sessions.get_any(&id);
     if local.is_none() && relayed {
-        return next.run(request).await;
+        // Sent here because the directory says it is here: it may be being
+        // taken over here right now.
+        if matches!(cluster.locate(&id).await, Ok(super::directory::Location::Owned(owner)) if owner == cluster.instance)
+        {
+            let _adopting = cluster.adopting.lock().await;
+            local = state.sessions.get_any(&id);
+        }
+        if local.is_none() {
+            return next.run(request).await;
+        }
     }
     // Whatever happens next, the request may have to go elsewhere: keep its body.
     let (parts, body) = request.into_parts();

@@ -132,7 +132,8 @@ pub async fn accept(state: AppState, cluster: Arc<Cluster>, message: Message, up
         };
         info!(received, "runner connected through another instance");
         let link = link(cluster.clone(), from.clone(), conn.clone(), up);
-        let _ = handle.send(Command::Attach { link, slot, received, acked }, state.config.timeouts.request).await;
+        let attach = Command::Attach { link, slot, received, acked, jti: jti.clone() };
+        let _ = handle.send(attach, state.config.timeouts.request).await;
     }
     .instrument(span)
     .await

@@ -67,6 +67,12 @@ use crate::token::RunnerTokens;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Runner tokens a session still accepts (the latest few it issued).
 const LIVE_TOKENS: usize = 3;
+/// How far stream and event numbers skip ahead in a session taken over
+/// from an owner that died (its last snapshot may be a few seconds old).
+const NUMBERS_AHEAD: u64 = 100_000;
+/// How long before the end of the drain a session hands over, whatever is
+/// still in flight.
+const HAND_OVER_MARGIN: Duration = Duration::from_secs(2);
 
 /// A client request on its way to the runner.
 pub struct Call {
@@ -146,6 +152,8 @@ pub enum Command {
         slot: RunnerSlot,
         received: u64,
         acked: u64,
+        /// The unique id of the token it dialed with.
+        jti: String,
     },
     /// A runner connected but failed the handshake.
     RunnerRefused {
@@ -305,9 +313,15 @@ impl SessionHandle {
     }
 
     /// Asks the session to move to another instance (this one is
-    /// stopping). Sessions no client has end instead.
+    /// stopping). Sessions that cannot follow end instead: those no client
+    /// has (the pool's), those this process drives itself (single
+    /// requests), and those of the older SSE transport, whose one stream
+    /// cannot be resumed elsewhere.
     pub fn hand_over(&self) {
-        if self.is_claimed() {
+        let follows = self.is_claimed()
+            && !self.shared.single_request.load(Ordering::Acquire)
+            && self.transport() == Transport::Streamable;
+        if follows {
             self.shared.hand_over.cancel();
         } else {
             self.end(EndReason::Shutdown);
@@ -502,6 +516,11 @@ pub struct Session {
     /// Taken over from an owner that left no counts: the replay window
     /// starts from the runner's hello.
     blind: bool,
+    /// Taken over, and its runner has not reached this instance yet: if the
+    /// session ends so, its runner is left alone (it may still be another
+    /// instance's, one thought dead); it gives up by itself, and a dyno is
+    /// the sweeper's.
+    unseen: bool,
 }
 
 impl Session {
@@ -512,7 +531,12 @@ impl Session {
         let (runner_tx, runner_rx) = mpsc::channel(8);
         let snapshot = params.adopted.as_ref().map(|adopted| adopted.snapshot.clone());
         let streams = match &snapshot {
-            Some(s) => Streams::resumed(params.budget.clone(), s.next_stream, s.standalone_next),
+            // Numbers from a snapshot without counts (the owner died) may be a
+            // few seconds old: skip ahead, so no id a client saw comes again.
+            Some(s) => {
+                let ahead = if s.counts.is_some() { 0 } else { NUMBERS_AHEAD };
+                Streams::resumed(params.budget.clone(), s.next_stream + ahead, s.standalone_next + ahead)
+            }
             None => Streams::new(params.budget),
         };
         let shared = Arc::new(Shared {
@@ -585,6 +609,7 @@ impl Session {
             cluster: params.cluster,
             adopted: Mutex::new(params.adopted.map(|adopted| adopted.runner)),
             blind,
+            unseen: snapshot.is_some(),
         };
         (session, SessionHandle { shared })
     }
@@ -662,8 +687,10 @@ impl Session {
         // A runner that is not connected cannot be told to stop; don't wait for it.
         let grace = if self.link.is_some() { self.timeouts.runner_stop_grace } else { Duration::ZERO };
         let place = self.teardown(&reason);
-        if let Some(runner) = runner {
-            runner.stop(grace).await;
+        match runner {
+            Some(runner) if self.unseen => runner.release(),
+            Some(runner) => runner.stop(grace).await,
+            None => {}
         }
         // Only now may another session take the place: its runner is gone.
         drop(place);
@@ -776,7 +803,8 @@ impl Session {
             tokio::select! {
                 () = &mut cancelled => return self.requested_end(),
                 () = &mut asked_to_hand_over, if hand_over_by.is_none() && self.cluster.is_some() => {
-                    hand_over_by = Some(Instant::now() + self.timeouts.drain);
+                    // Before the gateway's own wait for the hand-over ends.
+                    hand_over_by = Some(Instant::now() + self.timeouts.drain.saturating_sub(HAND_OVER_MARGIN));
                 }
                 () = sleep_until_opt(hand_over_by), if hand_over_by.is_some() => {
                     warn!(in_flight = self.in_flight.len(), "handing the session over with requests still in flight");
@@ -1064,7 +1092,9 @@ impl Session {
                 }
                 self.send_message(payload);
             }
-            Command::Attach { link, slot, received, acked } => return self.attach(link, slot, received, acked),
+            Command::Attach { link, slot, received, acked, jti } => {
+                return self.attach(link, slot, received, acked, jti);
+            }
             Command::RunnerRefused { reason } => return Some(EndReason::RunnerRefused(reason)),
             Command::Probe => {
                 if self.link.is_some() && self.probe.is_none() {
@@ -1088,7 +1118,7 @@ impl Session {
     }
 
     /// Takes a runner's new socket: welcome it, then resend what it lacks.
-    fn attach(&mut self, link: Link, slot: RunnerSlot, received: u64, acked: u64) -> Option<EndReason> {
+    fn attach(&mut self, link: Link, slot: RunnerSlot, received: u64, acked: u64, jti: String) -> Option<EndReason> {
         if std::mem::take(&mut self.blind) {
             // Taken over from an owner that died: what it had sent and the
             // runner never got is lost; from here on nothing is.
@@ -1102,7 +1132,11 @@ impl Session {
             }
             self.clock = AckClock::resumed(acked);
         }
-        self.shared.trusting.store(false, Ordering::Release);
+        self.unseen = false;
+        if self.shared.trusting.swap(false, Ordering::AcqRel) {
+            // The token it holds stays good until the welcome's reaches it.
+            self.shared.tokens.lock().expect("tokens lock").push_back(jti);
+        }
         let token = self.mint_token();
         let resend = match self.window.resume(received) {
             Ok(resend) => resend,

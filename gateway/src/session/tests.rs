@@ -166,7 +166,10 @@ impl Harness {
     async fn attach(&self, received: u64) -> (Outbox, mpsc::UnboundedSender<Result<Incoming, LinkError>>) {
         let (link, mut outbox, tx) = channel_link();
         let slot = self.handle.claim_runner_slot().expect("slot is free");
-        self.handle.send(Command::Attach { link, slot, received, acked: 0 }, Duration::from_secs(1)).await.unwrap();
+        self.handle
+            .send(Command::Attach { link, slot, received, acked: 0, jti: String::new() }, Duration::from_secs(1))
+            .await
+            .unwrap();
         match outbox.next().await {
             Some(Outgoing::Control(Control::Welcome { .. })) => {}
             other => panic!("expected a welcome, got {other:?}"),
@@ -408,7 +411,10 @@ async fn a_runner_that_comes_back_gets_exactly_what_it_missed() {
     // The runner had received only the first request before the drop.
     let (link, mut outbox, runner) = channel_link();
     let slot = claim(&h).await;
-    h.handle.send(Command::Attach { link, slot, received: 1, acked: 0 }, Duration::from_secs(1)).await.unwrap();
+    h.handle
+        .send(Command::Attach { link, slot, received: 1, acked: 0, jti: String::new() }, Duration::from_secs(1))
+        .await
+        .unwrap();
     let Some(Outgoing::Control(Control::Welcome { received, .. })) = outbox.next().await else { panic!("welcome") };
     assert_eq!(received, 1, "the session tells how much it got from the runner");
     assert_eq!(Harness::forwarded(&mut outbox).await["id"], 2);
@@ -432,7 +438,10 @@ async fn a_runner_that_lost_its_state_ends_the_session() {
     // A fresh runner (say, a restarted dyno) claims to have received nothing.
     let (link, _outbox, _runner) = channel_link();
     let slot = claim(&h).await;
-    h.handle.send(Command::Attach { link, slot, received: 0, acked: 0 }, Duration::from_secs(1)).await.unwrap();
+    h.handle
+        .send(Command::Attach { link, slot, received: 0, acked: 0, jti: String::new() }, Duration::from_secs(1))
+        .await
+        .unwrap();
     let mut answer = call.next().await;
     while !answer.last {
         answer = call.next().await;
@@ -461,7 +470,10 @@ async fn a_runner_can_come_back_even_when_the_window_is_full() {
     // The runner's return is still taken, and it gets everything.
     let (link, mut outbox, _runner) = channel_link();
     let slot = claim(&h).await;
-    h.handle.send(Command::Attach { link, slot, received: 0, acked: 0 }, Duration::from_secs(1)).await.unwrap();
+    h.handle
+        .send(Command::Attach { link, slot, received: 0, acked: 0, jti: String::new() }, Duration::from_secs(1))
+        .await
+        .unwrap();
     let Some(Outgoing::Control(Control::Welcome { .. })) = outbox.next().await else { panic!("welcome") };
     assert_eq!(Harness::forwarded(&mut outbox).await["n"], 0);
 }

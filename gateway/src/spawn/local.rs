@@ -129,10 +129,27 @@ impl Spawner for LocalSpawner {
     }
 
     fn adopt(&self, handle: &str) -> Option<Box<dyn RunnerProcess>> {
-        let (pgid, dir) = handle.strip_prefix("local:")?.split_once(':')?;
-        let pgid = Pid::from_raw(pgid.parse().ok()?);
-        Some(Box::new(AdoptedRunner { pgid, dir: PathBuf::from(dir) }))
+        let (boot, rest) = handle.strip_prefix("local:")?.split_once(':')?;
+        let (pgid, dir) = rest.split_once(':')?;
+        let pgid: i32 = pgid.parse().ok()?;
+        // Only a runner of this machine's current boot, and never a group
+        // id that would signal more than one runner's group.
+        if boot != boot_id() || pgid <= 1 {
+            return None;
+        }
+        Some(Box::new(AdoptedRunner { pgid: Pid::from_raw(pgid), dir: PathBuf::from(dir) }))
     }
+}
+
+/// What names a local runner to another instance on this machine: the
+/// boot it belongs to, its process group and its directory.
+fn handle_of(pgid: Pid, dir: &std::path::Path) -> String {
+    format!("local:{}:{pgid}:{}", boot_id(), dir.display())
+}
+
+/// This boot of this machine (pids mean nothing elsewhere, or after a reboot).
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|id| id.trim().to_owned()).unwrap_or_default()
 }
 
 /// A runner another instance started on this machine, taken over with its
@@ -143,8 +160,12 @@ struct AdoptedRunner {
 }
 
 impl AdoptedRunner {
+    /// Whether the runner still runs: its pid is taken, by a runner that
+    /// outlives its gateway (a pid reused by something else is not it).
     fn alive(&self) -> bool {
         kill(self.pgid, None).is_ok()
+            && std::fs::read(format!("/proc/{}/cmdline", self.pgid))
+                .is_ok_and(|argv| argv.split(|&b| b == 0).any(|arg| arg == b"--outlive-gateway"))
     }
 
     async fn gone_within(&self, limit: Duration) -> bool {
@@ -165,7 +186,7 @@ impl RunnerProcess for AdoptedRunner {
     }
 
     fn handle(&self) -> String {
-        format!("local:{}:{}", self.pgid, self.dir.display())
+        handle_of(self.pgid, &self.dir)
     }
 
     fn exited(&mut self) -> BoxFuture<'_, String> {
@@ -180,12 +201,15 @@ impl RunnerProcess for AdoptedRunner {
 
     fn stop(self: Box<Self>, grace: Duration) -> BoxFuture<'static, ()> {
         async move {
+            // Signals only while it is the runner: its group's id cannot be
+            // reused while the runner leads it.
             if !self.gone_within(grace).await {
                 let _ = kill(self.pgid, Signal::SIGTERM);
-                self.gone_within(TERM_GRACE).await;
+                if !self.gone_within(TERM_GRACE).await {
+                    let _ = killpg(self.pgid, Signal::SIGKILL);
+                    self.gone_within(Duration::from_secs(5)).await;
+                }
             }
-            let _ = killpg(self.pgid, Signal::SIGKILL);
-            self.gone_within(Duration::from_secs(5)).await;
             clean_up(self.pgid, Workdir::Kept(self.dir)).await;
         }
         .boxed()
@@ -268,7 +292,7 @@ impl RunnerProcess for LocalRunner {
     }
 
     fn handle(&self) -> String {
-        format!("local:{}:{}", self.pgid, self.dir.display())
+        handle_of(self.pgid, &self.dir)
     }
 
     fn release(self: Box<Self>) {
