@@ -420,12 +420,26 @@ async fn dynos_of_every_instance_serve_their_sessions_and_one_sweeper_spares_the
         assert_eq!(exec_result(&reply.json)["stdout"], n.to_string(), "{}", reply.text);
         sessions.push(session);
     }
+    // The official Python SDK, through the router, on a dyno of its own.
+    let url = format!("{}/mcp", fleet.router.url());
+    let report = crate::transports::run_python_sdk("py-sdk-1", &["http", &url], Some(crate::heroku::CLIENT_KEY)).await;
+    assert_eq!(report["result"], json!({"returncode": 0, "stdout": "4", "stderr": ""}), "{report}");
     eventually("the orphan is stopped", || fake.stops().contains(&orphan)).await;
-    // Several sweeps later, nothing but the orphan was stopped.
+    // Several sweeps later, no live session's dyno was stopped.
     let lists = || fake.calls().iter().filter(|c| matches!(c, crate::fake_heroku::Call::List)).count();
     let seen = lists();
     eventually("three more sweeps ran", || lists() >= seen + 3).await;
-    assert_eq!(fake.stops(), std::slice::from_ref(&orphan), "a sweeper stopped another instance's dyno");
+    // Each live session's dyno, as the directory names it: `dyno <name> (<id>)`.
+    let dynos: Vec<String> = sessions
+        .iter()
+        .map(|session| {
+            let runner = fleet.redis.cli(&["HGET", &format!("dg:session:{session}"), "runner"]);
+            runner.rsplit_once('(').and_then(|(_, id)| id.strip_suffix(')')).unwrap_or_default().to_owned()
+        })
+        .collect();
+    assert!(dynos.iter().all(|id| !id.is_empty()), "{dynos:?}");
+    let stopped = fake.stops();
+    assert!(dynos.iter().all(|id| !stopped.contains(id)), "a sweeper stopped a live dyno: {stopped:?} of {dynos:?}");
     for (n, session) in sessions.iter().enumerate() {
         let reply = http.call(session, 2, "code_exec_python", json!({"code": format!("print({n} * 2)")})).await;
         assert_eq!(exec_result(&reply.json)["stdout"], (n * 2).to_string(), "{}", reply.text);
@@ -439,8 +453,8 @@ async fn dynos_of_every_instance_serve_their_sessions_and_one_sweeper_spares_the
         stops.dedup();
         stops.len()
     };
-    eventually("every session's dyno is stopped", || unique() == 1 + sessions.len()).await;
-    assert_eq!(fake.stops().len(), 1 + sessions.len(), "no dyno was stopped twice: {:?}", fake.stops());
+    eventually("every session's dyno is stopped", || dynos.iter().all(|id| fake.stops().contains(id))).await;
+    assert_eq!(fake.stops().len(), unique(), "no dyno was stopped twice: {:?}", fake.stops());
 }
 
 /// Calls `echo` on `session` until `stop`, each with a tag of its own;
