@@ -183,13 +183,14 @@ pub async fn start(config: Config, listener: TcpListener, drain: CancellationTok
     if let Some(heroku) = &state.config.heroku {
         tracker.spawn(sweep(state.clone(), heroku.sweep_interval));
     }
+    let mut cluster_task = None;
     if let Some(cluster) = &state.cluster {
         info!(instance = %cluster.instance, "sharing sessions with other instances through Redis");
         // Known alive before any session of ours is seen by the others.
         if let Err(e) = cluster.beat(true).await {
             warn!("Redis is unreachable at start-up ({e}); new sessions wait for it");
         }
-        tracker.spawn(crate::cluster::run(state.clone(), cluster.clone()));
+        cluster_task = Some(tokio::spawn(crate::cluster::run(state.clone(), cluster.clone())));
     }
     tracker.spawn(crate::pool::refill(state.clone()));
     if state.config.discover_servers == crate::config::Discovery::Start {
@@ -211,7 +212,8 @@ pub async fn start(config: Config, listener: TcpListener, drain: CancellationTok
         None => None,
     };
     let server = tokio::spawn(listen::serve(listener, app(state.clone()), settings, drain.clone()));
-    let done = tokio::spawn(wind_down(server, sessions, state.cluster.clone(), timeouts, tracker, shutdown, drain));
+    let cluster = state.cluster.clone().zip(cluster_task);
+    let done = tokio::spawn(wind_down(server, sessions, cluster, timeouts, tracker, shutdown, drain));
     Ok(Running { state, metrics, done })
 }
 
@@ -239,15 +241,15 @@ async fn serve_metrics(state: &AppState, addr: SocketAddr) -> anyhow::Result<Soc
 async fn wind_down(
     server: tokio::task::JoinHandle<()>,
     sessions: crate::sessions::Sessions,
-    cluster: Option<Arc<crate::cluster::Cluster>>,
+    cluster: Option<(Arc<crate::cluster::Cluster>, tokio::task::JoinHandle<()>)>,
     timeouts: crate::config::Timeouts,
     tracker: TaskTracker,
     shutdown: CancellationToken,
     drain: CancellationToken,
 ) -> anyhow::Result<()> {
     drain.cancelled().await;
-    if let Some(cluster) = cluster {
-        hand_over(&sessions, &cluster, &timeouts).await;
+    if let Some((cluster, _)) = &cluster {
+        hand_over(&sessions, cluster, &timeouts).await;
     }
     let waiting = sessions.in_flight();
     info!(sessions = sessions.len(), requests = waiting, "draining: letting requests in flight finish");
@@ -271,6 +273,12 @@ async fn wind_down(
         server.await
     })
     .await;
+    // Only now does the instance leave: until here it answered relays for
+    // sessions it no longer has ("not here"), so no asker waited in vain.
+    if let Some((cluster, task)) = cluster {
+        cluster.stopped.cancel();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
+    }
     match ended {
         Ok(Ok(())) => Ok(()),
         Ok(Err(join)) => Err(anyhow::anyhow!("server task failed: {join}")),

@@ -429,12 +429,18 @@ async fn dynos_of_every_instance_serve_their_sessions_and_one_sweeper_spares_the
     let lists = || fake.calls().iter().filter(|c| matches!(c, crate::fake_heroku::Call::List)).count();
     let seen = lists();
     eventually("three more sweeps ran", || lists() >= seen + 3).await;
-    // Each live session's dyno, as the directory names it: `dyno <name> (<id>)`.
+    // Each live session's dyno, as its snapshot in the directory names it: `dyno:<id>:<name>`.
     let dynos: Vec<String> = sessions
         .iter()
         .map(|session| {
-            let runner = fleet.redis.cli(&["HGET", &format!("dg:session:{session}"), "runner"]);
-            runner.rsplit_once('(').and_then(|(_, id)| id.strip_suffix(')')).unwrap_or_default().to_owned()
+            let snapshot = fleet.redis.cli(&["HGET", &format!("dg:session:{session}"), "snapshot"]);
+            let snapshot: Value = serde_json::from_str(&snapshot).unwrap_or_default();
+            let handle = snapshot["handle"].as_str().unwrap_or_default();
+            handle
+                .strip_prefix("dyno:")
+                .and_then(|rest| rest.split_once(':'))
+                .map(|(id, _)| id.to_owned())
+                .unwrap_or_default()
         })
         .collect();
     assert!(dynos.iter().all(|id| !id.is_empty()), "{dynos:?}");

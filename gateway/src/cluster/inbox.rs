@@ -72,14 +72,16 @@ impl Inbox {
     }
 }
 
-/// Listens until shutdown, reconnecting whenever the subscriber is lost.
+/// Listens until the instance leaves ([`Cluster::stopped`], after its
+/// sessions have ended: until then it answers relays, if only to say a
+/// session is no longer here), reconnecting whenever the subscriber is lost.
 pub async fn listen(state: AppState, cluster: Arc<Cluster>, router: axum::Router) {
     let mut backoff = Duration::from_millis(100);
     let mut reported = false;
     loop {
         let listened = tokio::select! {
             listened = listen_once(&state, &cluster, &router) => listened,
-            () = state.shutdown.cancelled() => return,
+            () = cluster.stopped.cancelled() => return,
         };
         if cluster.inbox.listening.swap(false, Ordering::AcqRel) {
             // It was connected: a new loss, reported afresh and retried soon.
@@ -97,7 +99,7 @@ pub async fn listen(state: AppState, cluster: Arc<Cluster>, router: axum::Router
         }
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
-            () = state.shutdown.cancelled() => return,
+            () = cluster.stopped.cancelled() => return,
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }

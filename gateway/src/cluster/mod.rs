@@ -71,6 +71,8 @@ pub struct Cluster {
     relays: AtomicUsize,
     /// The instances that take sessions over, as of the last beat.
     available: Mutex<Vec<String>>,
+    /// Cancelled when the instance leaves, its sessions ended or handed over.
+    pub stopped: tokio_util::sync::CancellationToken,
     /// Where sessions this instance relayed to were, lately: a relay goes
     /// straight there, and looks again when told the session is not there.
     owners: dashmap::DashMap<String, (String, std::time::Instant)>,
@@ -106,6 +108,7 @@ impl Cluster {
             relays: AtomicUsize::new(0),
             available: Mutex::new(Vec::new()),
             owners: dashmap::DashMap::new(),
+            stopped: tokio_util::sync::CancellationToken::new(),
         }))
     }
 
@@ -181,13 +184,15 @@ impl Cluster {
     }
 }
 
-/// Runs this instance's part until shutdown: listens on its inbox, beats
+/// Runs this instance's part until it leaves (after shutdown, once its
+/// sessions have ended; not on the session tracker, which waits for those):
+/// listens on its inbox, beats
 /// every [`keys::BEAT`] (taking sessions over only while not draining), and
 /// renews its sessions every [`keys::HEARTBEAT`]; a session found taken over
 /// by another instance (this one was thought dead) is let go here.
 pub async fn run(state: crate::AppState, cluster: Arc<Cluster>) {
     let router = crate::server::app(state.clone());
-    state.tracker.spawn(inbox::listen(state.clone(), cluster.clone(), router));
+    let listening = tokio::spawn(inbox::listen(state.clone(), cluster.clone(), router));
     let mut tick = tokio::time::interval(keys::BEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let renew_every = (keys::HEARTBEAT.as_millis() / keys::BEAT.as_millis()).max(1) as u64;
@@ -195,7 +200,7 @@ pub async fn run(state: crate::AppState, cluster: Arc<Cluster>) {
     for beat in 0u64.. {
         tokio::select! {
             _ = tick.tick() => {}
-            () = state.shutdown.cancelled() => break,
+            () = cluster.stopped.cancelled() => break,
         }
         let mut result = cluster.beat(!state.draining.is_cancelled()).await.map(|available| {
             *cluster.available.lock().expect("available lock") = available;
@@ -216,6 +221,7 @@ pub async fn run(state: crate::AppState, cluster: Arc<Cluster>) {
             Err(e) => tracing::debug!("still cannot renew this instance in Redis: {e}"),
         }
     }
+    let _ = listening.await;
     if let Err(e) = cluster.leave().await {
         tracing::debug!("left Redis only by lapsing: {e}");
     }

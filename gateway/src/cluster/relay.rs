@@ -94,25 +94,37 @@ pub async fn route(State(state): State<AppState>, request: Request, next: Next) 
             }
         }
     }
-    match super::adopt::find(&state, &cluster, &id).await {
-        Ok(super::adopt::Whereabouts::At(owner)) => match forward(&state, &cluster, &owner, &parts, body).await {
-            Ok(response) => {
-                cluster.saw_owner(&id, &owner);
-                response
-            }
-            // The directory named it, and it has no such session: it just ended.
-            Err(Forwarded::Missing) => McpError::UnknownSession.into_response(),
-            Err(Forwarded::Silent) => {
-                let silent = ClusterError::Unavailable("the instance holding the session is not answering".into());
-                unavailable(&silent).into_response()
-            }
-            Err(Forwarded::Failed(e)) => e.into_response(),
-        },
-        // Here (perhaps just taken over), or unknown: answered here.
-        Ok(_) => next.run(rebuild(&parts, body, relayed)).await,
-        Err(e) => unavailable(&e).into_response(),
+    // The directory may name an instance that has just let the session go,
+    // or not yet put it in its table: look again, a few times.
+    for attempt in 0..FOLLOW_ATTEMPTS {
+        match super::adopt::find(&state, &cluster, &id).await {
+            Ok(super::adopt::Whereabouts::At(owner)) => match forward(&state, &cluster, &owner, &parts, body.clone())
+                .await
+            {
+                Ok(response) => {
+                    cluster.saw_owner(&id, &owner);
+                    return response;
+                }
+                Err(Forwarded::Missing) => tokio::time::sleep(FOLLOW_PAUSE * (attempt + 1)).await,
+                Err(Forwarded::Silent) => {
+                    let silent = ClusterError::Unavailable("the instance holding the session is not answering".into());
+                    return unavailable(&silent).into_response();
+                }
+                Err(Forwarded::Failed(e)) => return e.into_response(),
+            },
+            // Here (perhaps just taken over), or unknown: answered here.
+            Ok(_) => return next.run(rebuild(&parts, body, relayed)).await,
+            Err(e) => return unavailable(&e).into_response(),
+        }
     }
+    // Named by the directory each time, and not there each time: it has ended.
+    McpError::UnknownSession.into_response()
 }
+
+/// How many times a request looks for a session that is moving, and how long
+/// it waits before looking again (longer each time).
+const FOLLOW_ATTEMPTS: u32 = 4;
+const FOLLOW_PAUSE: Duration = Duration::from_millis(20);
 
 /// The session a request names: `Mcp-Session-Id`, or the older
 /// transport's `session_id` query parameter.
