@@ -177,18 +177,30 @@ pub(crate) async fn start_session(
         };
         McpError::Overloaded { message: refusal.to_string(), retry_after_secs }
     })?;
-    let minted = state.tokens.mint(&session_id);
+    crate::metrics::session_started(pooled);
+    Ok(run_session(state, session_id, transport, pooled, runner_url, launch, reservation, None))
+}
+
+/// Builds a session with the gateway's settings (a fresh runner token
+/// included), puts it in the table in its reserved `place`, and starts its
+/// task: a new session, or one `adopted` from another instance.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_session(
+    state: &AppState,
+    id: String,
+    transport: Transport,
+    pooled: bool,
+    gateway_url: url::Url,
+    launch: Launch,
+    place: crate::sessions::Reservation,
+    adopted: Option<crate::session::Adopted>,
+) -> SessionHandle {
+    let minted = state.tokens.mint(&id);
     let (session, handle) = Session::new(SessionParams {
-        id: session_id.clone(),
+        id: id.clone(),
         transport,
         pooled,
-        spec: RunnerSpec {
-            session: session_id,
-            token: minted.token,
-            gateway_url: runner_url,
-            launch,
-            traceparent: None,
-        },
+        spec: RunnerSpec { session: id, token: minted.token, gateway_url, launch, traceparent: None },
         token_id: minted.jti,
         tokens: state.tokens.clone(),
         spawner: state.spawner.clone(),
@@ -198,14 +210,13 @@ pub(crate) async fn start_session(
         shutdown: state.shutdown.clone(),
         key_fingerprint: state.api_key.as_ref().map(crate::auth::ApiKey::fingerprint),
         cluster: state.cluster.clone(),
-        adopted: None,
+        adopted,
     });
-    crate::metrics::session_started(pooled);
     // In the table before the task starts, so its runner can find it and its
     // own removal can never come first.
-    state.sessions.insert(reservation, handle.clone());
+    state.sessions.insert(place, handle.clone());
     session.start(&state.tracker);
-    Ok(handle)
+    handle
 }
 
 /// Starts a session: a runner, its dial-back, and the server's own answer to

@@ -147,6 +147,15 @@ impl Drop for Fleet {
     }
 }
 
+/// `count` sessions opened through `http`, one after another.
+async fn open_sessions(http: &Http, count: usize) -> Vec<String> {
+    let mut sessions = Vec::with_capacity(count);
+    for _ in 0..count {
+        sessions.push(http.initialize().await.0);
+    }
+    sessions
+}
+
 fn text(reply: &Reply) -> &str {
     reply.json["result"]["content"][0]["text"].as_str().unwrap_or_default()
 }
@@ -172,11 +181,8 @@ async fn read_until(response: &mut reqwest::Response, done: impl Fn(&Value) -> b
 async fn every_request_and_runner_may_land_on_any_instance() {
     let fleet = Fleet::start(3, || Options::default().echo()).await;
     let http = fleet.http();
-    let mut sessions = Vec::new();
     // Enough that some runners surely dial an instance other than their session's.
-    for _ in 0..8 {
-        sessions.push(http.initialize().await.0);
-    }
+    let sessions = open_sessions(&http, 8).await;
     // State lives in each session's one server, whichever instance each call reaches.
     for (n, session) in sessions.iter().enumerate() {
         for i in 0..6 {
@@ -496,10 +502,7 @@ async fn keep_calling(
 async fn a_rolling_restart_under_load_fails_no_call_and_loses_no_session() {
     let mut fleet = Fleet::start(3, || Options::default().echo().env("DRAIN_TIMEOUT", "10s")).await;
     let http = fleet.http();
-    let mut sessions = Vec::new();
-    for _ in 0..6 {
-        sessions.push(http.initialize().await.0);
-    }
+    let sessions = open_sessions(&http, 6).await;
     let stop = tokio_util::sync::CancellationToken::new();
     let load: Vec<_> =
         sessions.iter().map(|s| tokio::spawn(keep_calling(http.clone(), s.clone(), stop.clone()))).collect();
@@ -536,10 +539,7 @@ async fn a_rolling_restart_under_load_fails_no_call_and_loses_no_session() {
 async fn an_instance_killed_outright_leaves_its_sessions_working_and_runs_no_call_twice() {
     let mut fleet = Fleet::start(3, || Options::default().echo().env("RUNNER_RECONNECT_GRACE", "60s")).await;
     let http = fleet.http();
-    let mut sessions = Vec::new();
-    for _ in 0..10 {
-        sessions.push(http.initialize().await.0);
-    }
+    let sessions = open_sessions(&http, 10).await;
     // 50 calls in flight over the 10 sessions when the instance dies.
     let calls: Vec<_> = (0..50)
         .map(|i| {

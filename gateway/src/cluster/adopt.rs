@@ -17,8 +17,8 @@ use tracing::{info, warn};
 use super::directory::Location;
 use super::{Cluster, ClusterError};
 use crate::AppState;
-use crate::session::{Adopted, Session, SessionHandle, SessionParams, Snapshot, Transport};
-use crate::spawn::{Launch, RunnerSpec};
+use crate::session::{Adopted, SessionHandle, Snapshot, Transport};
+use crate::spawn::Launch;
 
 /// How long a stopping instance waits for a session it let go to be taken
 /// over before it gives up on a request for it.
@@ -85,7 +85,7 @@ async fn take(
     }
     let Some(snapshot) = cluster.take(id, expected).await? else { return Ok(None) };
     let snapshot = Snapshot::decode(&snapshot).unwrap_or_default();
-    match start(state, cluster, id, snapshot) {
+    match start(state, id, snapshot) {
         Ok(handle) => {
             crate::metrics::taken_over(if expected.is_empty() { "handed_over" } else { "owner_died" });
             Ok(Some(handle))
@@ -100,7 +100,7 @@ async fn take(
 }
 
 /// Rebuilds a session from its snapshot, adopting its runner.
-fn start(state: &AppState, cluster: &Arc<Cluster>, id: &str, snapshot: Snapshot) -> Result<SessionHandle, String> {
+fn start(state: &AppState, id: &str, snapshot: Snapshot) -> Result<SessionHandle, String> {
     let runner = state
         .spawner
         .adopt(&snapshot.handle)
@@ -114,34 +114,13 @@ fn start(state: &AppState, cluster: &Arc<Cluster>, id: &str, snapshot: Snapshot)
         .sessions
         .reserve_for_adopted(id)
         .ok_or_else(|| format!("this instance already runs its maximum of {} sessions", state.sessions.max()))?;
-    let minted = state.tokens.mint(id);
     let transport =
         if snapshot.transport == Transport::LegacySse as u8 { Transport::LegacySse } else { Transport::Streamable };
     let blind = snapshot.counts.is_none();
-    let (session, handle) = Session::new(SessionParams {
-        id: id.to_owned(),
-        transport,
-        pooled: false,
-        spec: RunnerSpec {
-            session: id.to_owned(),
-            token: minted.token,
-            gateway_url,
-            launch: Launch { server, size: None },
-            traceparent: None,
-        },
-        token_id: minted.jti,
-        tokens: state.tokens.clone(),
-        spawner: state.spawner.clone(),
-        sessions: state.sessions.clone(),
-        timeouts: state.config.timeouts.clone(),
-        budget: state.budget.clone(),
-        shutdown: state.shutdown.clone(),
-        key_fingerprint: state.api_key.as_ref().map(crate::auth::ApiKey::fingerprint),
-        cluster: Some(cluster.clone()),
-        adopted: Some(Adopted { runner, snapshot }),
-    });
-    state.sessions.insert(reservation, handle.clone());
-    session.start(&state.tracker);
+    let launch = Launch { server, size: None };
+    let adopted = Some(Adopted { runner, snapshot });
+    let handle =
+        crate::mcp::run_session(state, id.to_owned(), transport, false, gateway_url, launch, reservation, adopted);
     info!(session = %dynogate_shared::names::log_id(id), blind, "took the session over");
     Ok(handle)
 }

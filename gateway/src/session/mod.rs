@@ -737,26 +737,7 @@ impl Session {
     fn let_go(&mut self, reason: &EndReason, runner: Box<dyn RunnerProcess>) {
         info!(reason = reason.label(), "session moves to another instance");
         crate::metrics::session_ended(reason.label());
-        let place = self.sessions.remove(&self.shared.id).map(|mut place| {
-            place.keep_shared_place();
-            place
-        });
-        self.commands.close();
-        self.runner_commands.close();
-        let (code, message) = reason.client_error();
-        for call in self.in_flight.drain() {
-            self.fail(&call, code, &message);
-        }
-        while let Ok(command) = self.commands.try_recv() {
-            if let Command::Call(call) = command {
-                self.fail(&call, code, &message);
-            }
-        }
-        self.shared.in_flight.store(0, Ordering::Release);
-        self.shared.streams.close_all();
-        if let Some((link, _slot)) = self.link.take() {
-            link.send(Outgoing::Close);
-        }
+        let place = self.teardown(reason);
         runner.release();
         drop(place);
         self.shared.finished.cancel();
@@ -1192,10 +1173,18 @@ impl Session {
     }
 
     /// Leaves the table, answers everyone still waiting, and tells the runner
-    /// to go. Returns the session's place in the count, to give back once the
-    /// runner is gone.
+    /// to go (or, for a session moving to another instance, closes its socket
+    /// without a goodbye, so that it dials again). Returns the session's place
+    /// in the count, to give back once the runner is gone; a moving session's
+    /// place in the shared count goes with it.
     fn teardown(&mut self, reason: &EndReason) -> Option<crate::sessions::Reservation> {
-        let place = self.sessions.remove(&self.shared.id);
+        let moving = matches!(reason, EndReason::HandedOver | EndReason::TakenOver);
+        let place = self.sessions.remove(&self.shared.id).map(|mut place| {
+            if moving {
+                place.keep_shared_place();
+            }
+            place
+        });
         self.commands.close();
         self.runner_commands.close();
         let (code, message) = reason.client_error();
@@ -1210,7 +1199,9 @@ impl Session {
         self.shared.in_flight.store(0, Ordering::Release);
         self.shared.streams.close_all();
         if let Some((link, _slot)) = self.link.take() {
-            link.send(Outgoing::Control(Control::Shutdown { reason: message }));
+            if !moving {
+                link.send(Outgoing::Control(Control::Shutdown { reason: message }));
+            }
             link.send(Outgoing::Close);
         }
         place
