@@ -52,6 +52,11 @@ impl RequestId {
         }
     }
 
+    /// An id from its JSON text (as [`RequestId::as_json`] gives it).
+    pub fn from_json(text: &str) -> Option<Self> {
+        Self::from_raw(serde_json::from_str::<&RawValue>(text).ok()?)
+    }
+
     /// A string id of the gateway's own.
     pub fn string(text: &str) -> Self {
         Self(Value::String(text.to_owned()).to_string().into())

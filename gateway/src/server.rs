@@ -191,6 +191,10 @@ pub async fn start(config: Config, listener: TcpListener, drain: CancellationTok
             warn!("Redis is unreachable at start-up ({e}); new sessions wait for it");
         }
         cluster_task = Some(tokio::spawn(crate::cluster::run(state.clone(), cluster.clone())));
+        // And listening, so that requests it relays can be answered.
+        if !cluster.inbox.until_listening(crate::cluster::COMMAND_TIMEOUT).await {
+            warn!("not yet listening on Redis; requests for other instances' sessions wait for it");
+        }
     }
     tracker.spawn(crate::pool::refill(state.clone()));
     if state.config.discover_servers == crate::config::Discovery::Start {

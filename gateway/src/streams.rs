@@ -93,6 +93,16 @@ pub struct Event {
     pub last: bool,
 }
 
+/// What became of a pushed message.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Pushed {
+    /// Its event number; `None` when it was dropped (the stream is closed,
+    /// or full of what it may not drop).
+    pub n: Option<u64>,
+    /// It completes the stream.
+    pub complete: bool,
+}
+
 /// What a reader gets next.
 #[derive(Debug)]
 pub enum Batch {
@@ -121,6 +131,9 @@ struct State {
     handed: u64,
     /// Whether a reader is attached now (an HTTP response is streaming it).
     reading: bool,
+    /// Resuming after an event before this one is refused: the stream was
+    /// restored without what came before.
+    floor: u64,
 }
 
 impl State {
@@ -175,6 +188,7 @@ impl EventStream {
                 reader: 0,
                 handed: 0,
                 reading: false,
+                floor: 0,
             }),
             changed: Notify::new(),
             budget,
@@ -190,12 +204,12 @@ impl EventStream {
         format!("{}-{n}", self.id)
     }
 
-    /// Appends a message. Returns true when this completes the stream.
-    pub fn push(&self, json: Bytes, last: bool) -> bool {
-        let complete = {
+    /// Appends a message.
+    pub fn push(&self, json: Bytes, last: bool) -> Pushed {
+        let pushed = {
             let mut state = self.state.lock().expect("stream lock");
             if state.closed {
-                return false;
+                return Pushed::default();
             }
             let size = json.len();
             loop {
@@ -212,7 +226,7 @@ impl EventStream {
                     None if last && state.awaiting.is_some() => break,
                     None => {
                         tracing::debug!(stream = self.id, bytes = size, "stream full; dropped a message");
-                        return false;
+                        return Pushed::default();
                     }
                 }
             }
@@ -224,10 +238,10 @@ impl EventStream {
             if last && let Some(awaiting) = state.awaiting.as_mut() {
                 *awaiting = awaiting.saturating_sub(1);
             }
-            state.awaiting == Some(0)
+            Pushed { n: Some(n), complete: state.awaiting == Some(0) }
         };
         self.changed.notify_waiters();
-        complete
+        pushed
     }
 
     /// One response this stream was waiting for will never come (its request
@@ -336,7 +350,7 @@ impl EventStream {
     /// Whether an event after `after` is still held (so resuming loses nothing).
     pub fn can_resume_after(&self, after: u64) -> bool {
         let state = self.state.lock().expect("stream lock");
-        after < state.next && state.events.front().is_none_or(|first| first.n <= after + 1)
+        after < state.next && after >= state.floor && state.events.front().is_none_or(|first| first.n <= after + 1)
     }
 }
 
@@ -430,6 +444,35 @@ impl Streams {
             state.handed = state.next - 1;
         }
         streams
+    }
+
+    /// Puts back a stream of a session taken over, as its journal kept it:
+    /// its events, its numbering, and where resuming may start. With
+    /// `awaiting` responses still to come it is live, else finished (kept
+    /// for late resumptions). Stream 0 is the GET stream.
+    pub fn restore(&self, id: u64, events: Vec<Event>, next: u64, floor: u64, awaiting: usize) {
+        let stream = match id {
+            0 => self.standalone.clone(),
+            _ => EventStream::new(id, REPLY_EVENTS.max(awaiting + 16), Some(awaiting), self.budget.clone()),
+        };
+        {
+            let mut state = stream.state.lock().expect("stream lock");
+            for event in events {
+                state.bytes += event.json.len();
+                self.budget.add(event.json.len());
+                state.events.push_back(event);
+            }
+            state.next = state.next.max(next).max(1);
+            state.handed = state.next - 1;
+            state.floor = floor;
+        }
+        if id != 0 {
+            self.next_id.fetch_max(id + 1, Ordering::Relaxed);
+            self.registry.lock().expect("registry lock").live.insert(id, stream);
+            if awaiting == 0 {
+                self.finish(id);
+            }
+        }
     }
 
     /// Where numbering stands: the next stream id, and the GET stream's next
@@ -550,8 +593,8 @@ mod tests {
     async fn a_reply_stream_ends_after_its_last_response() {
         let streams = Streams::default();
         let stream = streams.open(1);
-        assert!(!stream.push(b("p1"), false));
-        assert!(stream.push(b("r"), true));
+        assert!(!stream.push(b("p1"), false).complete);
+        assert!(stream.push(b("r"), true).complete);
         let mut reader = stream.cursor(None);
         let Batch::Events(events) = stream.read(&mut reader, NOW).await else { panic!() };
         assert_eq!(events.iter().map(|e| e.n).collect::<Vec<_>>(), [1, 2]);
@@ -603,7 +646,7 @@ mod tests {
         for _ in 0..REPLY_EVENTS * 2 {
             stream.push(b("progress"), false);
         }
-        assert!(stream.push(b("answer"), true));
+        assert!(stream.push(b("answer"), true).complete);
         let mut reader = stream.cursor(None);
         let Batch::Events(events) = stream.read(&mut reader, NOW).await else { panic!() };
         assert!(events.len() <= REPLY_EVENTS + 16);

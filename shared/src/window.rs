@@ -114,6 +114,11 @@ impl<T: AsRef<[u8]>> SendWindow<T> {
         Ok(())
     }
 
+    /// The kept frames numbered after `n`, in order.
+    pub fn after(&self, n: u64) -> impl Iterator<Item = &T> {
+        self.unacked.iter().skip(n.saturating_sub(self.acked) as usize)
+    }
+
     /// A new socket: the peer says it has `received` frames. Forgets those
     /// and returns the rest, to be sent again in order.
     pub fn resume(&mut self, received: u64) -> Result<impl Iterator<Item = &T>, WindowError> {

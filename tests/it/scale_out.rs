@@ -4,6 +4,7 @@
 
 use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -535,77 +536,137 @@ async fn a_rolling_restart_under_load_fails_no_call_and_loses_no_session() {
     assert!(taken >= 1.0, "sessions moved to new instances ({taken})");
 }
 
+/// The protocol revision whose streams open with an event id, so even a
+/// stream cut before its first message can be resumed.
+const RESUMABLE: &str = "2025-11-25";
+
+/// The complete events of an SSE text: each one's id and parsed data (none
+/// for a priming event).
+fn complete_events(text: &str) -> Vec<(Option<String>, Option<Value>)> {
+    let Some((complete, _)) = text.rsplit_once("\n\n") else { return Vec::new() };
+    complete
+        .split("\n\n")
+        .map(|event| {
+            let id = event.lines().find_map(|l| l.strip_prefix("id:")).map(|id| id.trim().to_owned());
+            let data: Vec<&str> = event.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim_start).collect();
+            let data = data.join("\n");
+            (id, (!data.is_empty()).then(|| serde_json::from_str(&data).expect("SSE data is JSON")))
+        })
+        .collect()
+}
+
+/// Calls `sleep` as a client that resumes a cut stream would: reads the
+/// call's stream; when it breaks before the answer, resumes it with
+/// `Last-Event-ID` through the router (so at any instance), again and again
+/// until the answer comes. Counts itself in `primed` once it holds an event
+/// id. Returns every answer it got.
+async fn call_resuming(http: Http, session: String, id: i64, arguments: Value, primed: Arc<AtomicUsize>) -> Vec<Value> {
+    let call = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                      "params": {"name": "sleep", "arguments": arguments}});
+    let mut next = http
+        .request(reqwest::Method::POST)
+        .header("accept", ACCEPT_BOTH)
+        .header("content-type", "application/json")
+        .header("mcp-session-id", &session)
+        .header("mcp-protocol-version", RESUMABLE)
+        .body(call.to_string())
+        .send()
+        .await;
+    let (mut last_id, mut answers, mut counted) = (None::<String>, Vec::new(), false);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Ok(mut response) = next
+            && response.status() == StatusCode::OK
+        {
+            let mut text = String::new();
+            while let Ok(Some(chunk)) = response.chunk().await {
+                text.push_str(&String::from_utf8_lossy(&chunk));
+                if !counted && complete_events(&text).iter().any(|(id, _)| id.is_some()) {
+                    counted = true;
+                    primed.fetch_add(1, Ordering::AcqRel);
+                }
+            }
+            for (event_id, data) in complete_events(&text) {
+                last_id = event_id.or(last_id);
+                answers.extend(data.filter(|d| d["id"] == id));
+            }
+        }
+        if !answers.is_empty() {
+            return answers;
+        }
+        let resume_after = last_id.clone().unwrap_or_else(|| panic!("call {id} was cut before its stream had an id"));
+        assert!(tokio::time::Instant::now() < deadline, "call {id} got no answer; last event {resume_after}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        next = http
+            .request(reqwest::Method::GET)
+            .header("accept", "text/event-stream")
+            .header("mcp-session-id", &session)
+            .header("mcp-protocol-version", RESUMABLE)
+            .header("last-event-id", resume_after)
+            .send()
+            .await;
+    }
+}
+
+/// Requests the journals of `sessions` hold as awaiting answers.
+fn journaled_calls(redis: &RedisServer, sessions: &[String]) -> usize {
+    sessions
+        .iter()
+        .map(|s| redis.cli(&["HKEYS", &format!("dg:journal:{s}")]).lines().filter(|f| f.starts_with("c:")).count())
+        .sum()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_instance_killed_outright_leaves_its_sessions_working_and_runs_no_call_twice() {
-    let mut fleet = Fleet::start(3, || Options::default().echo().env("RUNNER_RECONNECT_GRACE", "60s")).await;
+async fn an_instance_killed_outright_loses_no_call_and_runs_none_twice() {
+    let mut fleet = Fleet::start(3, || {
+        Options::default().echo().env("RUNNER_RECONNECT_GRACE", "60s").env("REPLY_STREAM_AFTER", "0s")
+    })
+    .await;
     let http = fleet.http();
-    let sessions = open_sessions(&http, 10).await;
+    let mut sessions = Vec::new();
+    for _ in 0..10 {
+        sessions.push(http.initialize_as(RESUMABLE).await.0);
+    }
     // 50 calls in flight over the 10 sessions when the instance dies.
+    let primed = Arc::new(AtomicUsize::new(0));
     let calls: Vec<_> = (0..50)
         .map(|i| {
-            let (http, session) = (http.clone(), sessions[i % 10].clone());
-            tokio::spawn(async move {
-                let tag = format!("kill-{i}");
-                let call = json!({"jsonrpc": "2.0", "id": i, "method": "tools/call",
-                                  "params": {"name": "sleep", "arguments": {"ms": 1500, "tag": tag}}});
-                let sent = http
-                    .request(reqwest::Method::POST)
-                    .header("accept", ACCEPT_BOTH)
-                    .header("content-type", "application/json")
-                    .header("mcp-session-id", &session)
-                    .body(call.to_string())
-                    .send()
-                    .await;
-                // A connection through the dead instance is cut: no answer.
-                let reply = match sent {
-                    Ok(response) => Some(read(response).await),
-                    Err(_) => None,
-                };
-                (session, tag, reply)
-            })
+            let arguments = json!({"ms": 3000, "tag": format!("kill-{i}")});
+            tokio::spawn(call_resuming(http.clone(), sessions[i % 10].clone(), i as i64, arguments, primed.clone()))
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    until("all 50 calls are in flight", || {
+        let ready = primed.load(Ordering::Acquire) == 50 && journaled_calls(&fleet.redis, &sessions) == 50;
+        async move { ready }
+    })
+    .await;
     // The instance that holds the first session dies.
     let victim = fleet.owner_of(&sessions[0]).await;
     let killed = fleet.take_out(victim);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(killed.pid()), nix::sys::signal::Signal::SIGKILL).unwrap();
 
-    let mut answered = 0;
-    let mut outcomes = Vec::new();
-    for call in calls {
-        let (session, tag, reply) = call.await.unwrap();
-        if reply.is_some_and(|r| r.status == StatusCode::OK && r.json["result"].is_object()) {
-            answered += 1;
-        }
-        outcomes.push((session, tag));
+    // Every call is answered exactly once, and ran exactly once.
+    for (i, call) in calls.into_iter().enumerate() {
+        let answers = call.await.unwrap();
+        assert_eq!(answers.len(), 1, "call {i} was answered {} times: {answers:?}", answers.len());
+        assert_eq!(answers[0]["result"]["content"][0]["text"], "slept 3000ms", "call {i}: {}", answers[0]);
     }
-    assert!(answered > 0, "calls on the surviving instances are answered");
-
-    // Every session keeps working, whichever instance held it.
-    for session in &sessions {
-        let mut id = 1000;
-        until("the session answers again", || {
-            id += 1;
-            let (http, session, id) = (&http, session, id);
-            async move { http.call(session, id, "echo", json!({"text": "after"})).await.status == StatusCode::OK }
-        })
-        .await;
-    }
-    // No call ran twice (a call the dead instance held may not have run).
-    for (i, (session, tag)) in outcomes.iter().enumerate() {
-        let seen = http.call(session, 5000 + i as i64, "seen", json!({"tag": tag})).await;
-        let times: u32 = text(&seen).parse().unwrap_or(99);
-        assert!(times <= 1, "{tag} ran {times} times");
+    for i in 0..50 {
+        let seen = http.call(&sessions[i % 10], 5000 + i as i64, "seen", json!({"tag": format!("kill-{i}")})).await;
+        assert_eq!(text(&seen), "1", "kill-{i} ran {} times", seen.text);
     }
     let taken = fleet.total("dynogate_sessions_taken_over_total").await;
     assert!(taken >= 1.0, "the dead instance's sessions were taken over ({taken})");
-    // Ended sessions leave nothing running.
+    // Every session keeps working; ended, it leaves nothing running.
     for session in &sessions {
+        let reply = http.call(session, 9000, "echo", json!({"text": "after"})).await;
+        assert_eq!(text(&reply), "after", "{}", reply.text);
         assert_eq!(http.delete(session).await, StatusCode::NO_CONTENT);
     }
     for session in &sessions {
         eventually("the session's runner is gone", || runner_pids(session).is_empty()).await;
+        let journal = format!("dg:journal:{session}");
+        eventually("the session's journal is gone", || fleet.redis.cli(&["EXISTS", &journal]) == "0").await;
     }
     drop(killed);
 }

@@ -235,8 +235,10 @@ impl Reply {
 pub fn sse_events(text: &str) -> Vec<Value> {
     text.split("\n\n")
         .filter_map(|event| {
+            // A priming event's data is empty.
             let data: Vec<&str> = event.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim_start).collect();
-            (!data.is_empty()).then(|| serde_json::from_str(&data.join("\n")).expect("SSE data is JSON"))
+            let data = data.join("\n");
+            (!data.is_empty()).then(|| serde_json::from_str(&data).expect("SSE data is JSON"))
         })
         .collect()
 }

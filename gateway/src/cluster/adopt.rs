@@ -4,7 +4,7 @@
 //! Whoever first needs a session the directory shows released or orphaned
 //! (a client's request, its runner's dial, or a nudge from the instance
 //! that let it go) takes it with a compare-and-set on its owner, rebuilds it
-//! from its snapshot, and adopts its running runner; the runner's next dial
+//! from its snapshot and journal, and adopts its running runner; the runner's next dial
 //! reaches it, directly or carried by another instance. One adoption runs at
 //! a time on an instance, so two requests for the same session never build
 //! it twice.
@@ -15,6 +15,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use super::directory::Location;
+use super::journal::Recovered;
 use super::{Cluster, ClusterError};
 use crate::AppState;
 use crate::session::{Adopted, SessionHandle, Snapshot, Transport};
@@ -85,7 +86,11 @@ async fn take(
     }
     let Some(snapshot) = cluster.take(id, expected).await? else { return Ok(None) };
     let snapshot = Snapshot::decode(&snapshot).unwrap_or_default();
-    match start(state, id, snapshot) {
+    let journal = cluster.recover(id).await.unwrap_or_else(|e| {
+        warn!(session = %dynogate_shared::names::log_id(id), "cannot read the session's journal; counting from its runner: {e}");
+        None
+    });
+    match start(state, id, snapshot, journal) {
         Ok(handle) => {
             crate::metrics::taken_over(if expected.is_empty() { "handed_over" } else { "owner_died" });
             Ok(Some(handle))
@@ -99,8 +104,8 @@ async fn take(
     }
 }
 
-/// Rebuilds a session from its snapshot, adopting its runner.
-fn start(state: &AppState, id: &str, snapshot: Snapshot) -> Result<SessionHandle, String> {
+/// Rebuilds a session from its snapshot and journal, adopting its runner.
+fn start(state: &AppState, id: &str, snapshot: Snapshot, journal: Option<Recovered>) -> Result<SessionHandle, String> {
     let runner = state
         .spawner
         .adopt(&snapshot.handle)
@@ -116,11 +121,12 @@ fn start(state: &AppState, id: &str, snapshot: Snapshot) -> Result<SessionHandle
         .ok_or_else(|| format!("this instance already runs its maximum of {} sessions", state.sessions.max()))?;
     let transport =
         if snapshot.transport == Transport::LegacySse as u8 { Transport::LegacySse } else { Transport::Streamable };
-    let blind = snapshot.counts.is_none();
+    let blind = snapshot.counts.is_none() && journal.is_none();
+    let calls = if snapshot.counts.is_none() { journal.as_ref().map_or(0, |j| j.calls.len()) } else { 0 };
     let launch = Launch { server, size: None };
-    let adopted = Some(Adopted { runner, snapshot });
+    let adopted = Some(Adopted { runner, snapshot, journal });
     let handle =
         crate::mcp::run_session(state, id.to_owned(), transport, false, gateway_url, launch, reservation, adopted);
-    info!(session = %dynogate_shared::names::log_id(id), blind, "took the session over");
+    info!(session = %dynogate_shared::names::log_id(id), blind, calls, "took the session over");
     Ok(handle)
 }

@@ -34,7 +34,8 @@ return 1
 /// Renews every session this instance owns; returns those another
 /// instance has taken over meanwhile. A session handed off (owner empty) is
 /// left alone. KEYS: live set. ARGV: owner, session ttl ms, session key
-/// prefix, then (sid, state, runner, server, snapshot) for each.
+/// prefix, journal key prefix, then (sid, state, runner, server, snapshot)
+/// for each.
 static RENEW: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -42,7 +43,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[2])
 local lost = {}
-for i = 4, #ARGV, 5 do
+for i = 5, #ARGV, 5 do
   local key = ARGV[3] .. ARGV[i]
   local owner = redis.call('HGET', key, 'owner')
   if owner and owner ~= ARGV[1] then
@@ -53,6 +54,7 @@ for i = 4, #ARGV, 5 do
       'snapshot', ARGV[i + 4], 'last', now)
     if redis.call('HEXISTS', key, 'created') == 0 then redis.call('HSET', key, 'created', now) end
     redis.call('PEXPIRE', key, ttl)
+    redis.call('PEXPIRE', ARGV[4] .. ARGV[i], ttl)
   end
 end
 return lost
@@ -77,8 +79,8 @@ return redis.call('ZRANGE', KEYS[2], 0, -1)
 });
 
 /// Gives up a session for another instance to take over, leaving its
-/// snapshot, and keeps its place in the count as long. KEYS: session hash,
-/// live set. ARGV: owner, snapshot, ttl ms, sid.
+/// snapshot and journal, and keeps its place in the count as long. KEYS:
+/// session hash, live set, journal. ARGV: owner, snapshot, ttl ms, sid.
 static HAND_OFF: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -87,6 +89,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSET', KEYS[1], 'owner', '', 'state', 'handed over', 'snapshot', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[4])
 return 1
 ",
@@ -94,14 +97,14 @@ return 1
 });
 
 /// Forgets a session this instance owns (or that nobody does any more).
-/// KEYS: live set, session hash. ARGV: sid, owner.
+/// KEYS: live set, session hash, journal. ARGV: sid, owner.
 static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local owner = redis.call('HGET', KEYS[2], 'owner')
 if owner and owner ~= ARGV[2] then return 0 end
 redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('DEL', KEYS[2])
+redis.call('DEL', KEYS[2], KEYS[3])
 return 1
 ",
     )
@@ -195,6 +198,7 @@ impl Cluster {
         let _: i64 = RELEASE
             .key(keys::LIVE)
             .key(keys::session(id))
+            .key(keys::journal(id))
             .arg(id)
             .arg(&self.instance)
             .invoke_async(&mut self.commands())
@@ -213,7 +217,12 @@ impl Cluster {
     /// those another instance took over.
     pub async fn renew(&self, sessions: &[Entry]) -> Result<Vec<String>, ClusterError> {
         let mut invocation = RENEW.prepare_invoke();
-        invocation.key(keys::LIVE).arg(&self.instance).arg(keys::SESSION_TTL.as_millis() as u64).arg(keys::session(""));
+        invocation
+            .key(keys::LIVE)
+            .arg(&self.instance)
+            .arg(keys::SESSION_TTL.as_millis() as u64)
+            .arg(keys::session(""))
+            .arg(keys::journal(""));
         for entry in sessions {
             invocation.arg(&entry.id).arg(entry.state).arg(&entry.runner).arg(&entry.server).arg(&entry.snapshot);
         }
@@ -250,6 +259,7 @@ impl Cluster {
         let done: i64 = HAND_OFF
             .key(keys::session(id))
             .key(keys::LIVE)
+            .key(keys::journal(id))
             .arg(&self.instance)
             .arg(snapshot.encode())
             .arg(keys::SESSION_TTL.as_millis() as u64)

@@ -33,6 +33,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 pub struct Inbox {
     waiting: DashMap<String, mpsc::Sender<Message>>,
     listening: AtomicBool,
+    /// Told when the subscriber (re)connects.
+    connected: tokio::sync::Notify,
 }
 
 impl Inbox {
@@ -52,6 +54,24 @@ impl Inbox {
     /// now arrive.
     pub fn is_listening(&self) -> bool {
         self.listening.load(Ordering::Acquire)
+    }
+
+    /// Waits, at most `within`, until the subscriber is connected; returns
+    /// whether it is.
+    pub async fn until_listening(&self, within: Duration) -> bool {
+        let _ = tokio::time::timeout(within, async {
+            loop {
+                let connected = self.connected.notified();
+                tokio::pin!(connected);
+                connected.as_mut().enable();
+                if self.is_listening() {
+                    return;
+                }
+                connected.await;
+            }
+        })
+        .await;
+        self.is_listening()
     }
 
     /// Hands a message to its exchange; an exchange whose queue is full is cut.
@@ -115,6 +135,7 @@ async fn listen_once(state: &AppState, cluster: &Arc<Cluster>, router: &axum::Ro
         .await
         .map_err(|_| timed_out("subscribing"))??;
     cluster.inbox.listening.store(true, Ordering::Release);
+    cluster.inbox.connected.notify_waiters();
     info!(instance = %cluster.instance, "listening on Redis for relayed requests");
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     loop {

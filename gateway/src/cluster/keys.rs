@@ -11,6 +11,9 @@
 //!   another instance needs to take it over, see
 //!   [`crate::session::Snapshot`]). Expires [`SESSION_TTL`] after its owner
 //!   last renewed it.
+//! - `dg:journal:{sid}`: a hash for each session, what another instance
+//!   needs to carry it on if its owner dies (see [`super::journal`]);
+//!   expires with the session.
 //! - `dg:live`: a sorted set of live session ids scored by when each lapses
 //!   (Redis time, ms): its size is the count `MAX_SESSIONS` bounds.
 //! - `dg:inbox:{iid}`: the pub/sub channel an instance listens on for
@@ -41,6 +44,10 @@ pub fn instance(iid: &str) -> String {
 
 pub fn session(sid: &str) -> String {
     format!("dg:session:{sid}")
+}
+
+pub fn journal(sid: &str) -> String {
+    format!("dg:journal:{sid}")
 }
 
 pub fn inbox(iid: &str) -> String {

@@ -17,6 +17,7 @@
 pub mod adopt;
 pub mod directory;
 pub mod inbox;
+pub mod journal;
 pub mod keys;
 pub mod relay;
 pub mod tunnel;
@@ -34,7 +35,7 @@ use self::inbox::Inbox;
 use self::wire::Message;
 
 /// How long one Redis command may take before it counts as Redis being down.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a session's owner is remembered without asking Redis again.
 const OWNER_MEMORY: Duration = Duration::from_secs(10);
 /// Owners remembered at most.

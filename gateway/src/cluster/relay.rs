@@ -121,6 +121,9 @@ pub async fn route(State(state): State<AppState>, request: Request, next: Next) 
     McpError::UnknownSession.into_response()
 }
 
+/// How long a relay waits for this instance's subscriber to reconnect.
+const LISTEN_WAIT: Duration = Duration::from_secs(2);
+
 /// How many times a request looks for a session that is moving, and how long
 /// it waits before looking again (longer each time).
 const FOLLOW_ATTEMPTS: u32 = 4;
@@ -198,7 +201,8 @@ async fn forward(
     parts: &axum::http::request::Parts,
     body: Bytes,
 ) -> Result<Response, Forwarded> {
-    if !cluster.inbox.is_listening() {
+    // A subscriber reconnecting is usually back within a moment.
+    if !cluster.inbox.until_listening(LISTEN_WAIT).await {
         let reconnecting = ClusterError::Unavailable("this instance's subscriber is reconnecting".into());
         return Err(Forwarded::Failed(unavailable(&reconnecting)));
     }

@@ -96,6 +96,11 @@ impl InFlight {
         }
     }
 
+    /// Every request still waiting.
+    pub fn iter(&self) -> impl Iterator<Item = &Call> {
+        self.pending.values().map(|p| &p.call)
+    }
+
     /// Every request still waiting, and the table emptied.
     pub fn drain(&mut self) -> Vec<Call> {
         self.progress.clear();

@@ -54,6 +54,7 @@ use tracing::{Instrument, debug, info, warn};
 pub use self::end::EndReason;
 pub use self::handover::{Counts, Snapshot};
 use self::in_flight::InFlight;
+use crate::cluster::journal::{self, CallRecord, Journal, Recovered};
 use crate::config::Timeouts;
 use crate::jsonrpc::{self, Kind, RequestId, code, error_body};
 use crate::link::{Incoming, Link, LinkError, Outgoing};
@@ -482,6 +483,8 @@ pub struct SessionParams {
 pub struct Adopted {
     pub runner: Box<dyn RunnerProcess>,
     pub snapshot: Snapshot,
+    /// What its last owner wrote ahead, when it kept a journal.
+    pub journal: Option<Recovered>,
 }
 
 /// The session task's state.
@@ -521,15 +524,24 @@ pub struct Session {
     /// instance's, one thought dead); it gives up by itself, and a dyno is
     /// the sweeper's.
     unseen: bool,
+    /// With instances sharing Redis: what another instance would need to
+    /// carry the session on, written ahead ([`journal`]).
+    journal: Option<Journal>,
+    /// Messages to the runner handed to its current socket, by number.
+    released: u64,
+    /// Rebuilt from a dead owner's journal: a runner whose hello does not
+    /// fit it is counted from its hello instead, as when there is none.
+    recovered: bool,
 }
 
 impl Session {
     /// Creates a session and its handle. The caller puts the handle in the
     /// session table, then calls [`Session::start`].
-    pub fn new(params: SessionParams) -> (Self, SessionHandle) {
+    pub fn new(mut params: SessionParams) -> (Self, SessionHandle) {
         let (tx, rx) = mpsc::channel(64);
         let (runner_tx, runner_rx) = mpsc::channel(8);
         let snapshot = params.adopted.as_ref().map(|adopted| adopted.snapshot.clone());
+        let written_ahead = params.adopted.as_mut().and_then(|adopted| adopted.journal.take());
         let streams = match &snapshot {
             // Numbers from a snapshot without counts (the owner died) may be a
             // few seconds old: skip ahead, so no id a client saw comes again.
@@ -563,7 +575,8 @@ impl Session {
             hand_over: CancellationToken::new(),
             trusting: AtomicBool::new(snapshot.is_some()),
         });
-        let (mut window, mut clock, mut blind) = (SendWindow::default(), AckClock::default(), false);
+        let (mut window, mut clock, mut blind, mut recovered) =
+            (SendWindow::default(), AckClock::default(), false, false);
         if let Some(snapshot) = &snapshot {
             shared.transport.store(snapshot.transport, Ordering::Release);
             shared.claimed.store(snapshot.claimed, Ordering::Release);
@@ -581,8 +594,54 @@ impl Session {
                     }
                     clock = AckClock::resumed(counts.received);
                 }
-                None => blind = true,
+                None => match &written_ahead {
+                    Some(journal) => {
+                        window = SendWindow::starting_at(journal.acked);
+                        for frame in &journal.unacked {
+                            window.push(frame.clone());
+                        }
+                        clock = AckClock::resumed(journal.received);
+                        recovered = true;
+                    }
+                    None => blind = true,
+                },
             }
+        }
+        // Requests a dead owner left awaiting answers wait here; after a
+        // hand-over its own teardown answered them.
+        let mut in_flight = InFlight::default();
+        let mut forgotten = Vec::new();
+        if let Some(journal) = written_ahead.as_ref() {
+            for (&id, stream) in &journal.streams {
+                let awaiting = if recovered { journal.calls.iter().filter(|c| c.stream == id).count() } else { 0 };
+                shared.streams.restore(id, stream.events.clone(), stream.next, stream.floor, awaiting);
+            }
+            for record in &journal.calls {
+                let stream = shared.streams.find(record.stream).filter(|_| recovered);
+                let Some(stream) = stream else {
+                    forgotten.push(record.id.clone());
+                    continue;
+                };
+                let call =
+                    Call::new(record.id.clone(), record.progress_token.clone(), Bytes::new(), &record.method, stream);
+                if in_flight.admit(call, params.timeouts.request).is_err() {
+                    forgotten.push(record.id.clone());
+                }
+            }
+            shared.in_flight.store(in_flight.len(), Ordering::Release);
+        }
+        // A blind take-over starts its journal when the runner's hello says
+        // where to count from.
+        let journal = params.cluster.clone().filter(|_| !blind).map(|cluster| {
+            Journal::start(
+                cluster,
+                &shared.id,
+                (window.acked(), window.sent(), clock.received()),
+                written_ahead.as_ref(),
+            )
+        });
+        if let Some(journal) = &journal {
+            forgotten.iter().for_each(|id| journal.done(id));
         }
         let now = Instant::now();
         let session = Session {
@@ -599,7 +658,7 @@ impl Session {
             detached_since: snapshot.is_some().then_some(now),
             window,
             clock,
-            in_flight: InFlight::default(),
+            in_flight,
             last_request: now,
             last_heard: now,
             token_minted: now,
@@ -610,6 +669,9 @@ impl Session {
             adopted: Mutex::new(params.adopted.map(|adopted| adopted.runner)),
             blind,
             unseen: snapshot.is_some(),
+            journal,
+            released: 0,
+            recovered,
         };
         (session, SessionHandle { shared })
     }
@@ -725,6 +787,10 @@ impl Session {
             Err(_) => Vec::new(),
         };
         snapshot.counts = Some(Counts { acked, unacked, received: self.clock.received() });
+        // Its successor reads the journal's events for resumptions.
+        if let Some(journal) = &self.journal {
+            journal.flush(HAND_OVER_MARGIN / 2).await;
+        }
         cluster.hand_off(&self.shared.id, &snapshot).await?;
         cluster.nudge(&self.shared.id).await;
         Ok(())
@@ -798,7 +864,14 @@ impl Session {
                     if let Some(reason) = self.on_frame(frame) {
                         return reason;
                     }
-                    if self.clock.owed(self.clock.received()) && !ack_armed {
+                    if self.clock.owed(self.deliverable()) && !ack_armed {
+                        ack.as_mut().reset(Instant::now() + ACK_DELAY);
+                        ack_armed = true;
+                    }
+                }
+                () = journal::more_written(&mut self.journal) => {
+                    self.release();
+                    if self.clock.owed(self.deliverable()) && !ack_armed {
                         ack.as_mut().reset(Instant::now() + ACK_DELAY);
                         ack_armed = true;
                     }
@@ -858,7 +931,7 @@ impl Session {
                     idle.as_mut().reset(if now < quiet_since { quiet_since } else { now + self.timeouts.idle });
                 }
             }
-            if self.clock.due(self.clock.received()) {
+            if self.clock.due(self.deliverable()) {
                 self.send_ack();
             }
             if hand_over_by.is_some() && self.in_flight.is_empty() && self.commands.is_empty() {
@@ -873,13 +946,23 @@ impl Session {
         self.last_heard = Instant::now();
         match frame {
             Some(Ok(Incoming::Message(json))) => {
-                self.clock.receive();
-                self.route(json)
+                let received = self.clock.receive();
+                let end = self.route(json);
+                if let Some(journal) = &self.journal {
+                    journal.received(received);
+                }
+                end
             }
             Some(Ok(Incoming::Alive)) => None,
             Some(Ok(Incoming::Control(Control::Ack { received }))) => {
                 // An ack for frames never sent is a broken runner.
-                self.window.acknowledge(received).err().map(|e| EndReason::RunnerLost(e.to_string()))
+                if let Err(e) = self.window.acknowledge(received) {
+                    return Some(EndReason::RunnerLost(e.to_string()));
+                }
+                if let Some(journal) = &self.journal {
+                    journal.acked(self.window.acked());
+                }
+                None
             }
             Some(Ok(Incoming::Control(Control::ChildExited { code, signal }))) => {
                 Some(EndReason::ServerExited(dynogate_shared::frame::describe_exit(code, signal)))
@@ -911,9 +994,22 @@ impl Session {
         }
     }
 
+    /// Messages from the runner that may be acknowledged: those handled,
+    /// and, with a journal, written.
+    fn deliverable(&self) -> u64 {
+        let received = self.clock.received();
+        self.journal.as_ref().map_or(received, |journal| journal.written.borrow().received.min(received))
+    }
+
+    /// Messages to the runner that may go: with a journal, those written.
+    fn sendable(&self) -> u64 {
+        let sent = self.window.sent();
+        self.journal.as_ref().map_or(sent, |journal| journal.written.borrow().sent.min(sent))
+    }
+
     fn send_ack(&mut self) {
         if self.link.is_some()
-            && let Some(received) = self.clock.take(self.clock.received())
+            && let Some(received) = self.clock.take(self.deliverable())
         {
             self.send(Outgoing::Control(Control::Ack { received }));
         }
@@ -939,6 +1035,7 @@ impl Session {
                     return None;
                 };
                 self.publish_in_flight();
+                self.call_done(&call.id);
                 self.observe(&call, &json, is_error);
                 let mut end = None;
                 if call.is_initialize {
@@ -958,11 +1055,12 @@ impl Session {
                 // error goes where unattributed messages go.
                 let Some(id) = self.in_flight.sole().map(|call| call.id.clone()) else {
                     warn!("the MCP server sent an error with a null id while several requests are in flight");
-                    self.shared.streams.standalone().push(json, false);
+                    self.publish(self.shared.streams.standalone(), json, false);
                     return None;
                 };
                 let call = self.in_flight.take(&id).expect("the sole request is in flight");
                 self.publish_in_flight();
+                self.call_done(&call.id);
                 let error = jsonrpc::error_object(&json).unwrap_or_default();
                 let answer = format!(r#"{{"jsonrpc":"2.0","id":{},"error":{error}}}"#, id.as_json());
                 let end = call.is_initialize.then_some(EndReason::InitializeFailed);
@@ -973,11 +1071,11 @@ impl Session {
                 let stream = jsonrpc::progress_token_of_notification(&json)
                     .and_then(|token| self.in_flight.progress_stream(&token))
                     .cloned();
-                stream.as_ref().unwrap_or(self.shared.streams.standalone()).push(json, false);
+                self.publish(stream.as_ref().unwrap_or(self.shared.streams.standalone()), json, false);
                 None
             }
             Ok(_) => {
-                self.unattributed_target().push(json, false);
+                self.publish(self.unattributed_target(), json, false);
                 None
             }
             Err(e) => {
@@ -1031,8 +1129,38 @@ impl Session {
 
     /// Delivers a call's final answer.
     fn answer(&self, call: &Call, json: Bytes) {
-        if call.stream.push(json, true) {
-            self.shared.streams.finish(call.stream.id());
+        if self.publish(&call.stream, json, true) {
+            self.finish_stream(&call.stream);
+        }
+    }
+
+    /// Adds a message to a stream, and to the journal. Returns true when it
+    /// completes the stream.
+    fn publish(&self, stream: &EventStream, json: Bytes, last: bool) -> bool {
+        let pushed = match &self.journal {
+            Some(journal) => {
+                let pushed = stream.push(json.clone(), last);
+                if let Some(n) = pushed.n {
+                    journal.event(stream.id(), n, last, json);
+                }
+                pushed
+            }
+            None => stream.push(json, last),
+        };
+        pushed.complete
+    }
+
+    fn finish_stream(&self, stream: &EventStream) {
+        self.shared.streams.finish(stream.id());
+        if let Some(journal) = &self.journal {
+            journal.stream_done(stream.id());
+        }
+    }
+
+    /// A request awaits its answer no more.
+    fn call_done(&self, id: &RequestId) {
+        if let Some(journal) = &self.journal {
+            journal.done(id);
         }
     }
 
@@ -1051,11 +1179,20 @@ impl Session {
                     call.audit = audit::ToolCall::from_request(&call.payload);
                 }
                 let payload = call.payload.clone();
+                let record = self.journal.as_ref().map(|_| CallRecord {
+                    id: call.id.clone(),
+                    stream: call.stream.id(),
+                    progress_token: call.progress_token.clone(),
+                    method: call.method.to_owned(),
+                });
                 if let Err(refused) = self.in_flight.admit(call, self.timeouts.request) {
                     self.fail(&refused.call, refused.code, &refused.message);
                     return None;
                 }
                 self.publish_in_flight();
+                if let (Some(journal), Some(record)) = (&self.journal, record) {
+                    journal.call(record);
+                }
                 self.send_message(payload);
             }
             Command::Notify { payload, cancelled } => {
@@ -1066,9 +1203,10 @@ impl Session {
                     // MCP: a cancelled request gets no response. Its stream
                     // just ends (a late answer from the server is dropped).
                     self.publish_in_flight();
+                    self.call_done(&call.id);
                     debug!(%id, "request cancelled by the client");
                     if call.stream.give_up_one() {
-                        self.shared.streams.finish(call.stream.id());
+                        self.finish_stream(&call.stream);
                     }
                 }
                 self.send_message(payload);
@@ -1100,6 +1238,17 @@ impl Session {
 
     /// Takes a runner's new socket: welcome it, then resend what it lacks.
     fn attach(&mut self, link: Link, slot: RunnerSlot, received: u64, acked: u64, jti: String) -> Option<EndReason> {
+        if std::mem::take(&mut self.recovered) {
+            let fits = (self.window.acked()..=self.window.sent()).contains(&received) && acked <= self.clock.received();
+            if !fits {
+                warn!(
+                    received,
+                    acked, "the runner's hello does not fit the dead owner's journal; counting from the hello"
+                );
+                self.journal = None;
+                self.blind = true;
+            }
+        }
         if std::mem::take(&mut self.blind) {
             // Taken over from an owner that died: what it had sent and the
             // runner never got is lost; from here on nothing is.
@@ -1112,6 +1261,21 @@ impl Session {
                 self.window.push(frame);
             }
             self.clock = AckClock::resumed(acked);
+            self.journal = self.cluster.clone().map(|cluster| {
+                let journal = Journal::start(cluster, &self.shared.id, (received, received, acked), None);
+                for call in self.in_flight.iter() {
+                    journal.call(CallRecord {
+                        id: call.id.clone(),
+                        stream: call.stream.id(),
+                        progress_token: call.progress_token.clone(),
+                        method: call.method.to_owned(),
+                    });
+                }
+                for (n, frame) in (received + 1..).zip(self.window.after(received)) {
+                    journal.sent(n, frame.clone());
+                }
+                journal
+            });
         }
         self.unseen = false;
         if self.shared.trusting.swap(false, Ordering::AcqRel) {
@@ -1119,6 +1283,7 @@ impl Session {
             self.shared.tokens.lock().expect("tokens lock").push_back(jti);
         }
         let token = self.mint_token();
+        let sendable = self.sendable();
         let resend = match self.window.resume(received) {
             Ok(resend) => resend,
             // A runner that restarted from scratch lost the MCP server's state.
@@ -1127,9 +1292,13 @@ impl Session {
         let welcome = Control::Welcome { protocol: PROTOCOL_VERSION, received: self.clock.received(), token };
         link.send(Outgoing::Control(welcome));
         let mut resent = 0;
-        for frame in resend {
+        for frame in resend.take(sendable.saturating_sub(received) as usize) {
             link.send(Outgoing::Message(frame.clone()));
             resent += 1;
+        }
+        self.released = sendable.max(received);
+        if let Some(journal) = &self.journal {
+            journal.acked(self.window.acked());
         }
         if self.ever_attached() {
             info!(resent, "runner reconnected");
@@ -1149,6 +1318,7 @@ impl Session {
     fn time_out(&mut self, id: RequestId) {
         let Some(call) = self.in_flight.expire(&id) else { return };
         self.publish_in_flight();
+        self.call_done(&call.id);
         let after = self.timeouts.request.as_secs();
         warn!(%id, after_s = after, "request timed out");
         self.fail(&call, code::REQUEST_TIMEOUT, &format!("no response from the MCP server within {after}s"));
@@ -1159,10 +1329,31 @@ impl Session {
         self.send_message(cancel.into());
     }
 
-    /// Sends a JSON-RPC message, keeping it until the runner acknowledges it.
+    /// Sends a JSON-RPC message, keeping it until the runner acknowledges
+    /// it; with a journal, once it is written there.
     fn send_message(&mut self, payload: Bytes) {
-        self.window.push(payload.clone());
-        self.send(Outgoing::Message(payload));
+        match &self.journal {
+            Some(journal) => {
+                self.window.push(payload.clone());
+                journal.sent(self.window.sent(), payload);
+            }
+            None => self.window.push(payload),
+        }
+        self.release();
+    }
+
+    /// Hands the runner's socket the messages that may go and have not.
+    fn release(&mut self) {
+        let Some((link, _)) = &self.link else { return };
+        let from = self.released.max(self.window.acked());
+        let upto = self.sendable();
+        if upto <= from {
+            return;
+        }
+        for frame in self.window.after(from).take((upto - from) as usize) {
+            link.send(Outgoing::Message(frame.clone()));
+        }
+        self.released = upto;
     }
 
     fn send(&mut self, frame: Outgoing) {
