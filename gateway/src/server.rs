@@ -281,7 +281,7 @@ async fn wind_down(
     // sessions it no longer has ("not here"), so no asker waited in vain.
     if let Some((cluster, task)) = cluster {
         cluster.stopped.cancel();
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), task).await;
     }
     match ended {
         Ok(Ok(())) => Ok(()),

@@ -407,8 +407,18 @@ pub struct Streams {
     budget: Budget,
 }
 
+/// Told of each stream forgotten (see [`Streams::on_forget`]).
+struct ForgetHook(Box<dyn Fn(u64) + Send + Sync>);
+
+impl std::fmt::Debug for ForgetHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ForgetHook")
+    }
+}
+
 #[derive(Debug, Default)]
 struct Registry {
+    on_forget: Option<ForgetHook>,
     live: HashMap<u64, Arc<EventStream>>,
     finished: VecDeque<(Instant, Arc<EventStream>)>,
     /// Bytes of `finished` (as they were when each finished).
@@ -522,9 +532,18 @@ impl Streams {
         }
     }
 
+    /// Tells `hook` of every stream forgotten from now on (the session's
+    /// journal drops what it kept of them).
+    pub fn on_forget(&self, hook: impl Fn(u64) + Send + Sync + 'static) {
+        self.registry.lock().expect("registry lock").on_forget = Some(ForgetHook(Box::new(hook)));
+    }
+
     /// Forgets a stream whose answer went out as plain JSON (nothing to resume).
     pub fn forget(&self, id: u64) {
         let mut registry = self.registry.lock().expect("registry lock");
+        if let Some(hook) = &registry.on_forget {
+            (hook.0)(id);
+        }
         registry.live.remove(&id);
         if let Some(i) = registry.finished.iter().position(|(_, s)| s.id() == id) {
             let bytes = registry.finished[i].1.bytes();

@@ -555,15 +555,20 @@ fn complete_events(text: &str) -> Vec<(Option<String>, Option<Value>)> {
         .collect()
 }
 
-/// Calls `sleep` as a client that resumes a cut stream would: reads the
-/// call's stream; when it breaks before the answer, resumes it with
-/// `Last-Event-ID` through the router (so at any instance), again and again
-/// until the answer comes. Counts itself in `primed` once it holds an event
-/// id. Returns every answer it got.
-async fn call_resuming(http: Http, session: String, id: i64, arguments: Value, primed: Arc<AtomicUsize>) -> Vec<Value> {
+/// Calls `tool` as a client that resumes a cut stream would (see [`follow`]).
+/// Counts itself in `primed` once it holds an event id. Returns every message
+/// its stream carried.
+async fn call_resuming(
+    http: Http,
+    session: String,
+    id: i64,
+    tool: &str,
+    arguments: Value,
+    primed: Arc<AtomicUsize>,
+) -> Vec<Value> {
     let call = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
-                      "params": {"name": "sleep", "arguments": arguments}});
-    let mut next = http
+                      "params": {"name": tool, "arguments": arguments, "_meta": {"progressToken": id}}});
+    let sent = http
         .request(reqwest::Method::POST)
         .header("accept", ACCEPT_BOTH)
         .header("content-type", "application/json")
@@ -572,10 +577,26 @@ async fn call_resuming(http: Http, session: String, id: i64, arguments: Value, p
         .body(call.to_string())
         .send()
         .await;
-    let (mut last_id, mut answers, mut counted) = (None::<String>, Vec::new(), false);
+    follow(&http, &session, id, Some(sent), None, &primed).await
+}
+
+/// Reads the stream of request `id`'s answer from `next` until it ends or
+/// breaks; while the answer has not come, resumes the stream with
+/// `Last-Event-ID` (from `last_id` on) through the router, so at any
+/// instance, again and again. Returns every message read, in order.
+async fn follow(
+    http: &Http,
+    session: &str,
+    id: i64,
+    mut next: Option<reqwest::Result<reqwest::Response>>,
+    mut last_id: Option<String>,
+    primed: &AtomicUsize,
+) -> Vec<Value> {
+    let mut messages = Vec::new();
+    let mut counted = false;
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        if let Ok(mut response) = next
+        if let Some(Ok(mut response)) = next.take()
             && response.status() == StatusCode::OK
         {
             let mut text = String::new();
@@ -588,23 +609,24 @@ async fn call_resuming(http: Http, session: String, id: i64, arguments: Value, p
             }
             for (event_id, data) in complete_events(&text) {
                 last_id = event_id.or(last_id);
-                answers.extend(data.filter(|d| d["id"] == id));
+                messages.extend(data);
             }
         }
-        if !answers.is_empty() {
-            return answers;
+        if messages.iter().any(|m| m["id"] == id) {
+            return messages;
         }
         let resume_after = last_id.clone().unwrap_or_else(|| panic!("call {id} was cut before its stream had an id"));
         assert!(tokio::time::Instant::now() < deadline, "call {id} got no answer; last event {resume_after}");
         tokio::time::sleep(Duration::from_millis(100)).await;
-        next = http
+        let resumed = http
             .request(reqwest::Method::GET)
             .header("accept", "text/event-stream")
-            .header("mcp-session-id", &session)
+            .header("mcp-session-id", session)
             .header("mcp-protocol-version", RESUMABLE)
             .header("last-event-id", resume_after)
             .send()
             .await;
+        next = Some(resumed);
     }
 }
 
@@ -632,7 +654,8 @@ async fn an_instance_killed_outright_loses_no_call_and_runs_none_twice() {
     let calls: Vec<_> = (0..50)
         .map(|i| {
             let arguments = json!({"ms": 3000, "tag": format!("kill-{i}")});
-            tokio::spawn(call_resuming(http.clone(), sessions[i % 10].clone(), i as i64, arguments, primed.clone()))
+            let session = sessions[i % 10].clone();
+            tokio::spawn(call_resuming(http.clone(), session, i as i64, "sleep", arguments, primed.clone()))
         })
         .collect();
     until("all 50 calls are in flight", || {
@@ -647,7 +670,7 @@ async fn an_instance_killed_outright_loses_no_call_and_runs_none_twice() {
 
     // Every call is answered exactly once, and ran exactly once.
     for (i, call) in calls.into_iter().enumerate() {
-        let answers = call.await.unwrap();
+        let answers: Vec<Value> = call.await.unwrap().into_iter().filter(|m| m["id"] == i).collect();
         assert_eq!(answers.len(), 1, "call {i} was answered {} times: {answers:?}", answers.len());
         assert_eq!(answers[0]["result"]["content"][0]["text"], "slept 3000ms", "call {i}: {}", answers[0]);
     }
@@ -668,6 +691,58 @@ async fn an_instance_killed_outright_loses_no_call_and_runs_none_twice() {
         let journal = format!("dg:journal:{session}");
         eventually("the session's journal is gone", || fleet.redis.cli(&["EXISTS", &journal]) == "0").await;
     }
+    drop(killed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_of_an_instance_killed_outright_resumes_elsewhere_with_every_event_once() {
+    let mut fleet = Fleet::start(3, || {
+        Options::default().echo().env("RUNNER_RECONNECT_GRACE", "60s").env("REPLY_STREAM_AFTER", "0s")
+    })
+    .await;
+    let http = fleet.http();
+    let (session, _) = http.initialize_as(RESUMABLE).await;
+    let call = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+        "params": {"name": "progress", "arguments": {"steps": 8, "delay_ms": 400}, "_meta": {"progressToken": "p"}}});
+    let mut response = http
+        .request(reqwest::Method::POST)
+        .header("accept", ACCEPT_BOTH)
+        .header("content-type", "application/json")
+        .header("mcp-session-id", &session)
+        .header("mcp-protocol-version", RESUMABLE)
+        .body(call.to_string())
+        .send()
+        .await
+        .unwrap();
+    // The client reads two progress events, then its connection drops.
+    let mut text = String::new();
+    while complete_events(&text).iter().filter(|(_, data)| data.is_some()).count() < 2 {
+        let chunk = tokio::time::timeout(PATIENCE, response.chunk()).await.unwrap().unwrap().expect("more events");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    drop(response);
+    let seen = complete_events(&text);
+    let last_id = seen.iter().filter(|(_, data)| data.is_some()).nth(1).and_then(|(id, _)| id.clone()).unwrap();
+    // Two more are written to the journal, unread, before the owner dies.
+    let stream = last_id.split('-').next().unwrap().to_owned();
+    until("two more events are in the journal", || {
+        let last = fleet.redis.cli(&["HGET", &format!("dg:journal:{session}"), &format!("n:{stream}")]);
+        let ready = last.trim().parse::<u64>().unwrap_or(0) >= 4;
+        async move { ready }
+    })
+    .await;
+    let victim = fleet.owner_of(&session).await;
+    let killed = fleet.take_out(victim);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(killed.pid()), nix::sys::signal::Signal::SIGKILL).unwrap();
+
+    let primed = AtomicUsize::new(0);
+    let rest = follow(&http, &session, 7, None, Some(last_id.clone()), &primed).await;
+    let progress: Vec<u64> = rest.iter().filter_map(|m| m["params"]["progress"].as_u64()).collect();
+    assert_eq!(progress, [3, 4, 5, 6, 7, 8], "every event after {last_id} exactly once, in order: {rest:?}");
+    let answers: Vec<&Value> = rest.iter().filter(|m| m["id"] == 7).collect();
+    assert_eq!(answers.len(), 1, "{rest:?}");
+    assert_eq!(answers[0]["result"]["content"][0]["text"], "8 steps");
+    assert_eq!(http.delete(&session).await, StatusCode::NO_CONTENT);
     drop(killed);
 }
 

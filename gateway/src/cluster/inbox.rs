@@ -99,10 +99,11 @@ pub async fn listen(state: AppState, cluster: Arc<Cluster>, router: axum::Router
     let mut backoff = Duration::from_millis(100);
     let mut reported = false;
     loop {
-        let listened = tokio::select! {
-            listened = listen_once(&state, &cluster, &router) => listened,
-            () = cluster.stopped.cancelled() => return,
-        };
+        let listened = listen_once(&state, &cluster, &router).await;
+        if cluster.stopped.is_cancelled() {
+            cluster.inbox.listening.store(false, Ordering::Release);
+            return;
+        }
         if cluster.inbox.listening.swap(false, Ordering::AcqRel) {
             // It was connected: a new loss, reported afresh and retried soon.
             reported = false;
@@ -125,7 +126,12 @@ pub async fn listen(state: AppState, cluster: Arc<Cluster>, router: axum::Router
     }
 }
 
-/// One subscriber connection's life: returns when it is lost.
+/// How long a leaving instance waits for messages sent before it stopped
+/// listening.
+const LAST_MESSAGES: Duration = Duration::from_millis(200);
+
+/// One subscriber connection's life: returns when it is lost, or when the
+/// instance leaves, having answered what was sent to it until then.
 async fn listen_once(state: &AppState, cluster: &Arc<Cluster>, router: &axum::Router) -> Result<(), redis::RedisError> {
     let pubsub = tokio::time::timeout(super::COMMAND_TIMEOUT, cluster.client.get_async_pubsub())
         .await
@@ -140,6 +146,18 @@ async fn listen_once(state: &AppState, cluster: &Arc<Cluster>, router: &axum::Ro
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     loop {
         tokio::select! {
+            () = cluster.stopped.cancelled() => {
+                // What was published before the unsubscription is delivered
+                // before its confirmation: an asker told someone listened
+                // gets its answer (mostly "not here").
+                let _ = tokio::time::timeout(super::COMMAND_TIMEOUT, sink.unsubscribe(keys::inbox(&cluster.instance))).await;
+                while let Ok(Some(message)) = tokio::time::timeout(LAST_MESSAGES, messages.next()).await {
+                    if let Ok(message) = Message::decode(message.get_payload_bytes()) {
+                        dispatch(state, cluster, router, message);
+                    }
+                }
+                return Ok(());
+            }
             message = messages.next() => {
                 let Some(message) = message else { return Ok(()) };
                 match Message::decode(message.get_payload_bytes()) {

@@ -115,6 +115,8 @@ enum Entry {
     },
     /// A stream has all its responses.
     StreamDone(u64),
+    /// A stream cannot be resumed (its answer went out as plain JSON).
+    Forget(u64),
     /// Messages from the runner handled so far.
     Received(u64),
     /// Messages to the runner it acknowledged.
@@ -159,6 +161,7 @@ impl Journal {
             next_seq: from.map_or(1, |r| r.next_seq),
             kept: from.map(|r| r.kept.clone()).unwrap_or_default(),
             kept_bytes: from.map_or(0, |r| r.kept.iter().map(|k| k.1).sum()),
+            forgotten: VecDeque::new(),
             written: Written { sent, received },
             tell,
         };
@@ -194,6 +197,17 @@ impl Journal {
         self.record(Entry::StreamDone(stream));
     }
 
+    /// What tells the journal of a stream nobody can resume.
+    pub fn forgetter(&self) -> impl Fn(u64) + Send + Sync + 'static {
+        // Weak: the writer ends with the journal, whatever holds this.
+        let entries = self.entries.downgrade();
+        move |stream| {
+            if let Some(entries) = entries.upgrade() {
+                let _ = entries.send(Entry::Forget(stream));
+            }
+        }
+    }
+
     pub fn received(&self, count: u64) {
         self.record(Entry::Received(count));
     }
@@ -224,6 +238,8 @@ pub async fn more_written(journal: &mut Option<Journal>) {
 
 /// One kept event: its sequence number, size and stream.
 type Kept = (u64, usize, u64);
+/// Streams remembered as forgotten, for events that arrive after.
+const FORGOTTEN_KEPT: usize = 64;
 
 struct Writer {
     cluster: Arc<Cluster>,
@@ -234,6 +250,8 @@ struct Writer {
     next_seq: u64,
     kept: VecDeque<Kept>,
     kept_bytes: usize,
+    /// Streams lately forgotten: their events are not kept.
+    forgotten: VecDeque<u64>,
     written: Written,
     tell: watch::Sender<Written>,
 }
@@ -302,6 +320,7 @@ impl Writer {
                 written.sent = written.sent.max(n);
             }
             Entry::Done(id) => batch.delete(format!("c:{}", id.as_json())),
+            Entry::Event { stream, .. } if self.forgotten.contains(&stream) => {}
             Entry::Event { stream, n, last, json } => {
                 let dropped = json.len() > EVENT_BYTES_KEPT;
                 let mut value = format!("{stream} {n} {} {}\n", u8::from(last), u8::from(dropped)).into_bytes();
@@ -321,6 +340,23 @@ impl Writer {
                 }
             }
             Entry::StreamDone(stream) => batch.delete(format!("n:{stream}")),
+            Entry::Forget(stream) => {
+                if self.forgotten.len() == FORGOTTEN_KEPT {
+                    self.forgotten.pop_front();
+                }
+                self.forgotten.push_back(stream);
+                let before = self.kept.len();
+                self.kept.retain(|&(seq, _, of)| {
+                    if of == stream {
+                        batch.ops.push(("D", format!("e:{seq}"), Bytes::new()));
+                    }
+                    of != stream
+                });
+                if self.kept.len() != before {
+                    self.kept_bytes = self.kept.iter().map(|k| k.1).sum();
+                }
+                batch.delete(format!("n:{stream}"));
+            }
             Entry::Received(count) => written.received = written.received.max(count),
             Entry::Acked(count) => {
                 while self.acked < count {

@@ -36,6 +36,9 @@ use self::wire::Message;
 
 /// How long one Redis command may take before it counts as Redis being down.
 pub(crate) const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a leaving instance waits for the relayed requests it is still
+/// answering.
+const LAST_RELAYS: Duration = Duration::from_secs(1);
 /// How long a session's owner is remembered without asking Redis again.
 const OWNER_MEMORY: Duration = Duration::from_secs(10);
 /// Owners remembered at most.
@@ -223,6 +226,13 @@ pub async fn run(state: crate::AppState, cluster: Arc<Cluster>) {
         }
     }
     let _ = listening.await;
+    // Answers to the last relayed requests go out before the instance does.
+    let _ = tokio::time::timeout(LAST_RELAYS, async {
+        while cluster.relays() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     if let Err(e) = cluster.leave().await {
         tracing::debug!("left Redis only by lapsing: {e}");
     }

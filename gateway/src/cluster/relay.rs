@@ -121,8 +121,9 @@ pub async fn route(State(state): State<AppState>, request: Request, next: Next) 
     McpError::UnknownSession.into_response()
 }
 
-/// How long a relay waits for this instance's subscriber to reconnect.
-const LISTEN_WAIT: Duration = Duration::from_secs(2);
+/// How long a relay waits for this instance's subscriber to reconnect
+/// (short: while Redis is down, the answer is an error, and soon).
+const LISTEN_WAIT: Duration = Duration::from_millis(250);
 
 /// How many times a request looks for a session that is moving, and how long
 /// it waits before looking again (longer each time).

@@ -642,6 +642,7 @@ impl Session {
         });
         if let Some(journal) = &journal {
             forgotten.iter().for_each(|id| journal.done(id));
+            shared.streams.on_forget(journal.forgetter());
         }
         let now = Instant::now();
         let session = Session {
@@ -802,6 +803,8 @@ impl Session {
     /// dials again, and leaves the runner running.
     fn let_go(&mut self, reason: &EndReason, runner: Box<dyn RunnerProcess>) {
         info!(reason = reason.label(), "session moves to another instance");
+        // The journal is its next owner's now.
+        self.journal = None;
         crate::metrics::session_ended(reason.label());
         let place = self.teardown(reason);
         runner.release();
@@ -1274,6 +1277,7 @@ impl Session {
                 for (n, frame) in (received + 1..).zip(self.window.after(received)) {
                     journal.sent(n, frame.clone());
                 }
+                self.shared.streams.on_forget(journal.forgetter());
                 journal
             });
         }
