@@ -3,7 +3,8 @@
 #
 # 1. Latency at concurrency 1, alternating rounds: calls sent to the
 #    session's own instance, and the same sessions' calls sent to another
-#    instance, which relays them through Redis (`calls --via`).
+#    instance, which relays them through Redis (`calls --via`); and calls
+#    to one instance without REDIS_URL (no journal).
 # 2. Throughput at concurrency 16 over 8 sessions through a router that
 #    sends each connection to a random one of 3 instances (`spread`), against
 #    one instance without REDIS_URL, alternating rounds.
@@ -67,6 +68,8 @@ for round in $(seq "$rounds"); do
   # carried); calls go to a itself, then to b.
   "$bin/dynogate-bench" calls --url "$a/mcp" --name same-instance --calls 5000
   "$bin/dynogate-bench" calls --url "$a/mcp" --via "$b/mcp" --name relayed --calls 5000
+  # The same calls on one instance without Redis: what the journal costs.
+  "$bin/dynogate-bench" calls --url "$single/mcp" --name one-instance-c1 --calls 5000
   "$bin/dynogate-bench" calls --url "$router/mcp" --name three-instances --sessions 8 --concurrency 16 --calls 20000
   "$bin/dynogate-bench" calls --url "$single/mcp" --name one-instance --sessions 8 --concurrency 16 --calls 20000
 done

@@ -704,4 +704,23 @@ mod tests {
         assert_eq!(parse_event_id("x-1"), None);
         assert_eq!(parse_event_id("5"), None);
     }
+
+    #[tokio::test]
+    async fn a_restored_stream_resumes_after_what_its_client_saw_and_no_earlier() {
+        let streams = Streams::default();
+        let kept = |n| Event { n, json: b("progress"), last: false };
+        streams.restore(4, vec![kept(3), kept(4)], 5, 0, 1);
+        let stream = streams.find(4).expect("restored while its answer is awaited");
+        assert!(stream.can_resume_after(2) && !stream.can_resume_after(1), "event 2 was not kept");
+        let pushed = stream.push(b("answer"), true);
+        assert_eq!((pushed.n, pushed.complete), (Some(5), true), "numbering goes on");
+        let mut reader = stream.cursor(Some(2));
+        let Batch::Events(events) = stream.read(&mut reader, NOW).await else { panic!() };
+        assert_eq!(events.iter().map(|e| e.n).collect::<Vec<_>>(), [3, 4, 5]);
+        // A stream that lost an event too large to keep: nothing before it resumes.
+        streams.restore(6, Vec::new(), 3, 2, 0);
+        let finished = streams.find(6).expect("finished streams stay resumable");
+        assert!(!finished.can_resume_after(1) && finished.can_resume_after(2));
+        assert_eq!(streams.open(1).id(), 7, "new streams come after restored ones");
+    }
 }

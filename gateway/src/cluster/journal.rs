@@ -32,7 +32,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use redis::Script;
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::{Cluster, ClusterError, keys};
 use crate::jsonrpc::RequestId;
@@ -45,6 +45,8 @@ const EVENTS_KEPT: usize = 256;
 const EVENT_BYTES_KEPT: usize = 1024 * 1024;
 /// Entries written in one script call at most.
 const BATCH: usize = 512;
+/// How long entries nothing urgent waits for gather before they are written.
+const LAZY: Duration = Duration::from_millis(5);
 
 /// Applies a batch if this instance owns the session. KEYS: session hash,
 /// journal hash. ARGV: owner, ttl ms, then (op, field, value) triples: `S`
@@ -98,12 +100,14 @@ impl CallRecord {
 enum Entry {
     /// Whatever an earlier owner left goes: the journal starts again.
     Reset,
-    /// A request is about to be sent to the runner.
+    /// A request awaits its answer (one whose message is already written).
     Call(CallRecord),
-    /// Message `n` to the runner.
+    /// Message `n` to the runner, with the request it carries (in one entry,
+    /// so both are written in one go).
     Sent {
         n: u64,
         payload: Bytes,
+        call: Option<CallRecord>,
     },
     /// A request needs its record no more (answered, cancelled, timed out).
     Done(RequestId),
@@ -122,6 +126,13 @@ enum Entry {
     /// Messages to the runner it acknowledged.
     Acked(u64),
     Flush(oneshot::Sender<()>),
+}
+
+impl Entry {
+    /// Whether something waits for it: a message to the runner, or a flush.
+    fn is_urgent(&self) -> bool {
+        matches!(self, Entry::Reset | Entry::Call(_) | Entry::Sent { .. } | Entry::Flush(_))
+    }
 }
 
 /// How far the journal has been written: messages to the runner that may
@@ -181,8 +192,8 @@ impl Journal {
         self.record(Entry::Call(call));
     }
 
-    pub fn sent(&self, n: u64, payload: Bytes) {
-        self.record(Entry::Sent { n, payload });
+    pub fn sent(&self, n: u64, payload: Bytes, call: Option<CallRecord>) {
+        self.record(Entry::Sent { n, payload, call });
     }
 
     pub fn done(&self, id: &RequestId) {
@@ -280,7 +291,22 @@ impl Writer {
         while let Some(first) = queue.recv().await {
             let mut batch = Batch::default();
             let mut written = self.written;
+            let mut urgent = first.is_urgent();
             self.add(first, &mut batch, &mut written);
+            // What only holds back acknowledgements (delayed anyway) waits a
+            // moment for company, and lets the answer it belongs to go to
+            // its client first; what a message to the runner waits for goes
+            // at once.
+            let lazy_until = tokio::time::Instant::now() + LAZY;
+            while !urgent && batch.ops.len() < BATCH {
+                match tokio::time::timeout_at(lazy_until, queue.recv()).await {
+                    Ok(Some(entry)) => {
+                        urgent = entry.is_urgent();
+                        self.add(entry, &mut batch, &mut written);
+                    }
+                    Ok(None) | Err(_) => break,
+                }
+            }
             while batch.ops.len() < BATCH
                 && let Ok(entry) = queue.try_recv()
             {
@@ -288,7 +314,12 @@ impl Writer {
             }
             if !broken {
                 match self.write(&batch).await {
-                    Ok(()) => {}
+                    Ok(true) => {}
+                    Ok(false) => {
+                        // It ended, or another instance took it over.
+                        broken = true;
+                        debug!("the session is no longer this instance's; its journal stops here");
+                    }
                     Err(e) => {
                         broken = true;
                         warn!(
@@ -315,7 +346,10 @@ impl Writer {
         match entry {
             Entry::Reset => batch.ops.push(("X", String::new(), Bytes::new())),
             Entry::Call(call) => batch.set(format!("c:{}", call.id.as_json()), call.encode()),
-            Entry::Sent { n, payload } => {
+            Entry::Sent { n, payload, call } => {
+                if let Some(call) = call {
+                    batch.set(format!("c:{}", call.id.as_json()), call.encode());
+                }
                 batch.set(format!("o:{n}"), payload);
                 written.sent = written.sent.max(n);
             }
@@ -370,7 +404,8 @@ impl Writer {
         batch.written = Some(*written);
     }
 
-    async fn write(&self, batch: &Batch) -> Result<(), ClusterError> {
+    /// Writes a batch; `false` when this instance no longer owns the session.
+    async fn write(&self, batch: &Batch) -> Result<bool, ClusterError> {
         let mut invocation = WRITE.prepare_invoke();
         invocation
             .key(&self.session)
@@ -384,7 +419,7 @@ impl Writer {
             invocation.arg("S").arg("rx").arg(written.received.min(i64::MAX as u64));
         }
         let owned: i64 = invocation.invoke_async(&mut self.cluster.commands()).await?;
-        if owned == 1 { Ok(()) } else { Err(ClusterError::Unavailable("another instance owns the session now".into())) }
+        Ok(owned == 1)
     }
 }
 

@@ -532,6 +532,9 @@ pub struct Session {
     /// Rebuilt from a dead owner's journal: a runner whose hello does not
     /// fit it is counted from its hello instead, as when there is none.
     recovered: bool,
+    /// Messages the runner sends again after a welcome that counted only
+    /// what the journal had written, which were handled already.
+    handled_again: u64,
 }
 
 impl Session {
@@ -673,6 +676,7 @@ impl Session {
             journal,
             released: 0,
             recovered,
+            handled_again: 0,
         };
         (session, SessionHandle { shared })
     }
@@ -803,8 +807,6 @@ impl Session {
     /// dials again, and leaves the runner running.
     fn let_go(&mut self, reason: &EndReason, runner: Box<dyn RunnerProcess>) {
         info!(reason = reason.label(), "session moves to another instance");
-        // The journal is its next owner's now.
-        self.journal = None;
         crate::metrics::session_ended(reason.label());
         let place = self.teardown(reason);
         runner.release();
@@ -948,6 +950,10 @@ impl Session {
     fn on_frame(&mut self, frame: Option<Result<Incoming, LinkError>>) -> Option<EndReason> {
         self.last_heard = Instant::now();
         match frame {
+            Some(Ok(Incoming::Message(_))) if self.handled_again > 0 => {
+                self.handled_again -= 1;
+                None
+            }
             Some(Ok(Incoming::Message(json))) => {
                 let received = self.clock.receive();
                 let end = self.route(json);
@@ -1193,10 +1199,7 @@ impl Session {
                     return None;
                 }
                 self.publish_in_flight();
-                if let (Some(journal), Some(record)) = (&self.journal, record) {
-                    journal.call(record);
-                }
-                self.send_message(payload);
+                self.send_request(payload, record);
             }
             Command::Notify { payload, cancelled } => {
                 self.last_request = Instant::now();
@@ -1275,7 +1278,7 @@ impl Session {
                     });
                 }
                 for (n, frame) in (received + 1..).zip(self.window.after(received)) {
-                    journal.sent(n, frame.clone());
+                    journal.sent(n, frame.clone(), None);
                 }
                 self.shared.streams.on_forget(journal.forgetter());
                 journal
@@ -1288,12 +1291,17 @@ impl Session {
         }
         let token = self.mint_token();
         let sendable = self.sendable();
+        // The welcome counts only what is written ahead (if this instance
+        // died now, its successor would count so): the runner sends the rest
+        // again, and this instance, which handled it, lets it pass.
+        let counted = self.deliverable();
+        self.handled_again = self.clock.received() - counted;
         let resend = match self.window.resume(received) {
             Ok(resend) => resend,
             // A runner that restarted from scratch lost the MCP server's state.
             Err(e) => return Some(EndReason::RunnerLost(format!("it came back out of step: {e}"))),
         };
-        let welcome = Control::Welcome { protocol: PROTOCOL_VERSION, received: self.clock.received(), token };
+        let welcome = Control::Welcome { protocol: PROTOCOL_VERSION, received: counted, token };
         link.send(Outgoing::Control(welcome));
         let mut resent = 0;
         for frame in resend.take(sendable.saturating_sub(received) as usize) {
@@ -1311,7 +1319,7 @@ impl Session {
             info!(waited_ms = self.last_heard.elapsed().as_millis() as u64, "runner attached");
             crate::metrics::runner_started(self.last_heard.elapsed());
         }
-        self.clock.told(self.clock.received());
+        self.clock.told(counted);
         self.link = Some((link, slot));
         self.shared.attached_once.store(true, Ordering::Release);
         self.detached_since = None;
@@ -1336,10 +1344,15 @@ impl Session {
     /// Sends a JSON-RPC message, keeping it until the runner acknowledges
     /// it; with a journal, once it is written there.
     fn send_message(&mut self, payload: Bytes) {
+        self.send_request(payload, None);
+    }
+
+    /// [`Session::send_message`], for a request the journal records with it.
+    fn send_request(&mut self, payload: Bytes, call: Option<CallRecord>) {
         match &self.journal {
             Some(journal) => {
                 self.window.push(payload.clone());
-                journal.sent(self.window.sent(), payload);
+                journal.sent(self.window.sent(), payload, call);
             }
             None => self.window.push(payload),
         }
@@ -1374,6 +1387,9 @@ impl Session {
     /// place in the shared count goes with it.
     fn teardown(&mut self, reason: &EndReason) -> Option<crate::sessions::Reservation> {
         let moving = matches!(reason, EndReason::HandedOver | EndReason::TakenOver);
+        // Ending, the journal goes with the session's entry; moving, it is
+        // the next owner's.
+        self.journal = None;
         let place = self.sessions.remove(&self.shared.id).map(|mut place| {
             if moving {
                 place.keep_shared_place();
