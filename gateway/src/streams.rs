@@ -472,9 +472,13 @@ impl Streams {
                 self.budget.add(event.json.len());
                 state.events.push_back(event);
             }
+            // Resuming needs every event after the client's last: none
+            // before the first kept one (or, with none kept, before the
+            // last number given) can be asked for.
+            let first = state.events.front().map_or(next.saturating_sub(1), |e| e.n.saturating_sub(1));
             state.next = state.next.max(next).max(1);
             state.handed = state.next - 1;
-            state.floor = floor;
+            state.floor = floor.max(first);
         }
         if id != 0 {
             self.next_id.fetch_max(id + 1, Ordering::Relaxed);
@@ -483,6 +487,15 @@ impl Streams {
                 self.finish(id);
             }
         }
+    }
+
+    /// The last event number of the GET stream and of each live stream.
+    pub fn numbering(&self) -> Vec<(u64, u64)> {
+        let last = |stream: &EventStream| stream.state.lock().expect("stream lock").next - 1;
+        let mut numbers = vec![(0, last(&self.standalone))];
+        let registry = self.registry.lock().expect("registry lock");
+        numbers.extend(registry.live.values().map(|stream| (stream.id(), last(stream))));
+        numbers
     }
 
     /// Where numbering stands: the next stream id, and the GET stream's next

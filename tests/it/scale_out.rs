@@ -337,7 +337,7 @@ async fn max_sessions_is_one_cap_for_all_instances() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_outage_is_a_clear_error_and_service_resumes_after_it() {
-    let mut fleet = Fleet::start(2, || Options::default().echo()).await;
+    let mut fleet = Fleet::start(2, || Options::default().echo().env("HEARTBEAT_INTERVAL", "1s")).await;
     let http = fleet.http();
     let (session, _) = http.initialize().await;
     fleet.redis.stop();
@@ -384,6 +384,9 @@ async fn a_redis_outage_is_a_clear_error_and_service_resumes_after_it() {
         }
     })
     .await;
+    // Redis came back empty: the session's journal starts again.
+    let journal = format!("dg:journal:{session}");
+    eventually("the session's journal is written again", || fleet.redis.cli(&["HEXISTS", &journal, "ra"]) == "1").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

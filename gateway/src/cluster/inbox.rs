@@ -184,7 +184,12 @@ fn timed_out(doing: &str) -> redis::RedisError {
 fn dispatch(state: &AppState, cluster: &Arc<Cluster>, router: &axum::Router, message: Message) {
     match &message.header {
         Header::Request { .. } => {
-            state.tracker.spawn(super::relay::serve(cluster.clone(), router.clone(), message));
+            // Counted now, so an instance leaving waits for it from here.
+            let counted = super::relay::counts(&message);
+            if counted {
+                cluster.relay_started();
+            }
+            state.tracker.spawn(super::relay::serve(cluster.clone(), router.clone(), message, counted));
         }
         Header::Dial { conn, .. } => {
             // Registered now: the runner's first frames may be right behind.

@@ -48,13 +48,16 @@ const BATCH: usize = 512;
 /// How long entries nothing urgent waits for gather before they are written.
 const LAZY: Duration = Duration::from_millis(5);
 
-/// Applies a batch if this instance owns the session. KEYS: session hash,
-/// journal hash. ARGV: owner, ttl ms, then (op, field, value) triples: `S`
-/// sets, `D` deletes, `X` empties the journal.
+/// Applies a batch if this instance owns the session; returns 1, or 0 when
+/// another instance does, or -1 when none does (the directory lost it).
+/// KEYS: session hash, journal hash. ARGV: owner, ttl ms, then (op, field,
+/// value) triples: `S` sets, `D` deletes, `X` empties the journal.
 static WRITE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if not owner then return -1 end
+if owner ~= ARGV[1] then return 0 end
 for i = 3, #ARGV, 3 do
   if ARGV[i] == 'S' then redis.call('HSET', KEYS[2], ARGV[i + 1], ARGV[i + 2])
   elseif ARGV[i] == 'D' then redis.call('HDEL', KEYS[2], ARGV[i + 1])
@@ -98,8 +101,21 @@ impl CallRecord {
 
 /// What a session records.
 enum Entry {
-    /// Whatever an earlier owner left goes: the journal starts again.
-    Reset,
+    /// The journal starts again from what the session has now (whatever is
+    /// there goes): messages to the runner acknowledged up to `acked`, and
+    /// the counts written from here.
+    Reset {
+        acked: u64,
+        written: Written,
+    },
+    /// What the session recorded while handling one thing (a message, a
+    /// command, a timeout), written in one go or not at all.
+    Unit(Vec<Entry>),
+    /// A live stream's last event number (the journal starting again).
+    Numbered {
+        stream: u64,
+        n: u64,
+    },
     /// A request awaits its answer (one whose message is already written).
     Call(CallRecord),
     /// Message `n` to the runner, with the request it carries (in one entry,
@@ -131,21 +147,39 @@ enum Entry {
 impl Entry {
     /// Whether something waits for it: a message to the runner, or a flush.
     fn is_urgent(&self) -> bool {
-        matches!(self, Entry::Reset | Entry::Call(_) | Entry::Sent { .. } | Entry::Flush(_))
+        match self {
+            Entry::Unit(entries) => entries.iter().any(Entry::is_urgent),
+            other => matches!(other, Entry::Reset { .. } | Entry::Call(_) | Entry::Sent { .. } | Entry::Flush(_)),
+        }
     }
 }
 
 /// How far the journal has been written: messages to the runner that may
 /// go, and messages from it that may be acknowledged.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Written {
     pub sent: u64,
     pub received: u64,
+    /// Nothing waits for Redis: the journal was given up (Redis failed, or
+    /// lost the session's entry) until it starts again.
+    pub given_up: bool,
+    /// Another instance owns the session now: this one must let it go.
+    pub lost: bool,
+}
+
+impl Written {
+    fn at(sent: u64, received: u64) -> Self {
+        Written { sent, received, given_up: false, lost: false }
+    }
 }
 
 /// The session's side of its journal. Dropping it ends the writer.
 pub struct Journal {
     entries: mpsc::UnboundedSender<Entry>,
+    /// Entries of what the session is handling now, sent as one unit by
+    /// [`Journal::commit`] (a std mutex: held for a push, never across an
+    /// `.await`).
+    pending: std::sync::Mutex<Vec<Entry>>,
     pub written: watch::Receiver<Written>,
 }
 
@@ -163,7 +197,7 @@ impl Journal {
         // Unbounded, yet bounded by the protocol: messages wait here at
         // most a replay window's worth each way.
         let (entries, queue) = mpsc::unbounded_channel();
-        let (tell, written) = watch::channel(Written { sent, received });
+        let (tell, written) = watch::channel(Written::at(sent, received));
         let writer = Writer {
             cluster,
             session: keys::session(id),
@@ -173,19 +207,41 @@ impl Journal {
             kept: from.map(|r| r.kept.clone()).unwrap_or_default(),
             kept_bytes: from.map_or(0, |r| r.kept.iter().map(|k| k.1).sum()),
             forgotten: VecDeque::new(),
-            written: Written { sent, received },
+            written: Written::at(sent, received),
+            broken: false,
             tell,
         };
         tokio::spawn(writer.run(queue));
-        let journal = Journal { entries, written };
+        let journal = Journal { entries, pending: std::sync::Mutex::default(), written };
         if from.is_none() {
-            journal.record(Entry::Reset);
+            let _ = journal.entries.send(Entry::Reset { acked, written: Written::at(sent, received) });
         }
         journal
     }
 
+    /// Starts the journal again from what the session has now: messages to
+    /// the runner acknowledged up to `acked`, `received` from it handled.
+    /// What the session then records (its unacknowledged messages, its
+    /// requests, its live streams' numbers) rebuilds the rest.
+    pub fn restart(&self, acked: u64, received: u64) {
+        self.commit();
+        let _ = self.entries.send(Entry::Reset { acked, written: Written::at(acked, received) });
+    }
+
     fn record(&self, entry: Entry) {
-        let _ = self.entries.send(entry);
+        self.pending.lock().expect("journal lock").push(entry);
+    }
+
+    /// Sends what was recorded since the last commit, as one unit.
+    pub fn commit(&self) {
+        let entries = std::mem::take(&mut *self.pending.lock().expect("journal lock"));
+        if !entries.is_empty() {
+            let _ = self.entries.send(Entry::Unit(entries));
+        }
+    }
+
+    pub fn numbered(&self, stream: u64, n: u64) {
+        self.record(Entry::Numbered { stream, n });
     }
 
     pub fn call(&self, call: CallRecord) {
@@ -229,8 +285,9 @@ impl Journal {
 
     /// Waits, at most `within`, until everything recorded so far is written.
     pub async fn flush(&self, within: Duration) {
+        self.commit();
         let (done, wait) = oneshot::channel();
-        self.record(Entry::Flush(done));
+        let _ = self.entries.send(Entry::Flush(done));
         let _ = tokio::time::timeout(within, wait).await;
     }
 }
@@ -264,6 +321,8 @@ struct Writer {
     /// Streams lately forgotten: their events are not kept.
     forgotten: VecDeque<u64>,
     written: Written,
+    /// Given up: nothing is written until the journal starts again.
+    broken: bool,
     tell: watch::Sender<Written>,
 }
 
@@ -287,7 +346,6 @@ impl Batch {
 
 impl Writer {
     async fn run(mut self, mut queue: mpsc::UnboundedReceiver<Entry>) {
-        let mut broken = false;
         while let Some(first) = queue.recv().await {
             let mut batch = Batch::default();
             let mut written = self.written;
@@ -312,27 +370,34 @@ impl Writer {
             {
                 self.add(entry, &mut batch, &mut written);
             }
-            if !broken {
+            if !self.broken {
                 match self.write(&batch).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        // It ended, or another instance took it over.
-                        broken = true;
-                        debug!("the session is no longer this instance's; its journal stops here");
+                    Ok(1) => {}
+                    Ok(0) => {
+                        // Another instance took it over (this one was
+                        // thought dead): nothing more goes to the runner or
+                        // is acknowledged from here; the session lets go.
+                        self.broken = true;
+                        written = Written { lost: true, ..self.written };
+                        debug!("another instance owns the session now; its journal stops here");
+                    }
+                    Ok(_) => {
+                        self.broken = true;
+                        warn!(
+                            "the session is not in Redis's directory (Redis lost it); its journal starts again once it is"
+                        );
                     }
                     Err(e) => {
-                        broken = true;
-                        warn!(
-                            "the session's journal is given up (a take-over after this instance dies would count from its runner): {e}"
-                        );
+                        self.broken = true;
+                        warn!("the session's journal is given up until Redis answers again: {e}");
                     }
                 }
             }
-            if broken {
-                // Nothing waits for Redis any more.
-                written = Written { sent: u64::MAX, received: u64::MAX };
+            if self.broken && !written.lost {
+                // Nothing waits for Redis meanwhile.
+                written = Written { sent: u64::MAX, received: u64::MAX, given_up: true, lost: false };
             }
-            if written.sent != self.written.sent || written.received != self.written.received {
+            if written != self.written {
                 self.written = written;
                 self.tell.send_replace(written);
             }
@@ -344,7 +409,22 @@ impl Writer {
 
     fn add(&mut self, entry: Entry, batch: &mut Batch, written: &mut Written) {
         match entry {
-            Entry::Reset => batch.ops.push(("X", String::new(), Bytes::new())),
+            Entry::Reset { acked, written: from } => {
+                batch.ops.push(("X", String::new(), Bytes::new()));
+                self.broken = false;
+                self.acked = acked;
+                self.kept.clear();
+                self.kept_bytes = 0;
+                self.forgotten.clear();
+                *written = from;
+                batch.set("ra".into(), acked.to_string());
+            }
+            Entry::Unit(entries) => {
+                for entry in entries {
+                    self.add(entry, batch, written);
+                }
+            }
+            Entry::Numbered { stream, n } => batch.set(format!("n:{stream}"), n.to_string()),
             Entry::Call(call) => batch.set(format!("c:{}", call.id.as_json()), call.encode()),
             Entry::Sent { n, payload, call } => {
                 if let Some(call) = call {
@@ -404,8 +484,8 @@ impl Writer {
         batch.written = Some(*written);
     }
 
-    /// Writes a batch; `false` when this instance no longer owns the session.
-    async fn write(&self, batch: &Batch) -> Result<bool, ClusterError> {
+    /// Writes a batch: 1, or what [`WRITE`] says of the session's owner.
+    async fn write(&self, batch: &Batch) -> Result<i64, ClusterError> {
         let mut invocation = WRITE.prepare_invoke();
         invocation
             .key(&self.session)
@@ -418,8 +498,7 @@ impl Writer {
         if let Some(written) = batch.written {
             invocation.arg("S").arg("rx").arg(written.received.min(i64::MAX as u64));
         }
-        let owned: i64 = invocation.invoke_async(&mut self.cluster.commands()).await?;
-        Ok(owned == 1)
+        Ok(invocation.invoke_async(&mut self.cluster.commands()).await?)
     }
 }
 

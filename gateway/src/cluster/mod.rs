@@ -77,6 +77,8 @@ pub struct Cluster {
     available: Mutex<Vec<String>>,
     /// Cancelled when the instance leaves, its sessions ended or handed over.
     pub stopped: tokio_util::sync::CancellationToken,
+    /// Whether Redis answers this instance's beats, its sessions registered.
+    healthy: std::sync::atomic::AtomicBool,
     /// Where sessions this instance relayed to were, lately: a relay goes
     /// straight there, and looks again when told the session is not there.
     owners: dashmap::DashMap<String, (String, std::time::Instant)>,
@@ -113,6 +115,7 @@ impl Cluster {
             available: Mutex::new(Vec::new()),
             owners: dashmap::DashMap::new(),
             stopped: tokio_util::sync::CancellationToken::new(),
+            healthy: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -140,6 +143,11 @@ impl Cluster {
 
     pub fn forget_owner(&self, id: &str) {
         self.owners.remove(id);
+    }
+
+    /// Whether Redis answers this instance's beats and holds its sessions.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
     }
 
     /// Relayed requests still being answered.
@@ -209,9 +217,13 @@ pub async fn run(state: crate::AppState, cluster: Arc<Cluster>) {
         let mut result = cluster.beat(!state.draining.is_cancelled()).await.map(|available| {
             *cluster.available.lock().expect("available lock") = available;
         });
-        if result.is_ok() && beat % renew_every == 0 {
+        let renewing = beat % renew_every == 0;
+        if result.is_ok() && renewing {
             result = renew(&state, &cluster).await;
         }
+        // Healthy again only once its sessions are registered again.
+        let healthy = result.is_ok() && (renewing || cluster.is_healthy());
+        cluster.healthy.store(healthy, Ordering::Release);
         match result {
             Ok(()) if failing => {
                 failing = false;

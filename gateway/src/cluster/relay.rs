@@ -333,16 +333,19 @@ async fn next_reply(
     }
 }
 
+/// Whether a relayed request is counted among those a stopping instance
+/// answers before it leaves: all but GET streams, which never end by
+/// themselves.
+pub fn counts(message: &Message) -> bool {
+    matches!(&message.header, Header::Request { method, .. } if method != "GET")
+}
+
 /// Runs a relayed request through this instance's router and streams the
 /// answer back to the instance that asked.
-pub async fn serve(cluster: Arc<Cluster>, router: axum::Router, message: Message) {
+/// `counted`: the caller counted it among the relays this instance answers
+/// (see [`counts`]).
+pub async fn serve(cluster: Arc<Cluster>, router: axum::Router, message: Message, counted: bool) {
     let Header::Request { rid, from, method, uri, headers } = message.header else { return };
-    // A stopping instance finishes what it answers for others before it
-    // leaves (but for GET streams, which never end by themselves).
-    let counted = method != "GET";
-    if counted {
-        cluster.relay_started();
-    }
     let mut cancelled = cluster.inbox.expect(&rid, 4);
     let answered = answer(&cluster, router, &rid, &from, method, uri, headers, message.payload, &mut cancelled).await;
     cluster.inbox.forget(&rid);

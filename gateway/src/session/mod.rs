@@ -529,9 +529,10 @@ pub struct Session {
     journal: Option<Journal>,
     /// Messages to the runner handed to its current socket, by number.
     released: u64,
-    /// Rebuilt from a dead owner's journal: a runner whose hello does not
-    /// fit it is counted from its hello instead, as when there is none.
-    recovered: bool,
+    /// Rebuilt from a dead owner's journal, which held the messages to the
+    /// runner up to this one: a runner whose hello does not fit it is
+    /// counted from its hello instead, as when there is none.
+    recovered: Option<u64>,
     /// Messages the runner sends again after a welcome that counted only
     /// what the journal had written, which were handled already.
     handled_again: u64,
@@ -579,7 +580,7 @@ impl Session {
             trusting: AtomicBool::new(snapshot.is_some()),
         });
         let (mut window, mut clock, mut blind, mut recovered) =
-            (SendWindow::default(), AckClock::default(), false, false);
+            (SendWindow::default(), AckClock::default(), false, None);
         if let Some(snapshot) = &snapshot {
             shared.transport.store(snapshot.transport, Ordering::Release);
             shared.claimed.store(snapshot.claimed, Ordering::Release);
@@ -604,7 +605,7 @@ impl Session {
                             window.push(frame.clone());
                         }
                         clock = AckClock::resumed(journal.received);
-                        recovered = true;
+                        recovered = Some(window.sent());
                     }
                     None => blind = true,
                 },
@@ -616,11 +617,12 @@ impl Session {
         let mut forgotten = Vec::new();
         if let Some(journal) = written_ahead.as_ref() {
             for (&id, stream) in &journal.streams {
-                let awaiting = if recovered { journal.calls.iter().filter(|c| c.stream == id).count() } else { 0 };
+                let awaiting =
+                    if recovered.is_some() { journal.calls.iter().filter(|c| c.stream == id).count() } else { 0 };
                 shared.streams.restore(id, stream.events.clone(), stream.next, stream.floor, awaiting);
             }
             for record in &journal.calls {
-                let stream = shared.streams.find(record.stream).filter(|_| recovered);
+                let stream = shared.streams.find(record.stream).filter(|_| recovered.is_some());
                 let Some(stream) = stream else {
                     forgotten.push(record.id.clone());
                     continue;
@@ -635,16 +637,20 @@ impl Session {
         }
         // A blind take-over starts its journal when the runner's hello says
         // where to count from.
+        // After a hand-over the journal may lack the last messages the
+        // snapshot carries: they are written again before they go.
+        let handed_over = snapshot.as_ref().is_some_and(|s| s.counts.is_some());
         let journal = params.cluster.clone().filter(|_| !blind).map(|cluster| {
-            Journal::start(
-                cluster,
-                &shared.id,
-                (window.acked(), window.sent(), clock.received()),
-                written_ahead.as_ref(),
-            )
+            let written = if handed_over { window.acked() } else { window.sent() };
+            Journal::start(cluster, &shared.id, (window.acked(), written, clock.received()), written_ahead.as_ref())
         });
         if let Some(journal) = &journal {
             forgotten.iter().for_each(|id| journal.done(id));
+            if handed_over {
+                for (n, frame) in (window.acked() + 1..).zip(window.after(window.acked())) {
+                    journal.sent(n, frame.clone(), None);
+                }
+            }
             shared.streams.on_forget(journal.forgetter());
         }
         let now = Instant::now();
@@ -875,6 +881,9 @@ impl Session {
                     }
                 }
                 () = journal::more_written(&mut self.journal) => {
+                    if self.journal.as_ref().is_some_and(|journal| journal.written.borrow().lost) {
+                        return EndReason::TakenOver;
+                    }
                     self.release();
                     if self.clock.owed(self.deliverable()) && !ack_armed {
                         ack.as_mut().reset(Instant::now() + ACK_DELAY);
@@ -917,6 +926,7 @@ impl Session {
                         continue;
                     }
                     self.send(Outgoing::Ping);
+                    self.restart_journal_if_given_up();
                     if self.token_minted.elapsed() > self.tokens.ttl() / 3 {
                         let token = self.mint_token();
                         self.send(Outgoing::Control(Control::Token { token }));
@@ -935,6 +945,9 @@ impl Session {
                     // Busy sessions look again a full idle period later.
                     idle.as_mut().reset(if now < quiet_since { quiet_since } else { now + self.timeouts.idle });
                 }
+            }
+            if let Some(journal) = &self.journal {
+                journal.commit();
             }
             if self.clock.due(self.deliverable()) {
                 self.send_ack();
@@ -1188,12 +1201,7 @@ impl Session {
                     call.audit = audit::ToolCall::from_request(&call.payload);
                 }
                 let payload = call.payload.clone();
-                let record = self.journal.as_ref().map(|_| CallRecord {
-                    id: call.id.clone(),
-                    stream: call.stream.id(),
-                    progress_token: call.progress_token.clone(),
-                    method: call.method.to_owned(),
-                });
+                let record = self.journal.as_ref().map(|_| call_record(&call));
                 if let Err(refused) = self.in_flight.admit(call, self.timeouts.request) {
                     self.fail(&refused.call, refused.code, &refused.message);
                     return None;
@@ -1244,14 +1252,18 @@ impl Session {
 
     /// Takes a runner's new socket: welcome it, then resend what it lacks.
     fn attach(&mut self, link: Link, slot: RunnerSlot, received: u64, acked: u64, jti: String) -> Option<EndReason> {
-        if std::mem::take(&mut self.recovered) {
-            let fits = (self.window.acked()..=self.window.sent()).contains(&received) && acked <= self.clock.received();
+        // What of the window the runner has had (or never will): after a
+        // journal that does not fit, only messages queued since the take-over
+        // are still to go.
+        let mut had = self.window.acked();
+        if let Some(journal_sent) = self.recovered.take() {
+            let fits = (self.window.acked()..=journal_sent).contains(&received) && acked <= self.clock.received();
             if !fits {
                 warn!(
                     received,
                     acked, "the runner's hello does not fit the dead owner's journal; counting from the hello"
                 );
-                self.journal = None;
+                had = journal_sent;
                 self.blind = true;
             }
         }
@@ -1260,29 +1272,25 @@ impl Session {
             // runner never got is lost; from here on nothing is.
             // Messages queued meanwhile go first after what it received.
             info!(received, acked, "counting from the runner's hello");
-            let queued: Vec<Bytes> =
-                self.window.resume(self.window.acked()).map(|frames| frames.cloned().collect()).unwrap_or_default();
+            let queued: Vec<Bytes> = self.window.after(had).cloned().collect();
             self.window = SendWindow::starting_at(received);
             for frame in queued {
                 self.window.push(frame);
             }
             self.clock = AckClock::resumed(acked);
-            self.journal = self.cluster.clone().map(|cluster| {
-                let journal = Journal::start(cluster, &self.shared.id, (received, received, acked), None);
-                for call in self.in_flight.iter() {
-                    journal.call(CallRecord {
-                        id: call.id.clone(),
-                        stream: call.stream.id(),
-                        progress_token: call.progress_token.clone(),
-                        method: call.method.to_owned(),
+            // The journal starts again from here: through the same writer,
+            // so nothing recorded before lands after.
+            match &self.journal {
+                Some(journal) => journal.restart(received, acked),
+                None => {
+                    self.journal = self.cluster.clone().map(|cluster| {
+                        let journal = Journal::start(cluster, &self.shared.id, (received, received, acked), None);
+                        self.shared.streams.on_forget(journal.forgetter());
+                        journal
                     });
                 }
-                for (n, frame) in (received + 1..).zip(self.window.after(received)) {
-                    journal.sent(n, frame.clone(), None);
-                }
-                self.shared.streams.on_forget(journal.forgetter());
-                journal
-            });
+            }
+            self.rewrite_journal();
         }
         self.unseen = false;
         if self.shared.trusting.swap(false, Ordering::AcqRel) {
@@ -1325,6 +1333,35 @@ impl Session {
         self.detached_since = None;
         self.last_heard = Instant::now();
         None
+    }
+
+    /// Records again what the journal needs of the session as it stands
+    /// (after it started again): the messages the runner has not
+    /// acknowledged, the requests awaiting answers, the live streams' numbers.
+    fn rewrite_journal(&self) {
+        let Some(journal) = &self.journal else { return };
+        let acked = self.window.acked();
+        for (n, frame) in (acked + 1..).zip(self.window.after(acked)) {
+            journal.sent(n, frame.clone(), None);
+        }
+        for call in self.in_flight.iter() {
+            journal.call(call_record(call));
+        }
+        for (stream, last) in self.shared.streams.numbering() {
+            journal.numbered(stream, last);
+        }
+    }
+
+    /// A journal given up while Redis failed starts again once Redis is back.
+    fn restart_journal_if_given_up(&mut self) {
+        let given_up = self.journal.as_ref().is_some_and(|journal| journal.written.borrow().given_up);
+        if given_up && self.cluster.as_ref().is_some_and(|cluster| cluster.is_healthy()) {
+            info!("Redis answers again; the session's journal starts again");
+            if let Some(journal) = &self.journal {
+                journal.restart(self.window.acked(), self.clock.received());
+            }
+            self.rewrite_journal();
+        }
     }
 
     fn time_out(&mut self, id: RequestId) {
@@ -1416,6 +1453,16 @@ impl Session {
             link.send(Outgoing::Close);
         }
         place
+    }
+}
+
+/// What the journal keeps of a request awaiting its answer.
+fn call_record(call: &Call) -> CallRecord {
+    CallRecord {
+        id: call.id.clone(),
+        stream: call.stream.id(),
+        progress_token: call.progress_token.clone(),
+        method: call.method.to_owned(),
     }
 }
 
