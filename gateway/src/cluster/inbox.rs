@@ -150,7 +150,7 @@ async fn listen_once(state: &AppState, cluster: &Arc<Cluster>, router: &axum::Ro
                 // What was published before the unsubscription is delivered
                 // before its confirmation: an asker told someone listened
                 // gets its answer (mostly "not here").
-                let _ = tokio::time::timeout(super::COMMAND_TIMEOUT, sink.unsubscribe(keys::inbox(&cluster.instance))).await;
+                let _ = tokio::time::timeout(LAST_MESSAGES * 5, sink.unsubscribe(keys::inbox(&cluster.instance))).await;
                 while let Ok(Some(message)) = tokio::time::timeout(LAST_MESSAGES, messages.next()).await {
                     if let Ok(message) = Message::decode(message.get_payload_bytes()) {
                         dispatch(state, cluster, router, message);
