@@ -1390,10 +1390,14 @@ impl Session {
             Some(journal) => {
                 self.window.push(payload.clone());
                 journal.sent(self.window.sent(), payload, call);
+                self.release();
             }
-            None => self.window.push(payload),
+            None => {
+                self.window.push(payload.clone());
+                self.send(Outgoing::Message(payload));
+                self.released = self.window.sent();
+            }
         }
-        self.release();
     }
 
     /// Hands the runner's socket the messages that may go and have not.
