@@ -370,6 +370,13 @@ impl Writer {
             {
                 self.add(entry, &mut batch, &mut written);
             }
+            if self.written.lost {
+                // Nothing more is written, and nothing more let through.
+                for done in batch.flushed {
+                    let _ = done.send(());
+                }
+                continue;
+            }
             if !self.broken {
                 match self.write(&batch).await {
                     Ok(1) => {}
