@@ -165,11 +165,13 @@ pub struct Written {
     pub given_up: bool,
     /// Another instance owns the session now: this one must let it go.
     pub lost: bool,
+    /// How many times the journal has started again, as of these counts.
+    epoch: u64,
 }
 
 impl Written {
-    fn at(sent: u64, received: u64) -> Self {
-        Written { sent, received, given_up: false, lost: false }
+    fn at(sent: u64, received: u64, epoch: u64) -> Self {
+        Written { sent, received, given_up: false, lost: false, epoch }
     }
 }
 
@@ -180,7 +182,10 @@ pub struct Journal {
     /// [`Journal::commit`] (a std mutex: held for a push, never across an
     /// `.await`).
     pending: std::sync::Mutex<Vec<Entry>>,
-    pub written: watch::Receiver<Written>,
+    written: watch::Receiver<Written>,
+    /// The counts of the latest start again, which hold until the writer
+    /// has taken it in (std mutex: held for a copy).
+    restarted: std::sync::Mutex<Written>,
 }
 
 impl Journal {
@@ -197,7 +202,7 @@ impl Journal {
         // Unbounded, yet bounded by the protocol: messages wait here at
         // most a replay window's worth each way.
         let (entries, queue) = mpsc::unbounded_channel();
-        let (tell, written) = watch::channel(Written::at(sent, received));
+        let (tell, written) = watch::channel(Written::at(sent, received, 0));
         let writer = Writer {
             cluster,
             session: keys::session(id),
@@ -207,16 +212,25 @@ impl Journal {
             kept: from.map(|r| r.kept.clone()).unwrap_or_default(),
             kept_bytes: from.map_or(0, |r| r.kept.iter().map(|k| k.1).sum()),
             forgotten: VecDeque::new(),
-            written: Written::at(sent, received),
+            written: Written::at(sent, received, 0),
             broken: false,
             tell,
         };
         tokio::spawn(writer.run(queue));
-        let journal = Journal { entries, pending: std::sync::Mutex::default(), written };
+        let restarted = std::sync::Mutex::new(Written::at(sent, received, 0));
+        let journal = Journal { entries, pending: std::sync::Mutex::default(), written, restarted };
         if from.is_none() {
-            let _ = journal.entries.send(Entry::Reset { acked, written: Written::at(sent, received) });
+            let _ = journal.entries.send(Entry::Reset { acked, written: Written::at(sent, received, 0) });
         }
         journal
+    }
+
+    /// How far the journal has been written (as far as a start again in
+    /// progress allows).
+    pub fn written(&self) -> Written {
+        let written = *self.written.borrow();
+        let restarted = *self.restarted.lock().expect("journal lock");
+        if written.epoch < restarted.epoch { restarted } else { written }
     }
 
     /// Starts the journal again from what the session has now: messages to
@@ -225,7 +239,12 @@ impl Journal {
     /// requests, its live streams' numbers) rebuilds the rest.
     pub fn restart(&self, acked: u64, received: u64) {
         self.commit();
-        let _ = self.entries.send(Entry::Reset { acked, written: Written::at(acked, received) });
+        let written = {
+            let mut restarted = self.restarted.lock().expect("journal lock");
+            *restarted = Written::at(acked, received, restarted.epoch + 1);
+            *restarted
+        };
+        let _ = self.entries.send(Entry::Reset { acked, written });
     }
 
     fn record(&self, entry: Entry) {
@@ -402,7 +421,7 @@ impl Writer {
             }
             if self.broken && !written.lost {
                 // Nothing waits for Redis meanwhile.
-                written = Written { sent: u64::MAX, received: u64::MAX, given_up: true, lost: false };
+                written = Written { sent: u64::MAX, received: u64::MAX, given_up: true, ..written };
             }
             if written != self.written {
                 self.written = written;

@@ -881,7 +881,7 @@ impl Session {
                     }
                 }
                 () = journal::more_written(&mut self.journal) => {
-                    if self.journal.as_ref().is_some_and(|journal| journal.written.borrow().lost) {
+                    if self.journal.as_ref().is_some_and(|journal| journal.written().lost) {
                         return EndReason::TakenOver;
                     }
                     self.release();
@@ -1020,13 +1020,13 @@ impl Session {
     /// and, with a journal, written.
     fn deliverable(&self) -> u64 {
         let received = self.clock.received();
-        self.journal.as_ref().map_or(received, |journal| journal.written.borrow().received.min(received))
+        self.journal.as_ref().map_or(received, |journal| journal.written().received.min(received))
     }
 
     /// Messages to the runner that may go: with a journal, those written.
     fn sendable(&self) -> u64 {
         let sent = self.window.sent();
-        self.journal.as_ref().map_or(sent, |journal| journal.written.borrow().sent.min(sent))
+        self.journal.as_ref().map_or(sent, |journal| journal.written().sent.min(sent))
     }
 
     fn send_ack(&mut self) {
@@ -1354,7 +1354,7 @@ impl Session {
 
     /// A journal given up while Redis failed starts again once Redis is back.
     fn restart_journal_if_given_up(&mut self) {
-        let given_up = self.journal.as_ref().is_some_and(|journal| journal.written.borrow().given_up);
+        let given_up = self.journal.as_ref().is_some_and(|journal| journal.written().given_up);
         if given_up && self.cluster.as_ref().is_some_and(|cluster| cluster.is_healthy()) {
             info!("Redis answers again; the session's journal starts again");
             if let Some(journal) = &self.journal {
