@@ -140,10 +140,22 @@ impl Drop for Fleet {
         // would: end them, as they are this test's.
         self.gateways.clear();
         let router = self.router.url();
+        let mut killed = Vec::new();
         for (pid, argv) in processes() {
             if argv.iter().any(|a| a == "--outlive-gateway") && argv.iter().any(|a| a.starts_with(&router)) {
                 let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                killed.push(pid);
             }
+        }
+        // A runner killed so cannot remove its session's cgroups, whose
+        // names a later runner with the same pid would find taken: remove
+        // them once it is gone.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        for pid in killed {
+            while std::path::Path::new(&format!("/proc/{pid}")).exists() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            dynogate_gateway::spawn::sandbox::remove_cgroups(pid.unsigned_abs());
         }
     }
 }
