@@ -583,16 +583,29 @@ async fn call_resuming(
 ) -> Vec<Value> {
     let call = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
                       "params": {"name": tool, "arguments": arguments, "_meta": {"progressToken": id}}});
-    let sent = http
-        .request(reqwest::Method::POST)
+    let sent = post_resumable(&http, &session, &call).await;
+    follow(&http, &session, id, Some(sent), None, &primed).await
+}
+
+/// POSTs `call` on `session` as a client of a revision whose streams open
+/// with an event id.
+async fn post_resumable(http: &Http, session: &str, call: &Value) -> reqwest::Result<reqwest::Response> {
+    http.request(reqwest::Method::POST)
         .header("accept", ACCEPT_BOTH)
         .header("content-type", "application/json")
-        .header("mcp-session-id", &session)
+        .header("mcp-session-id", session)
         .header("mcp-protocol-version", RESUMABLE)
         .body(call.to_string())
         .send()
-        .await;
-    follow(&http, &session, id, Some(sent), None, &primed).await
+        .await
+}
+
+/// Three instances whose streams open at once (so every call can be
+/// resumed) and whose sessions wait a minute for a runner that lost its
+/// instance.
+async fn killable_fleet() -> Fleet {
+    Fleet::start(3, || Options::default().echo().env("RUNNER_RECONNECT_GRACE", "60s").env("REPLY_STREAM_AFTER", "0s"))
+        .await
 }
 
 /// Reads the stream of request `id`'s answer from `next` until it ends or
@@ -655,10 +668,7 @@ fn journaled_calls(redis: &RedisServer, sessions: &[String]) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_killed_outright_loses_no_call_and_runs_none_twice() {
-    let mut fleet = Fleet::start(3, || {
-        Options::default().echo().env("RUNNER_RECONNECT_GRACE", "60s").env("REPLY_STREAM_AFTER", "0s")
-    })
-    .await;
+    let mut fleet = killable_fleet().await;
     let http = fleet.http();
     let mut sessions = Vec::new();
     for _ in 0..10 {
@@ -711,24 +721,12 @@ async fn an_instance_killed_outright_loses_no_call_and_runs_none_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_of_an_instance_killed_outright_resumes_elsewhere_with_every_event_once() {
-    let mut fleet = Fleet::start(3, || {
-        Options::default().echo().env("RUNNER_RECONNECT_GRACE", "60s").env("REPLY_STREAM_AFTER", "0s")
-    })
-    .await;
+    let mut fleet = killable_fleet().await;
     let http = fleet.http();
     let (session, _) = http.initialize_as(RESUMABLE).await;
     let call = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
         "params": {"name": "progress", "arguments": {"steps": 8, "delay_ms": 400}, "_meta": {"progressToken": "p"}}});
-    let mut response = http
-        .request(reqwest::Method::POST)
-        .header("accept", ACCEPT_BOTH)
-        .header("content-type", "application/json")
-        .header("mcp-session-id", &session)
-        .header("mcp-protocol-version", RESUMABLE)
-        .body(call.to_string())
-        .send()
-        .await
-        .unwrap();
+    let mut response = post_resumable(&http, &session, &call).await.unwrap();
     // The client reads two progress events, then its connection drops.
     let mut text = String::new();
     while complete_events(&text).iter().filter(|(_, data)| data.is_some()).count() < 2 {
